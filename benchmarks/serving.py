@@ -258,13 +258,16 @@ def _ms_line(name: str, dist: dict) -> str:
 
 def format_report(summary: dict, cfg: BenchConfig) -> str:
     rps, tps = summary["requests_per_s"] or 0.0, summary["output_tokens_per_s"] or 0.0
+    by_status = ", ".join(f"{k}: {v}" for k, v in sorted(summary["errors_by_status"].items()))
+    chunks = summary["mean_chunks_per_request"]
     lines = [
         f"model {cfg.model} | {'chat' if cfg.chat else 'completions'} | stream {cfg.stream} | "
         f"concurrency {cfg.concurrency} | prompt ~{cfg.prompt_len} words | max_tokens {cfg.output_len}",
-        f"requests {summary['completed']}/{summary['num_requests']} ok, {summary['errors']} errors "
-        f"{summary['errors_by_status'] or ''} in {summary['wall_s']:.2f} s",
+        f"requests {summary['completed']}/{summary['num_requests']} ok, {summary['errors']} errors"
+        f"{f' ({by_status})' if by_status else ''} in {summary['wall_s']:.2f} s",
         f"throughput              {rps:.2f} req/s  {tps:.1f} output tok/s "
-        f"({summary['output_tokens_source']})",
+        f"({summary['output_tokens_source']})"
+        + (f"  {chunks:.1f} chunks/request" if cfg.stream and chunks is not None else ""),
         _ms_line("time to first chunk ms", summary["ttfc_s"]),
         _ms_line("latency ms", summary["latency_s"]),
     ]
