@@ -52,12 +52,14 @@ class BenchConfig:
     prompt_len: int = 64              # prompt words (~tokens)
     output_len: int = 64              # max_tokens
     stream: bool = True
+    stream_usage: bool = True         # ask for usage in the stream (stream_options.include_usage)
     chat: bool = False
     api_key: str | None = None
     extra_body: dict = field(default_factory=dict)  # merged into every request body
     temperature: float = 0.0
     timeout_s: float = 600.0          # per request
     seed: int = 0                     # for the synthetic prompts
+    warmup: int = 0                   # untimed requests sent one by one before the run
     progress: bool = True
 
 
@@ -84,7 +86,7 @@ def build_request(cfg: BenchConfig, prompt: str) -> tuple[str, dict]:
     """(path, JSON body) of one request; `extra_body` carries the diffusion knobs."""
     body: dict = {"model": cfg.model, "max_tokens": cfg.output_len,
                   "temperature": cfg.temperature, "stream": cfg.stream}
-    if cfg.stream:
+    if cfg.stream and cfg.stream_usage:
         body["stream_options"] = {"include_usage": True}
     if cfg.chat:
         path, body["messages"] = "/chat/completions", [{"role": "user", "content": prompt}]
@@ -191,6 +193,8 @@ async def run_benchmark(cfg: BenchConfig) -> tuple[list[RequestResult], float]:
     async with make_client(cfg) as client:
         if cfg.model is None:
             cfg.model = await first_model(client)
+        for prompt in make_prompts(cfg.warmup, cfg.prompt_len, cfg.seed + 1):
+            await send_one(client, cfg, prompt)
         bar = tqdm(total=cfg.num_requests, disable=not cfg.progress, file=sys.stderr,
                    desc="requests", unit="req")
 
@@ -284,6 +288,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=64, help="prompt length in words (~tokens)")
     p.add_argument("--output-len", type=int, default=64, help="max_tokens of every request")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--stream-usage", action=argparse.BooleanOptionalAction, default=True,
+                   help="send stream_options.include_usage (turn off for servers that refuse it)")
     p.add_argument("--chat", action="store_true", help="use /chat/completions")
     p.add_argument("--api-key", default=None,
                    help="Bearer key (default: the OPENAI_API_KEY environment variable, if set)")
@@ -292,11 +298,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, seconds")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompts")
+    p.add_argument("--warmup", type=int, default=0, help="untimed requests sent first, one by one")
     p.add_argument("--out", default=None, help="write the summary and per-request records here")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    if args.num_requests < 1 or args.concurrency < 1 or args.prompt_len < 1 or args.output_len < 1:
+    if min(args.num_requests, args.concurrency, args.prompt_len, args.output_len) < 1:
         p.error("--num-requests, --concurrency, --prompt-len and --output-len must be >= 1")
+    if args.warmup < 0:
+        p.error("--warmup must be >= 0")
     if not isinstance(args.extra_body, dict):
         p.error(f"--extra-body must be a JSON object, got {args.extra_body!r}")
     return args
@@ -306,23 +315,26 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(
         base_url=args.base_url, model=args.model, num_requests=args.num_requests,
         concurrency=args.concurrency, prompt_len=args.prompt_len, output_len=args.output_len,
-        stream=args.stream, chat=args.chat,
+        stream=args.stream, stream_usage=args.stream_usage, chat=args.chat,
         api_key=args.api_key if args.api_key is not None else os.environ.get("OPENAI_API_KEY"),
         extra_body=args.extra_body, temperature=args.temperature, timeout_s=args.timeout,
-        seed=args.seed, progress=not args.no_progress)
+        seed=args.seed, warmup=args.warmup, progress=not args.no_progress)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     cfg = config_from_args(args)
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     results, wall = asyncio.run(run_benchmark(cfg))
     summary = summarize(results, wall)
     print(format_report(summary, cfg))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         config = {k: v for k, v in asdict(cfg).items() if k != "api_key"}
+        meta = {"command": " ".join(sys.argv), "started_at": started,
+                "python": sys.version.split()[0]}
         with open(args.out, "w") as f:
-            json.dump({"config": config, "summary": summary,
+            json.dump({"meta": meta, "config": config, "summary": summary,
                        "requests": [asdict(r) for r in results]}, f, indent=2)
     return summary
 

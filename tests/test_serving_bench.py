@@ -166,7 +166,9 @@ def test_build_request_shapes():
     assert body["messages"] == [{"role": "user", "content": "hi"}]
     assert body["max_tokens"] == 7 and body["steps"] == 7 and body["block_length"] == 7
     assert body["stream_options"] == {"include_usage": True}
-    cfg.chat, cfg.stream = False, False
+    cfg.stream_usage = False
+    assert "stream_options" not in bench.build_request(cfg, "hi")[1]
+    cfg.chat, cfg.stream, cfg.stream_usage = False, False, True
     path, body = bench.build_request(cfg, "hi")
     assert path == "/completions" and body["prompt"] == "hi" and "stream_options" not in body
     prompts = bench.make_prompts(4, 16, seed=1)
@@ -247,13 +249,16 @@ def test_cli_prints_and_writes_json(fake, tmp_path, capsys):
     out = tmp_path / "res" / "serving.json"
     summary = bench.main(["--base-url", fake.url, "--num-requests", "6", "--concurrency", "3",
                           "--prompt-len", "12", "--output-len", "8", "--no-progress",
-                          "--extra-body", '{"block_length": 4}', "--out", str(out)])
+                          "--extra-body", '{"block_length": 4}', "--warmup", "2",
+                          "--out", str(out)])
     printed = capsys.readouterr().out
     assert "req/s" in printed and "time to first chunk ms" in printed and "latency ms" in printed
     data = json.loads(out.read_text())
     assert data["summary"] == json.loads(json.dumps(summary))
     assert data["config"]["model"] == MODEL  # found through GET /models
     assert "api_key" not in data["config"] and len(data["requests"]) == 6
+    assert summary["num_requests"] == 6 and len(fake.bodies) == 8  # 2 warmup requests untimed
+    assert data["meta"]["started_at"]
     assert all(len(b["prompt"].split()) == 12 and b["max_tokens"] == 8 and b["block_length"] == 4
                for b in fake.bodies)
 

@@ -91,7 +91,12 @@ class SamplingParams:
 
     @property
     def policy(self) -> str:
-        """The decoding policy name this request uses (a key of `sampling.POLICIES`)."""
+        """The decoding policy name this request uses (a key of `sampling.POLICIES`).
+
+        Dream requests (`alg` set) use Dream's rules, named by `sampling.dream.dream_policy`."""
+        if self.alg is not None:
+            from .dream import dream_policy      # dream.py imports this module: no cycle at call time
+            return dream_policy(self)
         if self.factor is not None:
             return "factor"
         if self.threshold is not None:

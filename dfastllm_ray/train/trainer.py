@@ -54,14 +54,13 @@ class TrainConfig:
 
 
 def model_config(cfg: TrainConfig, ids: dict[str, int]) -> dict:
-    """config.json in the official LLaDAConfig format (the fields LLaDA-8B's file has)."""
+    """config.json in the official LLaDAConfig format (the fields LLaDA-8B's file has), minus
+    `auto_map`: no remote modeling code ships with this folder, and naming some would make
+    transformers ask whether to trust it."""
     return {
         "activation_type": "silu", "alibi": False, "alibi_bias_max": 8.0,
         "architectures": ["LLaDAModelLM"], "attention_dropout": 0.0,
         "attention_layer_norm": False, "attention_layer_norm_with_affine": True,
-        "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig",
-                     "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
-                     "AutoModel": "modeling_llada.LLaDAModelLM"},
         "bias_for_layer_norm": False, "block_group_size": 1, "block_type": "llama",
         "d_model": cfg.d_model, "embedding_dropout": 0.0, "embedding_size": ids["vocab_size"],
         "eos_token_id": ids["eos"], "flash_attention": False, "include_bias": False,
@@ -158,7 +157,7 @@ def prepare(cfg: TrainConfig):
     torch.use_deterministic_algorithms(True)
     out = Path(cfg.out)
     ids = save_tokenizer(out, cfg.max_seq)
-    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    tokenizer = AutoTokenizer.from_pretrained(str(out), trust_remote_code=False)
     config = model_config(cfg, ids)
     return tokenizer, ids, config, build_model(config, ids, cfg.seed)
 

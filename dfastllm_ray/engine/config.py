@@ -1,0 +1,103 @@
+"""`EngineConfig`: the engine's knobs, validated at construction, defaults in one place.
+
+Every invalid value raises `ValueError` naming the field, the value and the fix (nano-vllm
+`config.py` style). The KV page count is derived from a memory budget by
+`kv_pool.num_pages_for_budget` once the model's shapes are known (`Engine.__init__`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KV_CACHE_MODES = ("none", "prefix", "dual")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _check(cond: bool, name: str, value, fix: str) -> None:
+    if not cond:
+        raise ValueError(f"EngineConfig.{name}={value!r} is invalid: {fix}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_num_seqs: int = 64
+    """Most requests decoding at once (the running set). Waiting requests queue FIFO."""
+
+    max_num_batched_tokens: int = 65536
+    """Token budget of one engine step: the sum over scheduled requests of the query positions
+    of their forward (a full canvas for a refresh / no-cache step, the block for a dual-cache
+    step). A request whose full canvas exceeds it is rejected at `add_request`."""
+
+    kv_cache_mode: str = "dual"
+    """"none": every step is a full-canvas forward (the exact reference loops).
+    "prefix" / "dual": Fast-dLLM v1 semantics: one full refresh forward per block writes the K/V
+    of the canvas into the request's pages; the block's later steps attend to the cached prefix
+    (prefix: queries = block and everything after it) or to the cached prefix and suffix (dual:
+    queries = the block only)."""
+
+    page_size: int = 16
+    """Token positions per KV page."""
+
+    kv_cache_memory_gb: float | None = None
+    """KV pool budget in GiB. None: on CUDA `gpu_memory_utilization` of the memory left after the
+    weights are loaded; on CPU enough for `max_num_seqs` canvases of `max_model_len`, capped at
+    `cpu_kv_cache_gb`."""
+
+    num_pages: int | None = None
+    """Explicit page count (overrides `kv_cache_memory_gb`); mainly for tests."""
+
+    gpu_memory_utilization: float = 0.9
+    """Fraction of the GPU's total memory the process may use (weights + KV pool + activations)."""
+
+    cpu_kv_cache_gb: float = 1.0
+    """Upper bound of the automatic KV budget on CPU."""
+
+    enable_prefix_caching: bool = False
+    """Share full prompt pages between requests with the same prefix (content-hash chain,
+    reference counts, LRU eviction). With bidirectional attention a prompt's K/V depend on the
+    whole canvas, so this is an approximation (dLLM-Cache: prompt features are nearly static
+    across denoising steps): the prompt's full pages are computed once, at the request's first
+    refresh or by an earlier request, and then frozen. Off by default: outputs then equal the
+    Fast-dLLM reference exactly. Needs kv_cache_mode "prefix" or "dual"."""
+
+    max_model_len: int | None = None
+    """Longest canvas (prompt + max_tokens) accepted. None: the model's context length."""
+
+    dtype: str = "auto"
+    """Weights / activations / KV dtype: "auto" = bfloat16 on CUDA, float32 on CPU."""
+
+    device: str = "auto"
+    """"auto" = "cuda" when available, else "cpu"."""
+
+    compile: bool = False
+    """CUDA only: `torch.compile` the model forward (dynamic shapes)."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1, "max_num_seqs",
+               self.max_num_seqs, "use an integer >= 1")
+        _check(isinstance(self.max_num_batched_tokens, int) and self.max_num_batched_tokens >= 1,
+               "max_num_batched_tokens", self.max_num_batched_tokens, "use an integer >= 1")
+        _check(self.kv_cache_mode in KV_CACHE_MODES, "kv_cache_mode", self.kv_cache_mode,
+               f"use one of {KV_CACHE_MODES}")
+        _check(isinstance(self.page_size, int) and self.page_size >= 1, "page_size",
+               self.page_size, "use an integer >= 1 (16 is a good default)")
+        _check(self.kv_cache_memory_gb is None or self.kv_cache_memory_gb > 0, "kv_cache_memory_gb",
+               self.kv_cache_memory_gb, "use a positive number of GiB or None for automatic sizing")
+        _check(self.num_pages is None or (isinstance(self.num_pages, int) and self.num_pages >= 1),
+               "num_pages", self.num_pages, "use an integer >= 1 or None to size from memory")
+        _check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization",
+               self.gpu_memory_utilization, "use a fraction in (0, 1]")
+        _check(self.cpu_kv_cache_gb > 0, "cpu_kv_cache_gb", self.cpu_kv_cache_gb,
+               "use a positive number of GiB")
+        _check(not self.enable_prefix_caching or self.kv_cache_mode != "none",
+               "enable_prefix_caching", self.enable_prefix_caching,
+               'prefix caching needs a KV cache: set kv_cache_mode="prefix" or "dual"')
+        _check(self.max_model_len is None or (isinstance(self.max_model_len, int)
+                                              and self.max_model_len >= 2),
+               "max_model_len", self.max_model_len, "use an integer >= 2 or None")
+        _check(self.dtype in DTYPES, "dtype", self.dtype, f"use one of {DTYPES}")
+        _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "device",
+               self.device, 'use "auto", "cpu", "cuda" or "cuda:N"')
+
+    @property
+    def uses_kv_cache(self) -> bool:
+        return self.kv_cache_mode != "none"

@@ -1,0 +1,168 @@
+"""`Engine`: step-level continuous batching of diffusion LMs.
+
+`step()` is three calls: `schedule()` -> `runner.run()` -> `scheduler.update()` (nano-vllm
+`LLMEngine.step`). Requests join at any step boundary and leave as soon as they finish; each
+engine step is one model forward per kind of window over every scheduled request.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import replace
+
+import torch
+
+from ..models.loader import LoadedModel
+from ..sampling.params import SamplingParams
+from .config import EngineConfig
+from .detokenizer import Detokenizer
+from .kv_pool import GIB, KVPool, bytes_per_page, num_pages_for_budget
+from .model_runner import ModelRunner
+from .outputs import RequestOutput, RunnerOutput, SchedulerOutput
+from .page_allocator import PageAllocator
+from .request import Request
+from .scheduler import Scheduler
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None):
+        self.config = config or EngineConfig()
+        self.loaded = loaded
+        self.spec = loaded.spec
+        self.device, self.dtype = loaded.device, loaded.dtype
+        self.max_model_len = min(self.config.max_model_len or self.spec.max_position,
+                                 self.spec.max_position)
+        self.pool = self._build_pool()
+        allocator = PageAllocator(self.pool.num_pages if self.pool else 0, self.config.page_size,
+                                  self.config.enable_prefix_caching)
+        self.detokenizer = Detokenizer(loaded.tokenizer)
+        self.scheduler = Scheduler(self.config, allocator, self.max_model_len,
+                                   self.spec.stop_token_ids, self.detokenizer.stop_cut)
+        model = loaded.model
+        if self.config.compile and self.device.type == "cuda":
+            model = torch.compile(model, dynamic=True)
+        self.runner = ModelRunner(model, self.spec, self.pool, self.device, self.dtype)
+        self._arrivals = itertools.count()
+        self._stops: dict[str, tuple[str, ...]] = {}
+        self.metrics = StepMetrics()
+
+    @classmethod
+    def from_model(cls, model: str, dtype: str = "auto", device: str = "auto",
+                   **config) -> "Engine":
+        from ..models.loader import load_model
+        return cls(load_model(model, dtype=dtype, device=device),
+                   EngineConfig(dtype=dtype, device=device, **config))
+
+    # ---- requests ---------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    params: SamplingParams | None = None) -> None:
+        if not prompt_token_ids:
+            raise ValueError("prompt_token_ids is empty: a request needs at least one prompt token")
+        p = self.resolve_params(params or SamplingParams(), len(prompt_token_ids))
+        gen = None
+        if p.seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(p.seed)
+        req = Request(request_id, list(prompt_token_ids), p, self.spec.mask_token_id,
+                      next(self._arrivals), generator=gen)
+        self.scheduler.add(req)
+        self._stops[request_id] = p.stop
+
+    def resolve_params(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
+        """Fill defaults and check what the engine supports for this model."""
+        defaults = self.loaded.generation_defaults or {}
+        alg = params.alg or defaults.get("alg") or ("origin" if self.spec.arch == "dream" else None)
+        if self.spec.arch != "dream" and params.alg is not None:
+            raise ValueError(f"alg={params.alg!r} is a Dream setting; {self.spec.arch} models use "
+                             "remasking / threshold / factor / entropy_bound")
+        if params.cfg_scale > 0:
+            raise ValueError(f"cfg_scale={params.cfg_scale} is not supported by the engine (it would "
+                             "double every forward); use sampling.llada_generate for guidance")
+        p = replace(params, alg=alg).resolve(self.max_model_len, prompt_len)
+        if alg is not None and self.config.kv_cache_mode == "none":
+            p = replace(p, block_length=p.max_tokens)   # diffusion_generate: one block
+        if alg is not None and p.threshold is not None and self.config.kv_cache_mode == "none":
+            if p.max_tokens % p.steps:
+                raise ValueError(f"steps={p.steps} must divide max_tokens={p.max_tokens} for "
+                                 "Dream's threshold schedule without a KV cache")
+        return p
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        out = self.scheduler.abort(request_id)
+        return self._attach([out])[0] if out is not None else None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        result = self.runner.run(sched, self.scheduler.running)
+        outputs = self.scheduler.update(sched, result)
+        self.metrics.record(sched, result)
+        return self._attach(outputs)
+
+    def _attach(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        self.detokenizer.attach(outputs, self._stops)
+        for o in outputs:
+            if o.finished:
+                self._stops.pop(o.request_id, None)
+        return outputs
+
+    def stats(self) -> dict:
+        kv = {"kv_cache_mode": self.config.kv_cache_mode,
+              "kv_pool_gb": self.pool.nbytes / GIB if self.pool else 0.0}
+        return {**self.scheduler.stats(), **self.metrics.as_dict(), **kv}
+
+    # ---- memory -------------------------------------------------------------------------------
+    def _build_pool(self) -> KVPool | None:
+        c, s = self.config, self.spec
+        if not c.uses_kv_cache:
+            return None
+        page = bytes_per_page(s.num_layers, c.page_size, s.num_kv_heads, s.head_dim, self.dtype)
+        useful = c.max_num_seqs * math.ceil(self.max_model_len / c.page_size)
+        if c.enable_prefix_caching:
+            useful *= 2                 # room to keep released prompt pages cached
+        if c.num_pages is not None:
+            num = c.num_pages
+        elif c.kv_cache_memory_gb is not None:
+            num = num_pages_for_budget(int(c.kv_cache_memory_gb * GIB), page)
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = total * c.gpu_memory_utilization - (total - free)
+            num = min(num_pages_for_budget(int(budget), page), useful)
+        else:
+            num = min(num_pages_for_budget(int(c.cpu_kv_cache_gb * GIB), page), useful)
+        if num < 1:
+            raise ValueError(f"the KV budget leaves no page of {page} bytes: raise "
+                             "kv_cache_memory_gb / gpu_memory_utilization or lower page_size")
+        return KVPool(s.num_layers, num, c.page_size, s.num_kv_heads, s.head_dim, self.dtype,
+                      self.device)
+
+
+class StepMetrics:
+    """Counters over the engine's life: steps, forwards, committed tokens, time."""
+
+    def __init__(self):
+        self.steps = self.forwards = self.tokens = self.batched_tokens = 0
+        self.forward_ms = self.sample_ms = 0.0
+        self.started = time.perf_counter()
+
+    def record(self, sched: SchedulerOutput, result: RunnerOutput) -> None:
+        if sched.is_empty:
+            return
+        self.steps += 1
+        self.forwards += result.num_forwards
+        self.batched_tokens += sched.num_batched_tokens
+        self.tokens += sum(len(p) for p, _ in result.committed.values())
+        self.forward_ms += result.forward_ms
+        self.sample_ms += result.sample_ms
+
+    def as_dict(self) -> dict:
+        steps = max(self.steps, 1)
+        return {"engine_steps": self.steps, "model_forwards": self.forwards,
+                "committed_tokens": self.tokens, "tokens_per_step": self.tokens / steps,
+                "ms_per_step": (self.forward_ms + self.sample_ms) / steps,
+                "forward_ms_per_step": self.forward_ms / steps,
+                "sample_ms_per_step": self.sample_ms / steps,
+                "uptime_s": time.perf_counter() - self.started}

@@ -1,0 +1,99 @@
+"""`Request`: one generation's state inside the engine (host side, no CUDA).
+
+A request's *canvas* is its prompt followed by `max_tokens` generation positions, all masked at
+arrival. Generation proceeds block by block (`block_length` positions); `block_step` counts the
+forwards spent on the active block. Committed positions never change again.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from ..sampling.dream import ThresholdCarry
+from ..sampling.params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams            # resolved: max_tokens, block_length, steps are set
+    mask_token_id: int
+    arrival: int                      # engine-wide arrival counter (FIFO order)
+    canvas: torch.Tensor = None       # (L,) int64 on CPU: prompt + max_tokens positions
+    status: RequestStatus = RequestStatus.WAITING
+    block_idx: int = 0                # index of the active block, 0..num_blocks-1
+    block_step: int = 0               # forwards already spent on the active block
+    block_quota: list[int] = field(default_factory=list)  # fixed schedule: commits per step of the block
+    carry: ThresholdCarry | None = None   # Dream no-cache confidence_threshold schedule state
+    nfe: int = 0                      # model forwards this request took part in
+    nfe_saved: int = 0                # forwards skipped by early exit (fixed-schedule estimate)
+    page_ids: list[int] = field(default_factory=list)     # KV pages covering the canvas, in order
+    num_cached_tokens: int = 0        # leading prompt positions whose K/V came from the prefix cache
+    num_frozen_tokens: int = 0        # leading prompt positions never recomputed after the first refresh
+    prefix_keys: list[bytes] = field(default_factory=list)  # hash-chain keys of the frozen prompt pages
+    prefix_published: bool = False    # frozen pages written and offered to the prefix cache
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    output_len: int | None = None     # generated positions returned (cut at EOS / stop string)
+    num_emitted: int = 0              # generated positions already streamed
+    last_scheduled: int = -1          # engine step index this request last ran in (fairness)
+    generator: torch.Generator | None = None   # per-request RNG (seeded from params.seed)
+
+    def __post_init__(self) -> None:
+        if self.canvas is None:
+            gen = torch.full((self.params.max_tokens,), self.mask_token_id, dtype=torch.long)
+            self.canvas = torch.cat([torch.tensor(self.prompt_token_ids, dtype=torch.long), gen])
+
+    # ---- shape of the canvas -------------------------------------------------------------
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def canvas_len(self) -> int:
+        return self.prompt_len + self.params.max_tokens
+
+    @property
+    def num_blocks(self) -> int:
+        return self.params.max_tokens // self.params.block_length
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.params.steps // self.num_blocks
+
+    @property
+    def block_start(self) -> int:
+        return self.prompt_len + self.block_idx * self.params.block_length
+
+    @property
+    def block_end(self) -> int:
+        return self.block_start + self.params.block_length
+
+    # ---- state ------------------------------------------------------------------------------
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def masked_positions(self, start: int, end: int) -> list[int]:
+        """Canvas positions in [start, end) still holding the mask token, in order."""
+        window = self.canvas[start:end]
+        return (torch.nonzero(window == self.mask_token_id).flatten() + start).tolist()
+
+    def num_masked(self, start: int, end: int) -> int:
+        return int((self.canvas[start:end] == self.mask_token_id).sum())
+
+    def generated_ids(self) -> list[int]:
+        """Generated positions returned to the user: cut at `output_len`, masks dropped
+        (a bounded dual-cache block may leave masks, as in Fast-dLLM)."""
+        end = self.prompt_len + (self.output_len if self.output_len is not None
+                                 else self.block_idx * self.params.block_length)
+        ids = self.canvas[self.prompt_len:end].tolist()
+        return [t for t in ids if t != self.mask_token_id]

@@ -1,0 +1,223 @@
+"""`Scheduler`: who runs this step, and what a step's commits do to each request (no CUDA).
+
+FIFO waiting queue -> running set (admission by `max_num_seqs`, the step's token budget and
+free KV pages) -> finished (first done, first out; pages freed at once). Requests are never
+preempted: a request's pages cover its whole canvas and are reserved at admission, because a
+diffusion canvas has a fixed size from the start.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Callable, Optional
+
+import torch
+
+from . import step_plan
+from .config import EngineConfig
+from .outputs import REFRESH, RequestOutput, RunnerOutput, ScheduledRequest, SchedulerOutput
+from .page_allocator import PageAllocator, page_hash_chain
+from .request import Request, RequestStatus
+
+# (request, generated token ids so far) -> number of them to keep when a stop string occurs
+StopChecker = Callable[[Request, list[int]], Optional[int]]
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, allocator: PageAllocator, max_model_len: int,
+                 stop_token_ids: tuple[int, ...] = (), stop_checker: StopChecker | None = None):
+        self.config = config
+        self.allocator = allocator
+        self.max_model_len = max_model_len
+        self.stop_token_ids = torch.tensor(list(stop_token_ids), dtype=torch.long)
+        self.stop_checker = stop_checker
+        self.waiting: deque[Request] = deque()
+        self.running: dict[str, Request] = {}
+        self.step_count = 0
+        self.num_finished = 0
+        self.total_nfe = 0            # forwards summed over requests (one per request per step)
+        self.total_nfe_saved = 0      # forwards skipped by early exit
+        self.total_generated = 0      # generated tokens returned by finished requests
+
+    # ---- intake -----------------------------------------------------------------------------
+    def pages_needed(self, req: Request) -> int:
+        return math.ceil(req.canvas_len / self.config.page_size) if self.config.uses_kv_cache else 0
+
+    def add(self, req: Request) -> None:
+        """Queue a request; reject at once what could never run."""
+        if req.request_id in self.running or any(r.request_id == req.request_id for r in self.waiting):
+            raise ValueError(f"request_id={req.request_id!r} is already in the engine: use a unique id")
+        if req.canvas_len > self.max_model_len:
+            raise ValueError(f"prompt ({req.prompt_len} tokens) + max_tokens ({req.params.max_tokens})"
+                             f" = {req.canvas_len} exceeds max_model_len={self.max_model_len}: "
+                             "shorten the prompt or lower max_tokens")
+        if req.canvas_len > self.config.max_num_batched_tokens:
+            raise ValueError(f"canvas of {req.canvas_len} tokens exceeds EngineConfig.max_num_batched_"
+                             f"tokens={self.config.max_num_batched_tokens}: raise the budget")
+        if self.pages_needed(req) > self.allocator.num_pages:
+            raise ValueError(f"canvas of {req.canvas_len} tokens needs {self.pages_needed(req)} KV pages,"
+                             f" the pool has {self.allocator.num_pages}: raise kv_cache_memory_gb")
+        req.status = RequestStatus.WAITING
+        req.prefix_keys = self._prefix_keys(req)
+        self.waiting.append(req)
+
+    def _prefix_keys(self, req: Request) -> list[bytes]:
+        """Keys of the prompt pages that get frozen: full pages before the last prompt position
+        (its query row predicts the first generated token under Dream's shift) and before any
+        mask inside the prompt (masked positions are not committed)."""
+        if not self.config.enable_prefix_caching:
+            return []
+        size = self.config.page_size
+        prompt = req.prompt_token_ids
+        first_mask = next((i for i, t in enumerate(prompt) if t == req.mask_token_id), len(prompt))
+        num = min((len(prompt) - 1) // size, first_mask // size)
+        return page_hash_chain(prompt, size, num)
+
+    # ---- the step ---------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        """Invariant: each running request holds pages for its whole canvas and has committed
+        tokens (prompt + finished blocks) and one active block, some of it still masked; each
+        step runs one forward per kind of window over the scheduled requests' windows and
+        commits at least one position per block (a fixed schedule's zero quota excepted); a block
+        with no masks left (or at the end of its bounded schedule) is committed and the next
+        opens, or the request finishes and frees its pages in the same update. Running requests
+        are served least-recently-scheduled first while their windows fit the token budget
+        (`num_batched_tokens` <= max_num_batched_tokens); then waiting requests are admitted in
+        arrival order while `len(running)` < max_num_seqs, their first window fits the budget
+        left and their pages are free. The head of the queue blocks the rest (strict FIFO)."""
+        self.step_count += 1
+        out = SchedulerOutput(step=self.step_count)
+        budget = self.config.max_num_batched_tokens
+        for req in sorted(self.running.values(), key=lambda r: (r.last_scheduled, r.arrival)):
+            item = step_plan.plan(req, self.config.kv_cache_mode)
+            if item.q_len <= budget:
+                budget -= self._take(out, req, item)
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            if not self._can_admit(req, budget):
+                break
+            self.waiting.popleft()
+            self._admit(req)
+            out.admitted.append(req.request_id)
+            budget -= self._take(out, req, step_plan.plan(req, self.config.kv_cache_mode))
+        return out
+
+    def _take(self, out: SchedulerOutput, req: Request, item: ScheduledRequest) -> int:
+        out.scheduled.append(item)
+        out.num_batched_tokens += item.q_len
+        req.last_scheduled = self.step_count
+        return item.q_len
+
+    def _can_admit(self, req: Request, budget: int) -> bool:
+        hit = len(self.allocator.match(req.prefix_keys)) * self.config.page_size
+        first_window = req.canvas_len - (hit if self.config.uses_kv_cache else 0)
+        return (first_window <= budget
+                and self.allocator.can_allocate(self.pages_needed(req), req.prefix_keys))
+
+    def _admit(self, req: Request) -> None:
+        pages, hits = self.allocator.allocate(self.pages_needed(req), req.prefix_keys)
+        req.page_ids = pages
+        req.num_cached_tokens = hits * self.config.page_size
+        req.num_frozen_tokens = len(req.prefix_keys) * self.config.page_size
+        req.status = RequestStatus.RUNNING
+        self.running[req.request_id] = req
+        step_plan.open_block(req, self.config.kv_cache_mode)
+
+    def update(self, sched: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
+        """Apply each scheduled request's commits; close finished blocks and requests."""
+        outputs = []
+        for item in sched.scheduled:
+            req = self.running.get(item.request_id)
+            if req is None:          # aborted while its forward ran
+                continue
+            positions, tokens = result.committed.get(item.request_id, ([], []))
+            if positions:
+                req.canvas[torch.tensor(positions)] = torch.tensor(tokens, dtype=torch.long)
+            req.nfe += 1
+            self.total_nfe += 1
+            if item.kind == REFRESH and not req.prefix_published:
+                self._publish(req)
+            if step_plan.after_step(req, item, len(positions), self.config.kv_cache_mode):
+                outputs.append(self._close_block(req))
+        return outputs
+
+    def _publish(self, req: Request) -> None:
+        hit = req.num_cached_tokens // self.config.page_size
+        n = len(req.prefix_keys)
+        self.allocator.publish(req.page_ids[hit:n], req.prefix_keys[hit:n])
+        req.prefix_published = True
+
+    def _close_block(self, req: Request) -> RequestOutput:
+        last = req.block_idx == req.num_blocks - 1
+        cut = self._stop_cut(req)
+        req.block_idx += 1
+        if cut is not None and req.output_len is None:
+            req.output_len = cut
+        if cut is not None and (req.params.early_exit or last):
+            req.nfe_saved = (req.num_blocks - req.block_idx) * req.steps_per_block
+            self._finish(req, "stop")
+        elif last:
+            self._finish(req, "length")
+        else:
+            step_plan.open_block(req, self.config.kv_cache_mode)
+        return self.make_output(req)
+
+    def _stop_cut(self, req: Request) -> int | None:
+        """Generated tokens to keep if EOS/EOT or a stop string occurs in what is committed."""
+        gen = req.canvas[req.prompt_len:req.block_end]
+        cuts = []
+        if len(self.stop_token_ids):
+            hits = torch.nonzero(torch.isin(gen, self.stop_token_ids)).flatten()
+            if len(hits):
+                cuts.append(int(hits[0]))
+        if self.stop_checker is not None and req.params.stop:
+            kept = self.stop_checker(req, gen.tolist())
+            if kept is not None:
+                cuts.append(kept)
+        return min(cuts) if cuts else None
+
+    # ---- leaving ----------------------------------------------------------------------------
+    def _finish(self, req: Request, reason: str) -> None:
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        if req.output_len is None and reason == "length":
+            req.output_len = req.params.max_tokens
+        self.running.pop(req.request_id, None)
+        self.allocator.free(req.page_ids)
+        req.page_ids = []
+        self.num_finished += 1
+        self.total_nfe_saved += req.nfe_saved
+        self.total_generated += len(req.generated_ids())
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Drop a waiting or running request at any time; None if it is unknown or done."""
+        req = self.running.get(request_id)
+        if req is not None:
+            self._finish(req, "abort")
+            return self.make_output(req)
+        for req in self.waiting:
+            if req.request_id == request_id:
+                self.waiting.remove(req)
+                req.status, req.finish_reason = RequestStatus.FINISHED, "abort"
+                return self.make_output(req)
+        return None
+
+    def make_output(self, req: Request) -> RequestOutput:
+        """Token-level output (text is attached by the engine, which owns the tokenizer)."""
+        ids = req.generated_ids()
+        delta = ids[req.num_emitted:]
+        req.num_emitted = len(ids)
+        return RequestOutput(
+            request_id=req.request_id, text="", delta_text="", token_ids=ids, delta_token_ids=delta,
+            finished=req.is_finished, finish_reason=req.finish_reason, nfe=req.nfe,
+            num_prompt_tokens=req.prompt_len, nfe_saved=req.nfe_saved,
+            num_cached_tokens=req.num_cached_tokens)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def stats(self) -> dict:
+        return {"num_waiting": len(self.waiting), "num_running": len(self.running),
+                "num_steps": self.step_count, "num_finished": self.num_finished,
+                "total_nfe": self.total_nfe, "total_nfe_saved": self.total_nfe_saved,
+                "total_generated_tokens": self.total_generated, **self.allocator.stats()}

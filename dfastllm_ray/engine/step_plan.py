@@ -1,0 +1,101 @@
+"""What one request does in its next step, and when its active block is done (host side).
+
+The reference loops' control flow, one step at a time, so the engine can interleave many
+requests (REFERENCE_ALGORITHMS.md 2, 3, 5, 6; `sampling/llada_generate.py`, `dream_generate.py`):
+
+- kv_cache_mode "none" (ML-GSAI `generate`, Fast-dLLM `generate`, Dream `diffusion_generate`):
+  every step is a full-canvas forward and every masked position before the block end competes.
+  Dream decodes the whole generation as one block here, as `diffusion_generate` does.
+- "prefix" / "dual" (Fast-dLLM `generate_with_prefix_cache` / `_dual_cache` and Dream's
+  `generation_utils_block`): a block's first step is a full *refresh* forward writing the
+  canvas K/V to the request's pages (LLaDA: every mask before the block end competes; Dream:
+  the block's first position takes the argmax, nothing else); later steps query the block
+  (dual) or the block and everything after it (prefix), and only the block's masks compete.
+
+A block ends when it has no masks left, or when its schedule is spent: a fixed LLaDA schedule
+after steps_per_block forwards (ML-GSAI runs exactly that many; the engine skips the trailing
+forwards of a block with no masks left, which commit nothing), dual mode always there (Fast-dLLM's
+bounded loop, so a threshold run can leave masks, as the reference does), Dream's cached time
+schedule after the forward at i == steps_per_block (which commits nothing, as the reference).
+"""
+from __future__ import annotations
+
+from ..sampling.dream import ThresholdCarry, dream_quota, dream_transfer_prob
+from ..sampling.schedule import transfer_counts
+from .outputs import CACHED, FULL, REFRESH, ScheduledRequest
+from .request import Request
+
+
+def is_dream(req: Request) -> bool:
+    """Dream's schedules and selection rules apply when `alg` is set (the engine sets it for Dream)."""
+    return req.params.alg is not None
+
+
+def open_block(req: Request, mode: str) -> None:
+    """Reset the per-block counters of the newly active block."""
+    req.block_step = 0
+    p = req.params
+    if not is_dream(req):    # LLaDA: the linear schedule over the block's masks
+        req.block_quota = transfer_counts(req.num_masked(req.block_start, req.block_end),
+                                          req.steps_per_block)
+    elif mode == "none" and p.threshold is not None:   # Fast-dLLM Dream confidence_threshold
+        n = req.num_masked(0, req.block_end)
+        req.carry = ThresholdCarry(n // p.steps, p.steps)
+
+
+def plan(req: Request, mode: str) -> ScheduledRequest:
+    """The forward window, candidates and quota of `req`'s next step."""
+    length, s, e = req.canvas_len, req.block_start, req.block_end
+    if mode == "none":
+        kind, q_start, q_len, write = FULL, 0, length, False
+    elif req.block_step == 0:
+        q_start = req.num_frozen_tokens if req.prefix_published else req.num_cached_tokens
+        kind, q_len, write = REFRESH, length - q_start, True
+    else:
+        kind, q_start, write = CACHED, s, False
+        q_len = length - s if mode == "prefix" else e - s
+    item = ScheduledRequest(request_id=req.request_id, kind=kind, q_start=q_start, q_len=q_len,
+                            kv_len=length, write_kv=write, candidates=[], quota=0,
+                            schedule_step=req.block_step, schedule_len=req.steps_per_block)
+    if kind == REFRESH and is_dream(req):
+        item.candidates, item.quota, item.force_position = [s], 1, s
+        return item
+    # full / refresh forwards: every mask from the window start to the block end competes
+    # (prompt masks, leftovers of earlier blocks); cached steps: the block's masks only
+    item.candidates = req.masked_positions(s if kind == CACHED else q_start, e)
+    item.quota = quota(req, mode, len(item.candidates))
+    return item
+
+
+def quota(req: Request, mode: str, masked: int) -> float:
+    """The schedule's offer for this step: a count, or for Dream `origin` a probability."""
+    p, i, spb = req.params, req.block_step, req.steps_per_block
+    if not is_dream(req):
+        return req.block_quota[i] if i < len(req.block_quota) else 0
+    if mode == "none":
+        if p.threshold is not None:
+            return req.carry.quota()
+        if p.alg == "origin":
+            return float(dream_transfer_prob(i, spb, p.eps))
+        return dream_quota(masked, i, spb, p.eps)
+    if p.threshold is not None:          # cached confidence_threshold: offer every block mask
+        return masked
+    return dream_quota(masked, i, spb, p.eps) if i < spb else 0
+
+
+def after_step(req: Request, item: ScheduledRequest, num_committed: int, mode: str) -> bool:
+    """Advance the block counters after a step's commits; True when the block is done."""
+    req.block_step += 1
+    if req.carry is not None and mode == "none":
+        req.carry.update(item.schedule_step, int(item.quota), num_committed)
+    left = req.num_masked(req.block_start, req.block_end)
+    spb, p = req.steps_per_block, req.params
+    if is_dream(req) and mode != "none":
+        if req.block_step < 2:           # the refresh is always followed by a cached forward
+            return False
+        return left == 0 or (p.threshold is None and req.block_step > spb)
+    if left == 0:
+        return True
+    if is_dream(req):
+        return req.block_step >= (req.carry.steps if req.carry is not None else spb)
+    return (p.policy == "fixed" or mode == "dual") and req.block_step >= spb

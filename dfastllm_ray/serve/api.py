@@ -1,0 +1,187 @@
+"""The FastAPI app: OpenAI routes, health routes, guards, request ids and error bodies.
+
+`build_api` closes over an `OpenAIServer`; the ingress deployment returns it from
+`__serve_build_asgi_app__`, and tests mount the same app on an in-process transport.
+Health routes take no key and touch no replica: they answer from the server's cached readiness.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Optional, Union
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .errors import APIError, error_body, validation_error
+from .guards import ApiKeys, RateLimiter
+from .metrics import IngressMetrics
+from .protocol import ChatCompletionRequest, CompletionRequest
+from .server import OpenAIServer
+
+log = logging.getLogger("ray.serve.dfastllm")
+OUTCOMES = {200: "ok", 400: "bad_request", 401: "unauthorized", 404: "not_found",
+            429: "rate_limited", 499: "client_closed", 503: "overloaded", 504: "timeout"}
+
+
+class RequestContext:
+    """Pure ASGI middleware (BaseHTTPMiddleware breaks streaming cancellation): a request id
+    on every request, response and log line, one JSON access log line and outcome metrics."""
+
+    def __init__(self, app: Any, metrics: Optional[IngressMetrics], add_header: bool) -> None:
+        self.app, self.metrics, self.add_header = app, metrics, add_header
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        rid = headers.get(b"x-request-id", b"").decode() or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        status, t0 = [499], time.perf_counter()
+
+        async def send_with_id(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                if self.add_header:   # behind Serve's proxy, the proxy adds it
+                    message.setdefault("headers", [])
+                    message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            status[0] = 500 if status[0] == 499 else status[0]
+            raise
+        finally:   # 499 (nginx's "client closed request") when cancelled before any response
+            self._record(scope, rid, status[0], time.perf_counter() - t0)
+
+    def _record(self, scope: dict, rid: str, status: int, seconds: float) -> None:
+        path = scope.get("path", "")
+        model = scope["state"].get("model", "")
+        log.info("%s %s %d", scope.get("method"), path, status,
+                 extra={"request_id": rid, "route": path, "status": status, "model": model,
+                        "latency_ms": round(seconds * 1000, 2)})
+        if self.metrics is not None and path.startswith("/v1/"):
+            self.metrics.request(model, path, OUTCOMES.get(status, "error"), seconds)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = validation_error(list(exc.errors()))
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(exc.status_code, str(exc.detail)),
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", extra={"request_id": request.state.request_id})
+        return JSONResponse(error_body(500, "Internal server error."), status_code=500)
+
+
+def build_api(server: OpenAIServer, keys: ApiKeys, limiter: Optional[RateLimiter] = None,
+              metrics: Optional[IngressMetrics] = None, add_request_id_header: bool = True
+              ) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await server.start()
+        yield
+        await server.stop()
+
+    app = FastAPI(title="dfastllm-ray", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(RequestContext, metrics=metrics, add_header=add_request_id_header)
+    _install_error_handlers(app)
+
+    def guard(request: Request) -> None:
+        key = keys.check(request.headers.get("authorization"))
+        if limiter is not None:
+            client = key or (request.client.host if request.client else "unknown")
+            limiter.acquire(client)
+
+    _add_health_routes(app, server)
+    _add_model_routes(app, server, guard)
+    _add_generation_routes(app, server, guard)
+    return app
+
+
+def _add_health_routes(app: FastAPI, server: OpenAIServer) -> None:
+    def readiness() -> JSONResponse:
+        ok = server.ready()
+        body = {"status": "ready" if ok else "not_ready",
+                "models": {m: ("ready" if h else "not_ready") for m, h in server.healthy.items()}}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/health/live")
+    async def live() -> dict[str, str]:
+        return {"status": "live"}
+
+    @app.get("/health/ready")
+    async def ready() -> JSONResponse:
+        return readiness()
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        return readiness()
+
+
+def _add_model_routes(app: FastAPI, server: OpenAIServer, guard: Any) -> None:
+    @app.get("/v1/models", dependencies=[Depends(guard)])
+    async def models() -> dict[str, Any]:
+        return server.model_list()
+
+    @app.get("/v1/models/{model}", dependencies=[Depends(guard)])
+    async def model(model: str) -> dict[str, Any]:
+        await server.card(model)    # 404 for an unknown model
+        return next(m for m in server.model_list()["data"] if m["id"] == model)
+
+    @app.get("/v1/engine/stats", dependencies=[Depends(guard)])
+    async def stats() -> dict[str, Any]:
+        return {"models": await server.stats(), "ingress": {"inflight": server.inflight}}
+
+
+def _add_generation_routes(app: FastAPI, server: OpenAIServer, guard: Any) -> None:
+    async def generate(request: Request, body: Union[CompletionRequest, ChatCompletionRequest]):
+        request.state.model = body.model
+        server.admit()
+        server.inflight += 1
+        streaming = False
+        try:
+            prep = await server.prepare(body, request.state.request_id)
+            if not prep.stream:
+                return JSONResponse(await server.complete(prep))
+            events = await server.open_stream(prep)
+            streaming = True
+            return StreamingResponse(_counted(events, server), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        finally:
+            if not streaming:
+                server.inflight -= 1
+
+    @app.post("/v1/completions", dependencies=[Depends(guard)])
+    async def completions(request: Request, body: CompletionRequest):
+        return await generate(request, body)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(guard)])
+    async def chat(request: Request, body: ChatCompletionRequest):
+        return await generate(request, body)
+
+
+async def _counted(events: AsyncIterator[str], server: OpenAIServer) -> AsyncIterator[str]:
+    """The stream holds its in-flight slot until its last event (or the client leaves)."""
+    try:
+        async for event in events:
+            yield event
+    finally:
+        server.inflight -= 1
+        await events.aclose()   # type: ignore[attr-defined]

@@ -1,0 +1,53 @@
+"""`build_app(args)`: the Serve application, reached from YAML by
+`import_path: dfastllm_ray.serve.app:build_app`.
+
+The graph: one `OpenAIIngress` (FastAPI, OpenAI routes) -> per model a `Batcher`
+(`@serve.batch`) -> that model's `ModelReplica`s (one `AsyncEngine` each, autoscaled).
+Deployment names carry the model id (`Batcher:<id>` style, see docs/serving.md) so a YAML
+`deployments:` override can target one model's replicas.
+"""
+from __future__ import annotations
+
+from typing import Any, Union
+
+from ray.serve import Application
+
+from dfastllm_ray.engine.config import EngineConfig
+
+from .batcher import Batcher
+from .config import AppArgs, ModelConfig
+from .ingress import OpenAIIngress
+from .replica import ModelReplica, generation_defaults
+
+
+def check_model(cfg: ModelConfig) -> None:
+    """Fail at start, naming the field, for settings only the engine layer can judge."""
+    try:
+        EngineConfig(**cfg.engine)
+    except TypeError as exc:   # an unknown EngineConfig field
+        raise ValueError(f"models[{cfg.model_id}].engine: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"models[{cfg.model_id}].engine: {exc}") from None
+    try:
+        generation_defaults({}, cfg.sampling_defaults)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"models[{cfg.model_id}].sampling_defaults: {exc}") from None
+
+
+def model_deployments(cfg: ModelConfig) -> tuple[Application, Application]:
+    suffix = cfg.deployment_suffix()
+    replica = ModelReplica.options(name=f"ModelReplica-{suffix}",
+                                   **cfg.deployment.serve_options()).bind(cfg)
+    batcher = Batcher.options(name=f"Batcher-{suffix}", user_config=cfg.batcher.user_config(),
+                              **cfg.batcher.deployment.serve_options()).bind(replica)
+    return batcher, replica
+
+
+def build_app(args: Union[AppArgs, dict[str, Any]]) -> Application:
+    cfg = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
+    models = {}
+    for model in cfg.models:
+        check_model(model)
+        models[model.model_id] = model_deployments(model)
+    ingress = OpenAIIngress.options(**cfg.ingress.serve_options())
+    return ingress.bind(cfg.server_settings(), models)

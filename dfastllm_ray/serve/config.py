@@ -1,0 +1,137 @@
+"""The builder's arguments: what `args:` in `configs/*.yaml` may hold, validated at start.
+
+Every model is one `ModelConfig` (the shape of Ray Serve LLM's `LLMConfig`: `model_id`,
+`model_source`, engine settings, deployment options). Unknown fields are rejected with their name
+(`extra="forbid"`), so a typo in a YAML file fails `serve run` instead of being ignored.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+import dfastllm_ray
+
+DEFAULT_ENGINE_FACTORY = "dfastllm_ray.serve.replica:build_engine"
+
+
+def shipped_tiny_model() -> str:
+    """The tiny LLaDA-format checkpoint inside the installed package: no download needed."""
+    return str(Path(dfastllm_ray.__file__).resolve().parent / "assets" / "tiny-llada")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class DeploymentOptions(_Strict):
+    """Ray Serve `@serve.deployment` options; unset ones keep Serve's defaults."""
+    num_replicas: Optional[Union[int, Literal["auto"]]] = None
+    autoscaling_config: Optional[dict[str, Any]] = None   # min/max_replicas, target_ongoing_requests...
+    max_ongoing_requests: Optional[int] = Field(None, ge=1)
+    max_queued_requests: Optional[int] = Field(None, ge=-1)   # beyond it: BackPressureError -> 503
+    ray_actor_options: Optional[dict[str, Any]] = None   # num_cpus, num_gpus, accelerator_type, memory
+    health_check_period_s: Optional[float] = Field(None, gt=0)
+    health_check_timeout_s: Optional[float] = Field(None, gt=0)
+    graceful_shutdown_wait_loop_s: Optional[float] = Field(None, ge=0)
+    graceful_shutdown_timeout_s: Optional[float] = Field(None, ge=0)   # drain in-flight requests
+
+    @model_validator(mode="after")
+    def _one_scaling_mode(self) -> "DeploymentOptions":
+        if isinstance(self.num_replicas, int) and self.autoscaling_config:
+            raise ValueError("num_replicas and autoscaling_config are exclusive: set one "
+                             "(or num_replicas: auto)")
+        return self
+
+    def serve_options(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+def _replica_defaults() -> DeploymentOptions:
+    # The engine batches at step level, so a replica takes many requests at once; the queue in
+    # front of it is bounded so overload is a fast 503, not a hang.
+    return DeploymentOptions(max_ongoing_requests=64, max_queued_requests=256,
+                             health_check_period_s=10, health_check_timeout_s=30,
+                             graceful_shutdown_timeout_s=60)
+
+
+def _batcher_defaults() -> DeploymentOptions:
+    return DeploymentOptions(max_ongoing_requests=512, max_queued_requests=1024,
+                             ray_actor_options={"num_cpus": 0})
+
+
+class BatcherConfig(_Strict):
+    """`@serve.batch` settings, applied live through `user_config` (no restart)."""
+    max_batch_size: int = Field(16, ge=1)            # arrivals handed to the engine together
+    batch_wait_timeout_s: float = Field(0.005, ge=0)  # every lone request pays this wait
+    deployment: DeploymentOptions = Field(default_factory=_batcher_defaults)
+
+    def user_config(self) -> dict[str, Any]:
+        return {"max_batch_size": self.max_batch_size,
+                "batch_wait_timeout_s": self.batch_wait_timeout_s}
+
+
+class ModelConfig(_Strict):
+    """One served model: its name in the API, where its weights are, and how it is deployed."""
+    model_id: str = Field(min_length=1)              # the `model` field clients send
+    model_source: str = Field(default_factory=shipped_tiny_model)   # folder or hub id "org/name"
+    engine: dict[str, Any] = Field(default_factory=dict)   # EngineConfig fields (dtype, device...)
+    sampling_defaults: dict[str, Any] = Field(default_factory=dict)   # SamplingParams fields
+    max_tokens_limit: Optional[int] = Field(None, ge=1)   # cap on max_tokens (None: the context)
+    engine_factory: str = DEFAULT_ENGINE_FACTORY     # "module:function" (tests inject their own)
+    metrics_interval_s: float = Field(2.0, gt=0)     # engine stats -> gauges
+    deployment: DeploymentOptions = Field(default_factory=_replica_defaults)
+    batcher: BatcherConfig = Field(default_factory=BatcherConfig)
+
+    @field_validator("engine_factory")
+    @classmethod
+    def _import_path(cls, v: str) -> str:
+        if v.count(":") != 1:
+            raise ValueError(f"engine_factory={v!r} must look like 'package.module:function'")
+        return v
+
+    def deployment_suffix(self) -> str:
+        """The model id made safe for a Serve deployment name."""
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", self.model_id)
+
+
+class RateLimitConfig(_Strict):
+    """Token bucket per client (API key, else client address), per ingress replica."""
+    requests_per_second: float = Field(gt=0)
+    burst: int = Field(10, ge=1)
+
+
+def _ingress_defaults() -> DeploymentOptions:
+    return DeploymentOptions(max_ongoing_requests=512, max_queued_requests=1024,
+                             ray_actor_options={"num_cpus": 0})
+
+
+class ServerSettings(_Strict):
+    """What the HTTP ingress enforces before a request reaches any model."""
+    api_keys: list[str] = Field(default_factory=list)   # empty + no env keys: auth off
+    api_keys_env: Optional[str] = "DFASTLLM_API_KEYS"   # comma-separated keys, read at replica start
+    rate_limit: Optional[RateLimitConfig] = None
+    request_timeout_s: float = Field(300.0, gt=0)       # aborts the request in the engine
+    max_concurrent_requests: int = Field(256, ge=1)     # per ingress replica; beyond: 503
+    health_poll_s: float = Field(5.0, gt=0)             # replica readiness refresh
+    model_wait_s: float = Field(30.0, ge=0)             # a request waits this long for a loading model
+    max_n: int = Field(8, ge=1)                         # largest `n` (choices per request)
+
+
+class AppArgs(ServerSettings):
+    """The full `args:` mapping of a Serve application built by `build_app`."""
+    models: list[ModelConfig] = Field(min_length=1)
+    ingress: DeploymentOptions = Field(default_factory=_ingress_defaults)
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> "AppArgs":
+        ids = [m.model_id for m in self.models]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise ValueError(f"models: model_id must be unique, repeated: {dup}")
+        return self
+
+    def server_settings(self) -> ServerSettings:
+        return ServerSettings(**{k: getattr(self, k) for k in ServerSettings.model_fields})

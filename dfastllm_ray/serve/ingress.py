@@ -1,0 +1,38 @@
+"""The ingress deployment: the FastAPI app of `api.py` in a Serve replica.
+
+The app is built after the constructor (`__serve_build_asgi_app__`, Serve's late-bound ingress),
+so its routes close over this replica's `OpenAIServer`, guards and metrics instead of reaching
+for globals. API keys are read here, at replica start, from the config and the environment.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+
+from .api import build_api
+from .clients import HandleClient
+from .config import ServerSettings
+from .guards import ApiKeys, RateLimiter, load_api_keys
+from .metrics import IngressMetrics
+from .server import OpenAIServer
+
+
+@serve.deployment
+@serve.ingress()
+class OpenAIIngress:
+    def __init__(self, settings: ServerSettings, models: dict[str, tuple[Any, Any]]) -> None:
+        clients = {model: HandleClient(batcher, replica)
+                   for model, (batcher, replica) in models.items()}
+        self.server = OpenAIServer(settings, clients)
+        metrics = IngressMetrics()
+        self.server.on_first_block = metrics.first_block
+        keys = ApiKeys(load_api_keys(settings.api_keys, settings.api_keys_env))
+        limiter = None
+        if settings.rate_limit is not None:
+            limiter = RateLimiter(settings.rate_limit.requests_per_second, settings.rate_limit.burst)
+        # Serve's proxy already adds x-request-id to every response.
+        self._app = build_api(self.server, keys, limiter, metrics, add_request_id_header=False)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return self._app

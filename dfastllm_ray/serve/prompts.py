@@ -1,0 +1,103 @@
+"""Request body -> prompt token ids and resolved `SamplingParams`, refusing bad input with 400.
+
+This runs in the ingress, before any queue: an empty prompt, a prompt longer than the context, a
+`max_tokens` of a million or a bad knob is refused at once, never after waiting for a replica.
+Tokenization follows the offline `LLM` (`encode_prompt` / `encode_chat`) so HTTP and offline
+decoding see the same ids.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Union
+
+from dfastllm_ray.sampling.params import SamplingParams
+
+from .errors import bad_request, from_value_error
+from .protocol import ChatCompletionRequest, CompletionRequest, _Body
+from .records import ModelCard
+
+
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """Plain completion prompt: the tokenizer's own special-token convention (BOS where it adds one)."""
+    return list(tokenizer(text)["input_ids"])
+
+
+def encode_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
+    """Chat prompt: the checkpoint's template with the assistant turn opened; the template writes
+    its own BOS, so the rendered text is encoded without adding specials again."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def completion_prompts(body: CompletionRequest, card: ModelCard) -> list[list[int]]:
+    """One token-id list per prompt (a list of strings or of id lists gives several choices)."""
+    prompt: Union[str, list] = body.prompt
+    if isinstance(prompt, str):
+        items: list = [prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        items = [prompt]
+    else:
+        items = list(prompt)
+    if not items:
+        raise bad_request("prompt must not be empty.", param="prompt")
+    out = []
+    for item in items:
+        ids = encode_prompt(card.tokenizer, item) if isinstance(item, str) else list(item)
+        if not ids or (isinstance(item, str) and not item):
+            raise bad_request("prompt must not be empty.", param="prompt")
+        bad = [t for t in ids if not 0 <= t < card.vocab_size]
+        if bad:
+            raise bad_request(f"prompt token id {bad[0]} is outside the vocabulary "
+                              f"[0, {card.vocab_size}).", param="prompt")
+        out.append(ids)
+    return out
+
+
+def chat_prompt(body: ChatCompletionRequest, card: ModelCard) -> list[int]:
+    if not body.messages:
+        raise bad_request("messages must hold at least one message.", param="messages")
+    if all(not m.text().strip() for m in body.messages):
+        raise bad_request("messages are all empty.", param="messages")
+    if getattr(card.tokenizer, "chat_template", None) is None:
+        raise bad_request(f"model {card.model_id!r} has no chat template; use /v1/completions.",
+                          param="model")
+    messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in body.messages]
+    try:
+        return encode_chat(card.tokenizer, messages)
+    except Exception as exc:   # a template may raise on a role order it does not accept
+        raise bad_request(f"the chat template rejected the messages: {exc}", param="messages")
+
+
+def sampling_params(body: _Body, card: ModelCard, prompt_len: int, max_n: int) -> SamplingParams:
+    """Model defaults < request fields; validated and resolved against the context length."""
+    unsupported = body.unsupported()
+    if unsupported:
+        raise bad_request(f"{unsupported} is not supported by this server.", param=unsupported)
+    if body.n > max_n:
+        raise bad_request(f"n={body.n} is invalid: at most {max_n} choices per request.", param="n")
+    if prompt_len >= card.context_length:
+        raise bad_request(f"The prompt is {prompt_len} tokens; this model's context is "
+                          f"{card.context_length} tokens (prompt + max_tokens).",
+                          param="messages" if hasattr(body, "messages") else "prompt",
+                          code="context_length_exceeded")
+    fields = {**card.defaults, **body.sampling_overrides()}
+    limit = card.max_tokens_limit
+    mt = fields.get("max_tokens")
+    if limit is not None and isinstance(mt, int) and mt > limit:
+        raise bad_request(f"max_tokens={mt} is invalid: this server allows at most {limit}.",
+                          param="max_tokens")
+    try:
+        params = SamplingParams(**fields)
+        return params.resolve(max_context=card.context_length, prompt_len=prompt_len)
+    except ValueError as exc:
+        raise from_value_error(exc) from None
+    except TypeError as exc:   # a wrong type SamplingParams' checks compare against (e.g. "abc" < 0)
+        raise bad_request(str(exc)) from None
+
+
+def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """`n` choices of one prompt: distinct seeds when seeded, so sampled choices differ."""
+    if n == 1:
+        return [params]
+    return [replace(params, seed=None if params.seed is None else params.seed + i)
+            for i in range(n)]

@@ -1,0 +1,129 @@
+"""OpenAI request bodies, plus the diffusion knobs clients pass through `extra_body`.
+
+Unknown fields are refused (OpenAI's API does the same: "Unrecognized request argument"), so a
+misspelt knob is a 400 naming it rather than a silently ignored setting. The knobs keep the
+papers' names (`steps`, `block_length`, `threshold`, `remasking`, `alg`, ...), see
+`sampling/params.py` for their meaning and rules.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Request fields that map 1:1 onto SamplingParams fields.
+KNOBS = ("steps", "block_length", "threshold", "factor", "entropy_bound", "remasking", "alg",
+         "alg_temp", "cfg_scale", "top_k", "eps", "logits_eos_inf", "confidence_eos_eot_inf",
+         "early_exit", "temperature", "top_p", "seed")
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    max_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+    user: Optional[str] = None
+    # Accepted at their neutral values only (OpenAI clients may send them); see `unsupported()`.
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    logprobs: Optional[Union[bool, int]] = None
+    logit_bias: Optional[dict[str, float]] = None
+    # Diffusion knobs (OpenAI's `extra_body`).
+    steps: Optional[int] = None                  # model forwards for the whole generation
+    block_length: Optional[int] = None           # positions decoded together per block
+    threshold: Optional[float] = None            # Fast-dLLM confidence threshold
+    factor: Optional[float] = None               # Fast-dLLM factor rule
+    entropy_bound: Optional[float] = None        # EB-sampler summed-entropy bound (nats)
+    remasking: Optional[str] = None              # LLaDA: low_confidence | random
+    alg: Optional[str] = None                    # Dream: origin | maskgit_plus | topk_margin | entropy
+    alg_temp: Optional[float] = None
+    cfg_scale: Optional[float] = None            # LLaDA classifier-free guidance
+    top_k: Optional[int] = None
+    eps: Optional[float] = None
+    logits_eos_inf: Optional[bool] = None
+    confidence_eos_eot_inf: Optional[bool] = None
+    early_exit: Optional[bool] = None
+
+    def unsupported(self) -> Optional[str]:
+        """The first field set to a value this server cannot honour, or None."""
+        if self.presence_penalty or self.frequency_penalty:
+            return "presence_penalty" if self.presence_penalty else "frequency_penalty"
+        if self.logprobs:
+            return "logprobs"
+        if self.logit_bias:
+            return "logit_bias"
+        return None
+
+    def requested_max_tokens(self) -> Optional[int]:
+        return self.max_tokens
+
+    def sampling_overrides(self) -> dict[str, Any]:
+        """The SamplingParams fields this request sets (unset ones take the model defaults)."""
+        out = {k: getattr(self, k) for k in KNOBS if getattr(self, k) is not None}
+        if self.requested_max_tokens() is not None:
+            out["max_tokens"] = self.requested_max_tokens()
+        if self.stop is not None:
+            out["stop"] = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        return out
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_Body):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    echo: bool = False
+    suffix: Optional[str] = None
+    best_of: Optional[int] = None
+
+    def unsupported(self) -> Optional[str]:
+        if self.echo:
+            return "echo"
+        if self.suffix:
+            return "suffix"
+        if self.best_of not in (None, 1):
+            return "best_of"
+        return super().unsupported()
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")     # name, tool_call_id... are passed to the template
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Optional[Union[str, list[TextPart]]] = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_Body):
+    messages: list[ChatMessage]
+    max_completion_tokens: Optional[int] = None
+    response_format: Optional[dict[str, Any]] = None
+
+    def requested_max_tokens(self) -> Optional[int]:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def unsupported(self) -> Optional[str]:
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            return "response_format"
+        return super().unsupported()

@@ -1,0 +1,55 @@
+"""Typed records that cross the ingress -> batcher -> replica hops (pickled by Ray).
+
+Plain fields only: the ingress tokenizes and validates, the replica decodes; what travels is
+token ids, resolved `SamplingParams` and small per-block outputs, never tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from dfastllm_ray.sampling.params import SamplingParams
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What the ingress needs to validate and tokenize for one model (fetched once per model)."""
+    model_id: str
+    tokenizer: Any                      # transformers tokenizer (picklable); encode + chat template
+    context_length: int                 # tokens: prompt + max_tokens must fit
+    vocab_size: int                     # prompt token ids must be below this
+    defaults: dict[str, Any]            # SamplingParams fields: generation_config.json + config
+    max_tokens_limit: Optional[int] = None
+    created: int = 0                    # unix seconds the replica loaded the model
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    request_id: str
+    prompt_token_ids: list[int]         # already templated and tokenized by the ingress
+    params: SamplingParams              # resolved: max_tokens / steps / block_length filled in
+    timeout_s: Optional[float] = None   # the replica aborts the engine request past this
+
+
+@dataclass(frozen=True)
+class BlockOutput:
+    """One committed block of one request (one SSE chunk)."""
+    request_id: str
+    delta_text: str                     # text committed by this block
+    num_generated: int                  # real generated tokens so far (no masks, no padding)
+    nfe: int                            # model forwards so far
+    finished: bool = False
+    finish_reason: Optional[str] = None  # "stop" | "length" | "abort" | None
+    text: Optional[str] = None          # the full text, on the final output only
+    num_prompt_tokens: int = 0
+
+
+@dataclass
+class ReplicaCounters:
+    """Per-replica request totals, reported by /v1/engine/stats next to the engine's own."""
+    requests: int = 0
+    finished: int = 0
+    aborted: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    nfe: int = 0

@@ -1,0 +1,191 @@
+"""The model replica: one `AsyncEngine` per Serve replica (one GPU), wrapped for the API.
+
+`ReplicaCore` is plain Python (tests drive it in-process through `LocalClient`); `ModelReplica`
+is the Serve deployment around it. The engine is built by an injected factory
+(`ModelConfig.engine_factory`, Ray Serve LLM's `engine_cls` idea), so tests swap in a small engine.
+A request whose stream is closed early (client gone, ingress timeout) is aborted in the engine,
+which frees its KV pages within a step.
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import logging
+import time
+from dataclasses import asdict, fields
+from typing import Any, AsyncIterator, Callable, Optional
+
+from ray import serve
+
+from dfastllm_ray.sampling.params import SamplingParams
+
+from .config import ModelConfig
+from .metrics import ReplicaMetrics
+from .records import BlockOutput, GenerateRequest, ModelCard, ReplicaCounters
+
+log = logging.getLogger("ray.serve.dfastllm")
+PARAM_FIELDS = {f.name for f in fields(SamplingParams)}
+# generation_config.json names that differ from ours
+GENERATION_ALIASES = {"max_new_tokens": "max_tokens", "gen_length": "max_tokens"}
+# A replica-side deadline a little after the ingress's, so the ingress (which can answer 504)
+# normally fires first; this one only matters if the ingress is gone.
+REPLICA_TIMEOUT_GRACE_S = 1.0
+
+
+def import_object(path: str) -> Any:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def generation_defaults(gen_config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """SamplingParams defaults: the checkpoint's generation_config.json, then the YAML's
+    `sampling_defaults`. Validated here, so a bad default fails at start, naming the field."""
+    out = {}
+    for key, value in gen_config.items():
+        name = GENERATION_ALIASES.get(key, key)
+        if name in PARAM_FIELDS and value is not None:
+            out[name] = value
+    out.update(overrides)
+    SamplingParams(**out)
+    return out
+
+
+def build_engine(cfg: ModelConfig) -> tuple[Any, ModelCard]:
+    """The production factory: load the checkpoint, start an `AsyncEngine` on it."""
+    from dfastllm_ray.engine.async_engine import AsyncEngine
+    from dfastllm_ray.engine.config import EngineConfig
+    from dfastllm_ray.models.loader import load_model
+
+    ecfg = EngineConfig(**cfg.engine)
+    loaded = load_model(cfg.model_source, dtype=ecfg.dtype, device=ecfg.device)
+    if loaded.tokenizer is None:
+        raise ValueError(f"model_source={cfg.model_source!r} has no tokenizer files; the API "
+                         "needs tokenizer.json / tokenizer_config.json beside the weights")
+    context = loaded.spec.max_position
+    if ecfg.max_model_len is not None:
+        context = min(context, ecfg.max_model_len)
+    card = ModelCard(cfg.model_id, loaded.tokenizer, context, loaded.spec.vocab_size,
+                     generation_defaults(loaded.generation_defaults, cfg.sampling_defaults),
+                     cfg.max_tokens_limit, int(time.time()))
+    return AsyncEngine(loaded, ecfg), card
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+class ReplicaCore:
+    def __init__(self, cfg: ModelConfig, engine: Any, card: ModelCard) -> None:
+        self.cfg, self.engine, self._card = cfg, engine, card
+        self.metrics = ReplicaMetrics(cfg.model_id)
+        self.counters = ReplicaCounters()
+
+    @classmethod
+    async def create(cls, cfg: ModelConfig,
+                     factory: Optional[Callable[[ModelConfig], tuple[Any, ModelCard]]] = None
+                     ) -> "ReplicaCore":
+        factory = factory or import_object(cfg.engine_factory)
+        # Loading takes seconds to minutes; a thread keeps the replica's event loop responsive.
+        engine, card = await asyncio.to_thread(factory, cfg)
+        return cls(cfg, engine, card)
+
+    def card(self) -> ModelCard:
+        return self._card
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[BlockOutput]:
+        self.counters.requests += 1
+        timeout = (req.timeout_s or float("inf")) + REPLICA_TIMEOUT_GRACE_S
+        deadline = time.monotonic() + timeout
+        stream = self.engine.generate(req.prompt_token_ids, req.params, req.request_id)
+        last = None
+        try:
+            while last is None or not last.finished:
+                try:
+                    out = await asyncio.wait_for(anext(stream), deadline - time.monotonic())
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:
+                    raise TimeoutError(f"request {req.request_id} exceeded {timeout:g} s") from None
+                last = out
+                yield _block(out, req)
+        finally:
+            await self._finish(req, last, stream)
+
+    async def _finish(self, req: GenerateRequest, last: Any, stream: Any) -> None:
+        finished = last is not None and last.finished
+        if not finished:   # closed early: free the engine's slot and KV pages now
+            self.counters.aborted += 1
+            try:
+                await _maybe_await(self.engine.abort(req.request_id))
+                if hasattr(stream, "aclose"):
+                    await stream.aclose()
+            except Exception as exc:   # the request may already be gone; never mask the cause
+                log.warning("abort failed: %r", exc, extra={"request_id": req.request_id})
+            log.info("aborted", extra={"request_id": req.request_id})
+        else:
+            self.counters.finished += 1
+        gen = len(last.token_ids) if last is not None else 0
+        nfe = last.nfe if last is not None else 0
+        self.counters.prompt_tokens += len(req.prompt_token_ids)
+        self.counters.generated_tokens += gen
+        self.counters.nfe += nfe
+        self.metrics.request_done(len(req.prompt_token_ids), gen, nfe)
+
+    def stats(self) -> dict[str, Any]:
+        return {"engine": self.engine.stats(), "replica": asdict(self.counters)}
+
+    async def check_health(self) -> None:
+        await _maybe_await(self.engine.check_health())
+
+    async def poll_metrics(self) -> None:
+        """Engine gauges (queue, running, KV use, prefix hits, step latency) every interval."""
+        while True:
+            try:
+                self.metrics.engine_stats(self.engine.stats())
+            except Exception as exc:   # metrics must never take the replica down
+                log.warning("engine stats failed: %r", exc)
+            await asyncio.sleep(self.cfg.metrics_interval_s)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+def _block(out: Any, req: GenerateRequest) -> BlockOutput:
+    return BlockOutput(request_id=req.request_id, delta_text=out.delta_text,
+                       num_generated=len(out.token_ids), nfe=out.nfe, finished=out.finished,
+                       finish_reason=out.finish_reason, text=out.text if out.finished else None,
+                       num_prompt_tokens=out.num_prompt_tokens)
+
+
+@serve.deployment
+class ModelReplica:
+    """A Serve replica holding one engine. `check_health` fails once the engine loop has died,
+    and Serve replaces the replica."""
+
+    async def __init__(self, cfg: ModelConfig) -> None:
+        self.core = await ReplicaCore.create(cfg)
+        self._poller = asyncio.create_task(self.core.poll_metrics())
+        log.info("model %s ready", cfg.model_id)
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[BlockOutput]:
+        async for out in self.core.generate(req):
+            yield out
+
+    def card(self) -> ModelCard:
+        return self.core.card()
+
+    def stats(self) -> dict[str, Any]:
+        return self.core.stats()
+
+    async def ping(self) -> None:
+        await self.core.check_health()
+
+    async def check_health(self) -> None:
+        await self.core.check_health()
+
+    def __del__(self) -> None:
+        # Serve calls this on replica shutdown, after draining (graceful_shutdown_timeout_s).
+        core = getattr(self, "core", None)
+        if core is not None:
+            core.shutdown()

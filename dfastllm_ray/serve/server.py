@@ -1,0 +1,224 @@
+"""`OpenAIServer`: the OpenAI semantics of the ingress, free of FastAPI and Ray.
+
+Order of work for a generation request: model lookup (404) -> prompt and knobs validated against
+the model card (400, at once) -> one `GenerateRequest` per choice -> blocks merged under the
+request deadline (504 and an engine abort past it) -> a full body or SSE chunks.
+Readiness comes from a background watcher, so `/health` answers from memory in microseconds even
+when every replica is busy decoding.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Optional, Union
+
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+from . import prompts
+from .clients import ModelClient
+from .config import ServerSettings
+from .errors import APIError, from_value_error, model_not_found, overloaded, timed_out
+from .fanin import DeadlineExceeded, Fanin
+from .protocol import ChatCompletionRequest, CompletionRequest
+from .records import BlockOutput, GenerateRequest, ModelCard
+from .responses import DONE, Choice, ResponseMeta, block_chunk, full_response, sse, usage_chunk
+
+log = logging.getLogger("ray.serve.dfastllm")
+
+
+@dataclass
+class Prepared:
+    """A validated generation request, ready to send."""
+    meta: ResponseMeta
+    requests: list[GenerateRequest]     # one per choice, in choice order
+    stream: bool
+    include_usage: bool
+    t0: float = field(default_factory=time.perf_counter)   # arrival, for time to first block
+
+
+def map_downstream_error(exc: BaseException) -> APIError:
+    """Errors raised by the batcher/replica (wrapped by Ray, still `isinstance` of the cause)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, BackPressureError):
+        return overloaded("The model's queue is full; retry shortly.")
+    if isinstance(exc, DeploymentUnavailableError):
+        return overloaded("The model is not available right now; retry shortly.", retry_after_s=5)
+    if isinstance(exc, TimeoutError):   # the replica's own deadline (the ingress's normally wins)
+        return timed_out(0.0)
+    if isinstance(exc, ValueError):
+        return from_value_error(exc)
+    log.error("generation failed: %r", exc)
+    return APIError(500, f"The model failed to generate: {type(exc).__name__}", code="internal_error")
+
+
+class OpenAIServer:
+    def __init__(self, settings: ServerSettings, clients: dict[str, ModelClient]) -> None:
+        self.settings = settings
+        self.clients = clients
+        self.cards: dict[str, ModelCard] = {}
+        self.healthy: dict[str, bool] = {m: False for m in clients}
+        self.inflight = 0
+        self._watcher: Optional[asyncio.Task] = None
+        # (model, seconds from arrival to the first committed block) -> metrics
+        self.on_first_block: Optional[Callable[[str, float], None]] = None
+
+    # ---- readiness -------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._watcher = asyncio.create_task(self._watch())
+
+    async def stop(self) -> None:
+        if self._watcher:
+            self._watcher.cancel()
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.gather(*(self._probe(m) for m in self.clients))
+            # Poll fast until every model is up, so readiness follows loading closely.
+            await asyncio.sleep(self.settings.health_poll_s if self.ready() else 0.5)
+
+    async def _probe(self, model: str) -> None:
+        client = self.clients[model]
+        try:
+            if model not in self.cards:
+                self.cards[model] = await asyncio.wait_for(client.card(),
+                                                           self.settings.health_poll_s * 2)
+            await asyncio.wait_for(client.ping(), self.settings.health_poll_s * 2)
+            self.healthy[model] = True
+        except (asyncio.TimeoutError, BackPressureError):
+            return   # a replica busy decoding is slow to answer, not dead: keep the last state
+        except Exception as exc:   # not loaded yet, restarting, or dead: report, keep polling
+            if self.healthy.get(model):
+                log.warning("model %s became unhealthy: %r", model, exc)
+            self.healthy[model] = False
+
+    def ready(self) -> bool:
+        return all(self.healthy.values())
+
+    async def card(self, model: str) -> ModelCard:
+        if model not in self.clients:
+            raise model_not_found(model, sorted(self.clients))
+        card = self.cards.get(model)
+        if card is not None:
+            return card
+        try:   # first request before the watcher got the card: wait for the model to load
+            card = await asyncio.wait_for(self.clients[model].card(), self.settings.model_wait_s)
+        except Exception:
+            raise overloaded(f"Model {model!r} is still loading; retry shortly.", retry_after_s=5)
+        self.cards[model] = card
+        return card
+
+    # ---- preparing ---------------------------------------------------------------------------
+    async def prepare(self, body: Union[CompletionRequest, ChatCompletionRequest],
+                      request_id: str) -> Prepared:
+        card = await self.card(body.model)
+        chat = isinstance(body, ChatCompletionRequest)
+        if chat:
+            prompt_ids = [prompts.chat_prompt(body, card)]
+        else:
+            prompt_ids = prompts.completion_prompts(body, card)
+        reqs: list[GenerateRequest] = []
+        for ids in prompt_ids:
+            params = prompts.sampling_params(body, card, len(ids), self.settings.max_n)
+            for p in prompts.choice_params(params, body.n):
+                rid = request_id if not reqs else f"{request_id}-{len(reqs)}"
+                reqs.append(GenerateRequest(rid, ids, p, self.settings.request_timeout_s))
+        if len(reqs) > self.settings.max_n:
+            raise APIError(400, f"{len(reqs)} choices (prompts x n) exceed the limit of "
+                           f"{self.settings.max_n}.", param="n")
+        meta = ResponseMeta(request_id, body.model, chat)
+        return Prepared(meta, reqs, body.stream, body.include_usage())
+
+    def admit(self) -> None:
+        """Ingress-level backpressure: refuse at once rather than queue without bound."""
+        if self.inflight >= self.settings.max_concurrent_requests:
+            raise overloaded("Too many requests in flight; retry shortly.")
+
+    def _fanin(self, prep: Prepared) -> Fanin:
+        client = self.clients[prep.meta.model]
+        return Fanin([client.generate(r) for r in prep.requests], self.settings.request_timeout_s)
+
+    async def _next(self, fan: Fanin) -> Optional[tuple[int, BlockOutput]]:
+        try:
+            return await fan.next()
+        except DeadlineExceeded:
+            raise timed_out(self.settings.request_timeout_s) from None
+        except (asyncio.CancelledError, APIError):
+            raise
+        except Exception as exc:
+            raise map_downstream_error(exc) from None
+
+    # ---- running -----------------------------------------------------------------------------
+    async def complete(self, prep: Prepared) -> dict[str, Any]:
+        """Non-streaming: wait for every choice to finish; one OpenAI body."""
+        choices = [Choice(i, len(r.prompt_token_ids)) for i, r in enumerate(prep.requests)]
+        fan = self._fanin(prep)
+        first = True
+        try:
+            while (item := await self._next(fan)) is not None:
+                if first:
+                    self._first_block(prep)
+                    first = False
+                choices[item[0]].add(item[1])
+        finally:
+            await fan.close()
+        return full_response(prep.meta, choices)
+
+    async def open_stream(self, prep: Prepared) -> AsyncIterator[str]:
+        """Streaming: the first block is awaited before returning, so a refusal (overload,
+        validation in the replica) is still a plain HTTP error, not a broken event stream."""
+        fan = self._fanin(prep)
+        try:
+            first = await self._next(fan)
+        except BaseException:
+            await fan.close()
+            raise
+        self._first_block(prep)
+        return self._events(prep, fan, first)
+
+    def _first_block(self, prep: Prepared) -> None:
+        if self.on_first_block is not None:
+            self.on_first_block(prep.meta.model, time.perf_counter() - prep.t0)
+
+    async def _events(self, prep: Prepared, fan: Fanin,
+                      item: Optional[tuple[int, BlockOutput]]) -> AsyncIterator[str]:
+        choices = [Choice(i, len(r.prompt_token_ids)) for i, r in enumerate(prep.requests)]
+        started: set[int] = set()
+        try:
+            while item is not None:
+                index, out = item
+                choices[index].add(out)
+                yield sse(block_chunk(prep.meta, index, out, index not in started,
+                                      prep.include_usage))
+                started.add(index)
+                item = await self._next(fan)
+            if prep.include_usage:
+                yield sse(usage_chunk(prep.meta, choices))
+        except APIError as exc:
+            # Headers are already sent: report in-band, then end the stream cleanly (pitfall 4).
+            yield sse(exc.body())
+        finally:
+            await fan.close()
+        yield DONE
+
+    async def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for model, client in self.clients.items():
+            try:
+                out[model] = await asyncio.wait_for(client.stats(), 5.0)
+            except Exception as exc:
+                out[model] = {"error": f"{type(exc).__name__}: {exc}"}
+        return out
+
+    def model_list(self) -> dict[str, Any]:
+        data = []
+        for model in self.clients:
+            card = self.cards.get(model)
+            entry = {"id": model, "object": "model", "created": card.created if card else 0,
+                     "owned_by": "dfastllm-ray"}
+            if card:
+                entry["max_model_len"] = card.context_length
+            data.append(entry)
+        return {"object": "list", "data": data}

@@ -1,0 +1,37 @@
+"""Helpers shared by the serve tests and their conftest (a plain module: `import conftest` could
+pick up another directory's conftest)."""
+from __future__ import annotations
+
+import copy
+import socket
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+APP_NAME = "dfastllm"
+# Fast replica teardown at the end of the session (defaults cost ~3 s per deployment).
+FAST_SHUTDOWN = {"graceful_shutdown_wait_loop_s": 0.1, "graceful_shutdown_timeout_s": 1}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_config() -> dict:
+    import yaml
+    return yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+
+
+def tiny_args() -> dict:
+    """configs/tiny.yaml's application args, with test-speed shutdown and no CPU reservations
+    (the 2-CPU test cluster must never be blocked from scheduling by its own actors)."""
+    args = copy.deepcopy(tiny_config()["applications"][0]["args"])
+    args["api_keys_env"] = None
+    for model in args["models"]:
+        model["deployment"].update(FAST_SHUTDOWN)
+        model["deployment"]["ray_actor_options"] = {"num_cpus": 0}
+        model["batcher"].setdefault("deployment", {}).update(FAST_SHUTDOWN)
+    args.setdefault("ingress", {}).update(FAST_SHUTDOWN)
+    return args

@@ -1,0 +1,240 @@
+"""The real thing: configs/tiny.yaml on a real Ray Serve cluster, the real engine on the shipped
+tiny model, and the official `openai` client. One app for the whole session (conftest.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.ray
+MODEL = "tiny-llada"
+PROMPT = "Reverse the string: abcdef"
+
+
+@pytest.fixture(scope="module")
+def client(serve_url):
+    return openai.OpenAI(base_url=f"{serve_url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def ready(serve_url):
+    deadline = time.time() + 60
+    while httpx.get(f"{serve_url}/health/ready").status_code != 200:
+        assert time.time() < deadline, "the app never became ready"
+        time.sleep(0.2)
+    return serve_url
+
+
+def stats(url: str) -> dict:
+    return httpx.get(f"{url}/v1/engine/stats").json()["models"][MODEL]
+
+
+def chat(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def test_completion_and_chat(client, ready):
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16)
+    assert r.object == "text_completion" and r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens <= 16 and r.usage.prompt_tokens > 0
+    c = client.chat.completions.create(model=MODEL, messages=chat(PROMPT), max_tokens=16)
+    assert c.choices[0].message.role == "assistant"
+    assert isinstance(c.choices[0].message.content, str)
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_stream_sends_one_chunk_per_block(client, ready):
+    t0 = time.perf_counter()
+    stream = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=32, stream=True, stream_options={"include_usage": True},
+        extra_body={"block_length": 8, "steps": 32, "early_exit": False})
+    arrivals, texts, usage = [], [], None
+    for chunk in stream:
+        if chunk.choices:
+            arrivals.append(time.perf_counter() - t0)
+            texts.append(chunk.choices[0].text)
+        else:
+            usage = chunk.usage
+    assert len(texts) == 4                            # 32 tokens / block 8, no early exit
+    assert arrivals[0] < arrivals[-1]                 # the first block came before the last
+    assert usage is not None and usage.completion_tokens <= 32
+
+
+def test_chat_stream_roles_and_done(serve_url, ready):
+    body = {"model": MODEL, "messages": chat(PROMPT), "max_tokens": 16, "stream": True}
+    with httpx.stream("POST", f"{serve_url}/v1/chat/completions", json=body, timeout=60) as r:
+        lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    first = json.loads(lines[0][6:])
+    assert first["object"] == "chat.completion.chunk"
+    assert first["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_http_text_equals_offline_llm(client, ready):
+    from dfastllm_ray import LLM, SamplingParams
+    from dfastllm_ray.serve.config import shipped_tiny_model
+    knobs = {"max_tokens": 16, "block_length": 8, "steps": 16}
+    http = client.completions.create(model=MODEL, prompt=PROMPT, temperature=0.0,
+                                     max_tokens=16, extra_body={"block_length": 8, "steps": 16})
+    llm = LLM(model=shipped_tiny_model(), device="cpu", dtype="float32")
+    offline = llm.generate([PROMPT], SamplingParams(temperature=0.0, **knobs))[0]
+    assert http.choices[0].text == offline.text
+    assert http.usage.completion_tokens == len(offline.token_ids)
+
+
+def test_sixteen_concurrent_requests_are_batched(client, ready):
+    before = stats(ready)
+
+    def one(i: int) -> int:
+        r = client.completions.create(model=MODEL, prompt=f"{PROMPT}{i}", max_tokens=32,
+                                      extra_body={"block_length": 8, "steps": 32})
+        return r.usage.nfe
+
+    with ThreadPoolExecutor(16) as pool:
+        nfes = list(pool.map(one, range(16)))
+    after = stats(ready)
+    steps = after["engine"]["engine_steps"] - before["engine"]["engine_steps"]
+    # Unbatched, the engine would take one step per request forward: sum(nfe) steps.
+    assert steps < sum(nfes), (steps, nfes)
+    assert max(int(k) for k in after["batcher"]["batch_sizes"]) > 1
+
+
+BAD = [
+    ({"model": MODEL, "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": 1_000_000}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": "x" * 24_000}, 400, "prompt"),
+    ({"model": MODEL, "prompt": ""}, 400, "prompt"),
+    ({"model": MODEL, "prompt": "x", "threshold": 7}, 400, "threshold"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": "lots"}, 400, "max_tokens"),
+    ({"model": "nope", "prompt": "x"}, 404, "model"),
+    ({"model": MODEL}, 400, "prompt"),
+]
+
+
+@pytest.mark.parametrize("body,status,param", BAD)
+def test_bad_input_refused_at_once(serve_url, ready, body, status, param):
+    t0 = time.perf_counter()
+    r = httpx.post(f"{serve_url}/v1/completions", json=body, timeout=30)
+    elapsed = time.perf_counter() - t0
+    assert r.status_code == status and r.json()["error"]["param"] == param, r.text
+    assert elapsed < 2.0, elapsed                      # refused in the ingress, never queued
+    assert r.headers["x-request-id"]
+
+
+def test_malformed_json_and_openai_errors(client, serve_url, ready):
+    r = httpx.post(f"{serve_url}/v1/completions", content=b"{nope",
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="missing", prompt="x")
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=[])
+    assert client.completions.create(model=MODEL, prompt="x", max_tokens=8).choices
+
+
+def test_health_is_fast_under_load(serve_url, ready, client):
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=64,
+                                      extra_body={"block_length": 8, "steps": 64,
+                                                  "early_exit": False})
+
+    threads = [threading.Thread(target=load) for _ in range(16)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        times = []
+        with httpx.Client(base_url=serve_url) as h:
+            for _ in range(10):
+                t0 = time.perf_counter()
+                assert h.get("/health").status_code == 200
+                times.append(time.perf_counter() - t0)
+                time.sleep(0.05)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert statistics.median(times) < 0.1, times
+
+
+def test_client_disconnect_aborts_request(serve_url, ready):
+    before = stats(serve_url)["replica"]["aborted"]
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 128, "stream": True,
+            "block_length": 8, "steps": 128, "early_exit": False}
+    with httpx.stream("POST", f"{serve_url}/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break                                   # got one block, hang up
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        s = stats(serve_url)
+        if s["replica"]["aborted"] > before and s["engine"]["num_running"] == 0:
+            break
+        time.sleep(0.1)
+    assert s["replica"]["aborted"] == before + 1
+    assert s["engine"]["num_running"] == 0
+
+
+def test_usage_counts_only_real_tokens(client, ready):
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=32,
+                                  extra_body={"block_length": 8, "steps": 32})
+    text, used = r.choices[0].text, r.usage.completion_tokens
+    assert used <= 32
+    assert "<|mdm_mask|>" not in text and "<|endoftext|>" not in text
+    if r.choices[0].finish_reason == "stop":
+        assert used < 32                                # the tail after EOS is not counted
+
+
+@pytest.mark.slow
+def test_serve_run_answers_and_exits_on_sigterm(tmp_path):
+    """The README's first command: `serve run configs/tiny.yaml`, then SIGTERM (what Kubernetes
+    and process managers send) must stop it within ~10 s."""
+    import yaml
+    from serve_testutil import ROOT, free_port, tiny_config
+    cfg = tiny_config()
+    port = cfg["http_options"]["port"] = free_port()
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "0"}
+    serve_cli = Path(sys.executable).with_name("serve")
+    # --address local: a fresh cluster, never one another process started on this machine.
+    proc = subprocess.Popen([str(serve_cli), "run", "--address", "local", str(path)], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 150
+        while True:
+            assert proc.poll() is None, "serve run exited early"
+            assert time.time() < deadline, "serve run never became ready"
+            try:
+                if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": PROMPT,
+                                                      "max_tokens": 8}, timeout=60)
+        assert r.status_code == 200, r.text
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+        assert time.time() - t0 < 12
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
