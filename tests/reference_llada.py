@@ -1,7 +1,7 @@
 """Runner for the LLaDA generation fixtures: kinds "llada_generate" (ML-GSAI `generate`) and
 "fastdllm_llada" (Fast-dLLM v1 `generate`, `generate_with_prefix_cache`, `generate_with_dual_cache`).
 
-A case is re-run through `dfastllm_ray.sampling.llada_generate.generate` with the manifest's
+A case is re-run through `dfastllm_ray.sampling.llada_generate.llada_generate` with the manifest's
 kwargs and seed (`torch.manual_seed(seed)` right before the call, the global RNG drawn in the
 official order). Checked: the sequences token for token, NFE, and whatever else the case
 recorded -- the per-forward input trace, the per-forward input lengths, the dumped logits of
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from dfastllm_ray.models.loader import LoadedModel
-from dfastllm_ray.sampling.llada_generate import generate
+from dfastllm_ray.sampling.llada_generate import llada_generate
 from dfastllm_ray.sampling.params import SamplingParams
 from reference_harness import assert_close_logits
 
@@ -72,7 +72,8 @@ def run_llada_case(case: dict, T: dict, loaded: LoadedModel) -> None:
     rec = Recorder(loaded.model)
     if case.get("seed") is not None:
         torch.manual_seed(case["seed"])
-    x, nfe = generate(rec, prompt, params, loaded.spec, variant_of(case), mask)
+    x, nfe = llada_generate(rec, prompt, params, spec=loaded.spec, variant=variant_of(case),
+                            attention_mask=mask)
     expected = T[case["outputs"]["sequences"]]
     assert nfe == case["nfe"], f"{name}: NFE {nfe} != reference {case['nfe']}"
     bad = (x != expected).nonzero().tolist()

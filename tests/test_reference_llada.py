@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from dfastllm_ray.sampling.llada_generate import VARIANTS, generate
+from dfastllm_ray.sampling.llada_generate import VARIANTS, llada_generate
 from dfastllm_ray.sampling.params import SamplingParams
 from reference_harness import DEFAULT_ROOT, load_fixture
 from reference_llada import Recorder
@@ -21,6 +21,11 @@ MASK = 510
 @pytest.fixture(scope="module")
 def fx():
     return load_fixture(DEFAULT_ROOT / "llada-tiny")
+
+
+def run(fx, model, prompt, params, variant="llada", mask=None):
+    return llada_generate(model or fx.loaded.model, prompt, params, spec=fx.loaded.spec,
+                          variant=variant, attention_mask=mask)
 
 
 def padded_inputs(fx):
@@ -38,8 +43,7 @@ def test_padded_rows_keep_absolute_positions_and_mask_pad_keys_only(fx):
         seen.append(kw)
         return fx.loaded.model(ids, **kw)
 
-    generate(model, prompt, SamplingParams(max_tokens=8, steps=2, block_length=8),
-             fx.loaded.spec, "llada", mask)
+    run(fx, model, prompt, SamplingParams(max_tokens=8, steps=2, block_length=8), mask=mask)
     pads = (mask == 0)
     for kw in seen:
         assert kw.get("positions") is None                 # the model's default: absolute 0..L-1
@@ -56,12 +60,12 @@ def test_pad_count_changes_logits_only_by_rounding_here(fx):
     prompt, mask = padded_inputs(fx)
     pads = int((mask[1] == 0).sum())
     params = SamplingParams(max_tokens=32, steps=32, block_length=8)
-    batch, _ = generate(fx.loaded.model, prompt, params, fx.loaded.spec, "llada", mask)
-    alone, _ = generate(fx.loaded.model, prompt[1:, pads:], params, fx.loaded.spec, "llada")
+    batch, _ = run(fx, None, prompt, params, mask=mask)
+    alone, _ = run(fx, None, prompt[1:, pads:], params)
     assert torch.equal(batch[1, pads:], alone[0])
     padded_rec, alone_rec = Recorder(fx.loaded.model), Recorder(fx.loaded.model)
-    generate(padded_rec, prompt, replace(params, steps=4), fx.loaded.spec, "llada", mask)
-    generate(alone_rec, prompt[1:, pads:], replace(params, steps=4), fx.loaded.spec, "llada")
+    run(fx, padded_rec, prompt, replace(params, steps=4), mask=mask)
+    run(fx, alone_rec, prompt[1:, pads:], replace(params, steps=4))
     a, b = padded_rec.logits[0][1, pads:], alone_rec.logits[0][0]
     assert 0 < float((a - b).abs().max() / b.abs().max()) < 1e-4
 
@@ -70,11 +74,9 @@ def test_empty_schedule_steps_still_cost_a_forward(fx):
     """steps per block > block_length: the official schedule gives later steps 0 tokens, and
     those forwards commit nothing (NFE = steps)."""
     prompt = fx.tensors["gen.prompt"][:1]
-    x, nfe = generate(fx.loaded.model, prompt, SamplingParams(max_tokens=8, steps=12, block_length=8),
-                      fx.loaded.spec, "llada")
+    x, nfe = run(fx, None, prompt, SamplingParams(max_tokens=8, steps=12, block_length=8))
     assert nfe == 12 and not (x == MASK).any()
-    ref, _ = generate(fx.loaded.model, prompt, SamplingParams(max_tokens=8, steps=8, block_length=8),
-                      fx.loaded.spec, "llada")
+    ref, _ = run(fx, None, prompt, SamplingParams(max_tokens=8, steps=8, block_length=8))
     assert torch.equal(x, ref)                   # the same 8 commits, 4 empty forwards after them
 
 
@@ -84,9 +86,9 @@ def test_each_row_alone_gives_the_batch_row(fx, variant):
     finished row has no candidates and is left alone."""
     prompt = fx.tensors["gen.prompt"]
     params = SamplingParams(max_tokens=16, steps=8, block_length=8, threshold=0.9)
-    batch, _ = generate(fx.loaded.model, prompt, params, fx.loaded.spec, variant)
+    batch, _ = run(fx, None, prompt, params, variant)
     for row in range(prompt.shape[0]):
-        alone, _ = generate(fx.loaded.model, prompt[row:row + 1], params, fx.loaded.spec, variant)
+        alone, _ = run(fx, None, prompt[row:row + 1], params, variant)
         assert torch.equal(batch[row], alone[0])
 
 
@@ -98,14 +100,13 @@ def test_each_row_alone_gives_the_batch_row(fx, variant):
 def test_invalid_settings_name_the_field(fx, kwargs, variant, message):
     params = SamplingParams(max_tokens=8, steps=8, block_length=8, **kwargs)
     with pytest.raises(ValueError, match=message):
-        generate(fx.loaded.model, fx.tensors["gen.prompt"], params, fx.loaded.spec, variant)
+        run(fx, None, fx.tensors["gen.prompt"], params, variant)
 
 
 def test_fastdllm_refuses_an_attention_mask(fx):
     prompt, mask = padded_inputs(fx)
     with pytest.raises(ValueError, match="attention_mask"):
-        generate(fx.loaded.model, prompt, SamplingParams(max_tokens=8, steps=8, block_length=8),
-                 fx.loaded.spec, "fastdllm", mask)
+        run(fx, None, prompt, SamplingParams(max_tokens=8, steps=8, block_length=8), "fastdllm", mask)
 
 
 def test_variants_are_the_four_official_functions():

@@ -68,6 +68,12 @@ class Engine:
         self.scheduler.add(req)
         self._stops[request_id] = p.stop
 
+    def encode(self, prompt: str) -> list[int]:
+        """Text -> token ids with the checkpoint's tokenizer (as LLaDA's and Dream's chat examples)."""
+        if self.loaded.tokenizer is None:
+            raise ValueError(f"model {self.loaded.name!r} has no tokenizer: pass prompt_token_ids")
+        return list(self.loaded.tokenizer(prompt)["input_ids"])
+
     def resolve_params(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
         """Fill defaults and check what the engine supports for this model."""
         defaults = self.loaded.generation_defaults or {}

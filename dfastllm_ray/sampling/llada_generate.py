@@ -1,6 +1,6 @@
 """The LLaDA reference loop: ML-GSAI `generate` and Fast-dLLM's three `generate*` in one function.
 
-`generate(model, prompt, params, spec, variant)` reproduces, token for token and forward for
+`llada_generate(model, prompt, params, spec=, variant=)` reproduces, token for token and forward for
 forward (REFERENCE_ALGORITHMS.md sections 2-3):
 
 - `"llada"`: ML-GSAI/LLaDA `generate.generate` -- exactly steps/num_blocks forwards per block,
@@ -27,6 +27,12 @@ rather than 0..n-1. RoPE scores depend only on position differences, so the pad 
 row's logits only through float rounding of the rotations -- but it does change them (and can flip
 near-ties, more so in bfloat16); a padded row is reproduced as the official code computes it, not
 as the same prompt run alone. Dream, by contrast, shifts positions past the pads (dream_generate.py).
+
+Where the official code would fail, this loop does something defined instead: CFG without an
+attention mask (ML-GSAI raises; here it is the all-ones mask it is equivalent to), and a
+Fast-dLLM top-k run whose block still has masks after its schedule (possible only when masks
+inside the prompt take quota; the official code indexes past the schedule and raises; here each
+extra step commits one).
 """
 from __future__ import annotations
 
@@ -80,9 +86,14 @@ class _Run:
 
 
 @torch.no_grad()
-def generate(model: Callable[..., Tensor], prompt: Tensor, params: SamplingParams, spec,
-             variant: str = "llada", attention_mask: Optional[Tensor] = None) -> tuple[Tensor, int]:
-    """prompt (B, Lp) int64 -> (x (B, Lp + gen_length) int64, nfe). See the module docstring."""
+def llada_generate(model: Callable[..., Tensor], prompt: Tensor, params: SamplingParams, *, spec,
+                   variant: str = "llada", attention_mask: Optional[Tensor] = None,
+                   ) -> tuple[Tensor, int]:
+    """prompt (B, Lp) int64 -> (x (B, Lp + max_tokens) int64, nfe = model forwards).
+
+    model: `model(input_ids, positions=, attn_bias=, kv=) -> logits` (LLaDAModel or a wrapper);
+    spec: its ModelSpec (mask, EOS, EOT ids); variant: a key of VARIANTS; attention_mask
+    (B, Lp) 1 = token, 0 = left pad ("llada" only). See the module docstring."""
     p, v = _validate(prompt, params, spec, variant, attention_mask)
     b, lp = prompt.shape
     gen, block = p.max_tokens, p.block_length
@@ -100,15 +111,23 @@ def generate(model: Callable[..., Tensor], prompt: Tensor, params: SamplingParam
 
 def _decode_block(run: _Run, s: int, e: int) -> None:
     """Block [s, e): forwards until the variant's stopping rule says the block is over."""
-    spb, mask = run.steps_per_block, run.spec.mask_token_id
-    quotas = get_num_transfer_tokens(run.x[:, s:e] == mask, spb)       # (B, spb)
+    spb = run.steps_per_block
+    quotas = get_num_transfer_tokens(run.x[:, s:e] == run.spec.mask_token_id, spb)   # (B, spb)
     i = 0
-    while not ((run.variant.bounded and i >= spb) or
-               (run.variant.until_done and i > 0 and not bool((run.x[:, s:e] == mask).any()))):
+    while not _block_over(run, i, s, e):
         logits, lo = _forward(run, i, s, e)
         _commit(run, logits, lo, e, quotas[:, i] if i < spb else None)
         run.nfe += 1
         i += 1
+
+
+def _block_over(run: _Run, i: int, s: int, e: int) -> bool:
+    """Before forward i of block [s, e). ML-GSAI: after exactly steps-per-block forwards.
+    Fast-dLLM: once no row has a mask in the block (batch-wide; the first forward always runs),
+    the dual cache also after steps-per-block forwards."""
+    if run.variant.bounded and i >= run.steps_per_block:
+        return True
+    return run.variant.until_done and i > 0 and not bool((run.x[:, s:e] == run.spec.mask_token_id).any())
 
 
 def _forward(run: _Run, i: int, s: int, e: int) -> tuple[Tensor, int]:
