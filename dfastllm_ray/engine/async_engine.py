@@ -49,11 +49,10 @@ class AsyncEngine:
         iteration early (break, cancellation) aborts the request and frees its pages."""
         self.check_health()
         rid = request_id or f"req-{next(self._ids)}"
-        ids = self.engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = (asyncio.get_running_loop(), stream)
         added: Future = Future()
-        self._submit(lambda: self._add(rid, ids, params, added))
+        self._submit(lambda: self._add(rid, prompt, params, added))
         finished = False
         try:
             await asyncio.wrap_future(added)
@@ -92,8 +91,9 @@ class AsyncEngine:
         self._commands.put(command)
         self._wake.set()
 
-    def _add(self, rid: str, ids: list[int], params, added: Future) -> None:
-        try:
+    def _add(self, rid: str, prompt: str | list[int], params, added: Future) -> None:
+        try:      # tokenized here: only the step thread touches the tokenizer
+            ids = self.engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
             self.engine.add_request(rid, ids, params)
         except Exception as exc:          # a bad request fails its caller, not the loop
             added.set_exception(exc)
@@ -104,24 +104,28 @@ class AsyncEngine:
         try:
             while not self._stop.is_set():
                 self._wake.clear()               # before draining: a later submit re-sets it
-                self._drain_commands()
+                if self._drain_commands():
+                    self._stats = self.engine.stats()
                 if not self.engine.has_unfinished():
                     self._wake.wait(IDLE_WAIT_S)
                     continue
-                for out in self.engine.step():
+                outputs = self.engine.step()
+                self._stats = self.engine.stats()     # before posting: a finished stream sees it
+                for out in outputs:
                     self._post(out)
-                self._stats = self.engine.stats()
         except BaseException as exc:      # keep the loop's failure for check_health and streams
             self._error = exc
             self._fail_streams(EngineDeadError(f"engine step failed: {exc!r}"))
 
-    def _drain_commands(self) -> None:
+    def _drain_commands(self) -> int:
+        done = 0
         while True:
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
-                return
+                return done
             command()
+            done += 1
 
     def _post(self, out: RequestOutput | None) -> None:
         if out is None:

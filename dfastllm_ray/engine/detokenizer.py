@@ -38,13 +38,23 @@ class Detokenizer:
                 return n
         return len(ids)
 
+    @staticmethod
+    def _held_back(text: str, stops: tuple[str, ...]) -> int:
+        """Length of the longest end of `text` that could start a stop string: not streamed
+        yet, since the next block may complete the stop string."""
+        return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
     def attach(self, outputs: list[RequestOutput], stops: dict[str, tuple[str, ...]]) -> list[RequestOutput]:
         """Fill text / delta_text in place; stops: request id -> its stop strings."""
         for o in outputs:
             text = self.decode(o.token_ids)
-            at = self._first_stop(text, stops.get(o.request_id, ()))
+            mine = stops.get(o.request_id, ())
+            at = self._first_stop(text, mine)
             if at is not None:
                 text = text[:at]
+            elif not o.finished:
+                text = text[:len(text) - self._held_back(text, mine)]
+                text = text.rstrip("\ufffd")      # a UTF-8 character cut by the block end
             sent = self._sent.get(o.request_id, "")
             o.text = text
             o.delta_text = text[len(sent):] if text.startswith(sent) else text

@@ -14,7 +14,7 @@ from dataclasses import replace
 import torch
 
 from ..models.loader import LoadedModel
-from ..sampling.params import SamplingParams
+from ..sampling.params import DEFAULT_MAX_TOKENS, SamplingParams
 from .config import EngineConfig
 from .detokenizer import Detokenizer
 from .kv_pool import GIB, KVPool, bytes_per_page, num_pages_for_budget
@@ -84,9 +84,10 @@ class Engine:
         if params.cfg_scale > 0:
             raise ValueError(f"cfg_scale={params.cfg_scale} is not supported by the engine (it would "
                              "double every forward); use sampling.llada_generate for guidance")
-        p = replace(params, alg=alg).resolve(self.max_model_len, prompt_len)
-        if alg is not None and self.config.kv_cache_mode == "none":
-            p = replace(p, block_length=p.max_tokens)   # diffusion_generate: one block
+        p = replace(params, alg=alg)
+        if alg is not None and self.config.kv_cache_mode == "none":   # diffusion_generate: one block
+            p = replace(p, block_length=p.max_tokens or DEFAULT_MAX_TOKENS)
+        p = p.resolve(self.max_model_len, prompt_len)
         if alg is not None and p.threshold is not None and self.config.kv_cache_mode == "none":
             if p.max_tokens % p.steps:
                 raise ValueError(f"steps={p.steps} must divide max_tokens={p.max_tokens} for "
@@ -135,7 +136,7 @@ class Engine:
             num = num_pages_for_budget(int(c.kv_cache_memory_gb * GIB), page)
         elif self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = total * c.gpu_memory_utilization - (total - free)
+            budget = total * c.gpu_memory_utilization - (total - free) - self._activation_bytes()
             num = min(num_pages_for_budget(int(budget), page), useful)
         else:
             num = min(num_pages_for_budget(int(c.cpu_kv_cache_gb * GIB), page), useful)
@@ -144,6 +145,14 @@ class Engine:
                              "kv_cache_memory_gb / gpu_memory_utilization or lower page_size")
         return KVPool(s.num_layers, num, c.page_size, s.num_kv_heads, s.head_dim, self.dtype,
                       self.device)
+
+    def _activation_bytes(self) -> int:
+        """Rough peak of one forward at the full token budget: a few hidden-size and MLP-width
+        activations per token in flight (residual, norm, q/k/v/o, gate/up/product)."""
+        s = self.spec
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        per_token = (6 * s.hidden_size + 3 * s.intermediate_size) * elem
+        return self.config.max_num_batched_tokens * per_token
 
 
 class StepMetrics:

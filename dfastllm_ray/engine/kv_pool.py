@@ -24,6 +24,15 @@ def num_pages_for_budget(budget_bytes: int, page_bytes: int) -> int:
     return max(int(budget_bytes // page_bytes), 0)
 
 
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Host tensor -> device without a host sync: pinned + non_blocking on CUDA (a plain copy
+    from pageable memory would synchronise the stream)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def slots_for(page_ids: list[int], page_size: int, start: int, end: int) -> list[int]:
     """Slot ids of canvas positions [start, end) for a request with these pages."""
     return [page_ids[p // page_size] * page_size + p % page_size for p in range(start, end)]

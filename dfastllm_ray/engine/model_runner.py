@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..models.spec import ModelSpec
 from . import sampler
-from .kv_pool import KVPool
+from .kv_pool import KVPool, to_device
 from .outputs import FULL, RunnerOutput, ScheduledRequest, SchedulerOutput
 from .paged_kv import build_paged_kv
 from .request import Request
@@ -82,15 +82,14 @@ class ModelRunner:
             index[b, :len(rows)] = torch.tensor(rows, dtype=torch.long)
         starts = torch.tensor([i.q_start for i in items], dtype=torch.long)
         positions = starts[:, None] + torch.arange(lq)[None]           # (B, Lq) absolute RoPE positions
-        to = dict(device=self.device, non_blocking=True)
-        valid = valid.to(**to)
+        valid = to_device(valid, self.device)
         bias = torch.zeros(valid.shape, dtype=self.dtype, device=self.device).masked_fill(
             ~valid, torch.finfo(self.dtype).min)[:, None, None, :]     # (B, 1, 1, Lk)
         kv = None if items[0].kind == FULL else self._paged_kv(items, requests, lq, lk)
-        return self.model(ids.to(**to), positions=positions.to(**to), attn_bias=bias, kv=kv,
-                          logits_index=index.to(**to))
+        return self.model(to_device(ids, self.device), positions=to_device(positions, self.device),
+                          attn_bias=bias, kv=kv, logits_index=to_device(index, self.device))
 
     def _paged_kv(self, items, requests, lq: int, lk: int):
-        windows = [(i.q_start, i.q_len, i.kv_len, i.write_kv) for i in items]
+        windows = [(i.q_start, i.q_len, i.kv_len) for i in items]
         tables = [requests[i.request_id].page_ids for i in items]
         return build_paged_kv(self.pool, windows, tables, lq, lk, self.device)

@@ -20,7 +20,6 @@ class ScheduledRequest:
     q_start: int                  # canvas position of the first query row
     q_len: int                    # query rows (tokens) of this request's forward
     kv_len: int                   # keys this request's queries attend to: canvas positions [0, kv_len)
-    write_kv: bool                # write this forward's K/V of [q_start, q_start + q_len) to the pages
     candidates: list[int]         # canvas positions (masked) whose logits are decoded this step
     quota: float                  # the schedule's commit count for this step (Dream origin: a probability)
     schedule_step: int            # index of this step in the block's schedule (Dream's t[i])

@@ -17,6 +17,7 @@ from ..sampling.dream import DREAM_POLICIES, propose_dream, sample_tokens
 from ..sampling.params import SamplingParams
 from ..sampling.policies import POLICIES
 from ..sampling.propose import propose
+from .kv_pool import to_device
 from .outputs import CACHED, ScheduledRequest
 from .request import Request
 
@@ -34,9 +35,10 @@ def step_params(req: Request, item: ScheduledRequest) -> SamplingParams:
     return p
 
 
-def decide(logits: Tensor, item: ScheduledRequest, req: Request,
-           spec: ModelSpec) -> tuple[Tensor, Tensor]:
-    """logits (n, V) at item.candidates -> (commit (n,) bool, tokens (n,) int64) on the device."""
+def decide(logits: Tensor, item: ScheduledRequest, req: Request, spec: ModelSpec,
+           window_index: Tensor) -> tuple[Tensor, Tensor]:
+    """logits (n, V) at item.candidates -> (commit (n,) bool, tokens (n,) int64) on the device.
+    window_index (n,): the candidates' rows in the forward window (item.candidates - q_start)."""
     n, gen = len(item.candidates), req.generator
     p = step_params(req, item)
     none = torch.zeros(n, dtype=torch.bool, device=logits.device)
@@ -51,22 +53,22 @@ def decide(logits: Tensor, item: ScheduledRequest, req: Request,
     if name in QUOTA_POLICIES and item.quota == 0:
         return none, torch.zeros(n, dtype=torch.long, device=logits.device)
     cand = propose(logits, p, gen, spec=spec)
-    if name in DREAM_POLICIES:
-        return _dream_select(cand, item, p, gen), cand.tokens
-    return POLICIES[name](cand, item.quota, p, gen), cand.tokens
+    policy = POLICIES.get(name) or DREAM_POLICIES[name]
+    return _window_select(cand, item, p, gen, policy, window_index), cand.tokens
 
 
-def _dream_select(cand: Candidates, item: ScheduledRequest, p: SamplingParams, gen) -> Tensor:
-    """Dream's rules see the whole forward window, -inf confidence where a position may not
-    commit, as the hub's `full_confidence` row: `torch.topk` then breaks ties and
-    `torch.multinomial` consumes the RNG exactly as the reference does."""
+def _window_select(cand: Candidates, item: ScheduledRequest, p: SamplingParams, gen,
+                   policy, idx: Tensor) -> Tensor:
+    """Run the policy over the whole forward window, -inf confidence (+inf entropy) where a
+    position may not commit, as the official codes lay out a row (`where(mask_index, x0_p, -inf)`,
+    Dream's `full_confidence`): `torch.topk` then breaks ties, and `torch.multinomial` consumes
+    the RNG, exactly as the references do. Returns the commit mask over the candidates."""
     dev = cand.tokens.device
-    idx = torch.tensor([c - item.q_start for c in item.candidates], device=dev)
     conf = torch.full((item.q_len,), float("-inf"), dtype=torch.float64, device=dev)
     ent = torch.full((item.q_len,), float("inf"), dtype=torch.float64, device=dev)
     conf[idx], ent[idx] = cand.conf.to(dev), cand.entropy.to(dev)
     window = Candidates(torch.zeros(item.q_len, dtype=torch.long, device=dev), conf, ent)
-    return DREAM_POLICIES[p.policy](window, item.quota, p, gen)[idx]
+    return policy(window, item.quota, p, gen)[idx]
 
 
 def _origin(logits: Tensor, prob: float, p: SamplingParams, gen) -> tuple[Tensor, Tensor]:
@@ -85,16 +87,19 @@ def _origin(logits: Tensor, prob: float, p: SamplingParams, gen) -> tuple[Tensor
 def sample(items: list[ScheduledRequest], requests: dict[str, Request],
            logits: dict[str, Tensor], spec: ModelSpec) -> dict[str, tuple[list[int], list[int]]]:
     """Per scheduled request: (committed canvas positions, committed tokens) as host lists."""
-    decisions, live = [], []
-    for item in items:
-        if not item.candidates:
-            continue
-        c, t = decide(logits[item.request_id], item, requests[item.request_id], spec)
-        decisions.append(torch.stack((c.to(torch.long), t)))      # (2, n)
-        live.append(item)
     out = {item.request_id: ([], []) for item in items}
+    live = [item for item in items if item.candidates]
     if not live:
         return out
+    rows = to_device(torch.tensor([c - i.q_start for i in live for c in i.candidates]),
+                     logits[live[0].request_id].device)      # one host -> device copy per step
+    decisions, at = [], 0
+    for item in live:
+        n = len(item.candidates)
+        c, t = decide(logits[item.request_id], item, requests[item.request_id], spec,
+                      rows[at:at + n])
+        decisions.append(torch.stack((c.to(torch.long), t)))      # (2, n)
+        at += n
     flat_commit, flat_tokens = torch.cat(decisions, dim=1).cpu().tolist()   # the one host copy
     at = 0
     for item in live:

@@ -35,6 +35,7 @@ class Scheduler:
         self.running: dict[str, Request] = {}
         self.step_count = 0
         self.num_finished = 0
+        self.num_aborted = 0
         self.total_nfe = 0            # forwards summed over requests (one per request per step)
         self.total_nfe_saved = 0      # forwards skipped by early exit
         self.total_generated = 0      # generated tokens returned by finished requests
@@ -193,11 +194,13 @@ class Scheduler:
         """Drop a waiting or running request at any time; None if it is unknown or done."""
         req = self.running.get(request_id)
         if req is not None:
+            self.num_aborted += 1
             self._finish(req, "abort")
             return self.make_output(req)
         for req in self.waiting:
             if req.request_id == request_id:
                 self.waiting.remove(req)
+                self.num_aborted += 1
                 req.status, req.finish_reason = RequestStatus.FINISHED, "abort"
                 return self.make_output(req)
         return None
@@ -219,5 +222,6 @@ class Scheduler:
     def stats(self) -> dict:
         return {"num_waiting": len(self.waiting), "num_running": len(self.running),
                 "num_steps": self.step_count, "num_finished": self.num_finished,
+                "num_aborted": self.num_aborted,
                 "total_nfe": self.total_nfe, "total_nfe_saved": self.total_nfe_saved,
                 "total_generated_tokens": self.total_generated, **self.allocator.stats()}

@@ -47,15 +47,15 @@ def plan(req: Request, mode: str) -> ScheduledRequest:
     """The forward window, candidates and quota of `req`'s next step."""
     length, s, e = req.canvas_len, req.block_start, req.block_end
     if mode == "none":
-        kind, q_start, q_len, write = FULL, 0, length, False
+        kind, q_start, q_len = FULL, 0, length
     elif req.block_step == 0:
         q_start = req.num_frozen_tokens if req.prefix_published else req.num_cached_tokens
-        kind, q_len, write = REFRESH, length - q_start, True
+        kind, q_len = REFRESH, length - q_start
     else:
-        kind, q_start, write = CACHED, s, False
+        kind, q_start = CACHED, s
         q_len = length - s if mode == "prefix" else e - s
     item = ScheduledRequest(request_id=req.request_id, kind=kind, q_start=q_start, q_len=q_len,
-                            kv_len=length, write_kv=write, candidates=[], quota=0,
+                            kv_len=length, candidates=[], quota=0,
                             schedule_step=req.block_step, schedule_len=req.steps_per_block)
     if kind == REFRESH and is_dream(req):
         item.candidates, item.quota, item.force_position = [s], 1, s

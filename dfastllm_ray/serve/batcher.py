@@ -7,8 +7,8 @@ per step. Each request keeps its own downstream stream, so closing one (client g
 aborts only that request. `max_batch_size` and `batch_wait_timeout_s` come from `user_config`
 and change live through `reconfigure` (no restart).
 
-The batched method returns at once (it only dispatches), so one batch never waits for another's
-generation to finish; Serve's `max_concurrent_batches` of 1 is then harmless.
+The batched method returns at once (it only marks the batch), so one batch never waits for
+another's generation to finish; Serve's `max_concurrent_batches` of 1 is then harmless.
 """
 from __future__ import annotations
 
@@ -34,19 +34,24 @@ class Batcher:
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         size = int(user_config.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE))
         wait = float(user_config.get("batch_wait_timeout_s", DEFAULT_BATCH_WAIT_S))
-        self._dispatch.set_max_batch_size(size)
-        self._dispatch.set_batch_wait_timeout_s(wait)
+        self._gather.set_max_batch_size(size)
+        self._gather.set_batch_wait_timeout_s(wait)
         self._settings = {"max_batch_size": size, "batch_wait_timeout_s": wait}
 
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
-    async def _dispatch(self, reqs: list[GenerateRequest]) -> list[Any]:
+    async def _gather(self, reqs: list[GenerateRequest]) -> list[int]:
+        """Completes when a batch has formed; every waiter of the batch wakes in the same loop
+        iteration and dispatches at once."""
         self._sizes[len(reqs)] += 1
-        return [self._replica.generate.remote(r) for r in reqs]
+        return [len(reqs)] * len(reqs)
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[BlockOutput]:
         # A plain async generator around the batched call: Serve cannot stream a @serve.batch
         # generator through handle.options(stream=True) (RAY_SERVE.md pitfall 3).
-        resp = await self._dispatch(req)
+        await self._gather(req)
+        # Dispatched here, not inside the batch task, so the call carries this request's Serve
+        # context: the same request id in the replica's logs, and cancellation propagates.
+        resp = self._replica.generate.remote(req)
         done = False
         try:
             async for out in resp:

@@ -16,6 +16,9 @@ from .errors import bad_request, from_value_error
 from .protocol import ChatCompletionRequest, CompletionRequest, _Body
 from .records import ModelCard
 
+# Generous upper bound of characters per token (BPE tokens average ~4 characters).
+MAX_CHARS_PER_TOKEN = 64
+
 
 def encode_prompt(tokenizer: Any, text: str) -> list[int]:
     """Plain completion prompt: the tokenizer's own special-token convention (BOS where it adds one)."""
@@ -23,10 +26,10 @@ def encode_prompt(tokenizer: Any, text: str) -> list[int]:
 
 
 def encode_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
-    """Chat prompt: the checkpoint's template with the assistant turn opened; the template writes
-    its own BOS, so the rendered text is encoded without adding specials again."""
+    """Chat prompt: the checkpoint's template with the assistant turn opened, rendered to text and
+    encoded like a plain prompt (as LLaDA's and Dream's chat examples, and `LLM.chat`, do)."""
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return encode_prompt(tokenizer, text)
 
 
 def completion_prompts(body: CompletionRequest, card: ModelCard) -> list[list[int]]:
@@ -53,7 +56,25 @@ def completion_prompts(body: CompletionRequest, card: ModelCard) -> list[list[in
     return out
 
 
-def chat_prompt(body: ChatCompletionRequest, card: ModelCard) -> list[int]:
+def total_chars(body: _Body) -> int:
+    if isinstance(body, ChatCompletionRequest):
+        return sum(len(m.text()) for m in body.messages)
+    prompt = body.prompt   # type: ignore[attr-defined]
+    return len(prompt) if isinstance(prompt, str) else sum(
+        len(p) for p in prompt if isinstance(p, (str, list)))
+
+
+def check_prompt_size(body: _Body, card: ModelCard) -> None:
+    """Refuse a prompt far beyond the context before tokenizing it at all: no tokenizer makes
+    more than one token per character, and none packs MAX_CHARS_PER_TOKEN characters into one."""
+    if total_chars(body) > card.context_length * MAX_CHARS_PER_TOKEN:
+        param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
+        raise bad_request(f"The prompt is far longer than this model's context of "
+                          f"{card.context_length} tokens.", param=param,
+                          code="context_length_exceeded")
+
+
+def chat_prompt(body: ChatCompletionRequest, card: ModelCard) -> list[list[int]]:
     if not body.messages:
         raise bad_request("messages must hold at least one message.", param="messages")
     if all(not m.text().strip() for m in body.messages):
@@ -63,7 +84,7 @@ def chat_prompt(body: ChatCompletionRequest, card: ModelCard) -> list[int]:
                           param="model")
     messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in body.messages]
     try:
-        return encode_chat(card.tokenizer, messages)
+        return [encode_chat(card.tokenizer, messages)]
     except Exception as exc:   # a template may raise on a role order it does not accept
         raise bad_request(f"the chat template rejected the messages: {exc}", param="messages")
 

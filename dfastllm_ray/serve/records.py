@@ -49,7 +49,8 @@ class ReplicaCounters:
     """Per-replica request totals, reported by /v1/engine/stats next to the engine's own."""
     requests: int = 0
     finished: int = 0
-    aborted: int = 0
+    aborted: int = 0          # closed early: client gone or deadline passed
+    failed: int = 0           # refused or failed in the engine (e.g. a knob it does not support)
     prompt_tokens: int = 0
     generated_tokens: int = 0
     nfe: int = 0

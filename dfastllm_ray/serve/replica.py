@@ -13,11 +13,15 @@ import importlib
 import inspect
 import logging
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from typing import Any, AsyncIterator, Callable, Optional
 
 from ray import serve
 
+from dfastllm_ray.engine.async_engine import AsyncEngine
+from dfastllm_ray.engine.config import EngineConfig
+from dfastllm_ray.engine.engine import Engine
+from dfastllm_ray.models.loader import load_model
 from dfastllm_ray.sampling.params import SamplingParams
 
 from .config import ModelConfig
@@ -25,9 +29,12 @@ from .metrics import ReplicaMetrics
 from .records import BlockOutput, GenerateRequest, ModelCard, ReplicaCounters
 
 log = logging.getLogger("ray.serve.dfastllm")
-PARAM_FIELDS = {f.name for f in fields(SamplingParams)}
-# generation_config.json names that differ from ours
-GENERATION_ALIASES = {"max_new_tokens": "max_tokens", "gen_length": "max_tokens"}
+# generation_config.json keys taken as request defaults, and their SamplingParams names. `steps`
+# is left out on purpose: it belongs to the checkpoint's example length (Dream ships 512), and
+# applied to a shorter `max_tokens` it would mean more forwards than tokens.
+GENERATION_KEYS = {"max_new_tokens": "max_tokens", "gen_length": "max_tokens",
+                   "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                   "alg": "alg", "alg_temp": "alg_temp", "eps": "eps"}
 # A replica-side deadline a little after the ingress's, so the ingress (which can answer 504)
 # normally fires first; this one only matters if the ingress is gone.
 REPLICA_TIMEOUT_GRACE_S = 1.0
@@ -41,11 +48,8 @@ def import_object(path: str) -> Any:
 def generation_defaults(gen_config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """SamplingParams defaults: the checkpoint's generation_config.json, then the YAML's
     `sampling_defaults`. Validated here, so a bad default fails at start, naming the field."""
-    out = {}
-    for key, value in gen_config.items():
-        name = GENERATION_ALIASES.get(key, key)
-        if name in PARAM_FIELDS and value is not None:
-            out[name] = value
+    out = {GENERATION_KEYS[k]: v for k, v in gen_config.items()
+           if k in GENERATION_KEYS and v is not None}
     out.update(overrides)
     SamplingParams(**out)
     return out
@@ -53,10 +57,6 @@ def generation_defaults(gen_config: dict[str, Any], overrides: dict[str, Any]) -
 
 def build_engine(cfg: ModelConfig) -> tuple[Any, ModelCard]:
     """The production factory: load the checkpoint, start an `AsyncEngine` on it."""
-    from dfastllm_ray.engine.async_engine import AsyncEngine
-    from dfastllm_ray.engine.config import EngineConfig
-    from dfastllm_ray.models.loader import load_model
-
     ecfg = EngineConfig(**cfg.engine)
     loaded = load_model(cfg.model_source, dtype=ecfg.dtype, device=ecfg.device)
     if loaded.tokenizer is None:
@@ -68,7 +68,7 @@ def build_engine(cfg: ModelConfig) -> tuple[Any, ModelCard]:
     card = ModelCard(cfg.model_id, loaded.tokenizer, context, loaded.spec.vocab_size,
                      generation_defaults(loaded.generation_defaults, cfg.sampling_defaults),
                      cfg.max_tokens_limit, int(time.time()))
-    return AsyncEngine(loaded, ecfg), card
+    return AsyncEngine(Engine(loaded, ecfg)), card
 
 
 async def _maybe_await(value: Any) -> Any:
@@ -95,34 +95,49 @@ class ReplicaCore:
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[BlockOutput]:
         self.counters.requests += 1
-        timeout = (req.timeout_s or float("inf")) + REPLICA_TIMEOUT_GRACE_S
-        deadline = time.monotonic() + timeout
+        deadline = None
+        if req.timeout_s is not None:
+            deadline = time.monotonic() + req.timeout_s + REPLICA_TIMEOUT_GRACE_S
         stream = self.engine.generate(req.prompt_token_ids, req.params, req.request_id)
-        last = None
+        last, failed = None, False
         try:
             while last is None or not last.finished:
                 try:
-                    out = await asyncio.wait_for(anext(stream), deadline - time.monotonic())
+                    out = await self._next(stream, deadline)
                 except StopAsyncIteration:
                     break
-                except asyncio.TimeoutError:
-                    raise TimeoutError(f"request {req.request_id} exceeded {timeout:g} s") from None
                 last = out
                 yield _block(out, req)
+        except Exception:
+            failed = True
+            raise
         finally:
-            await self._finish(req, last, stream)
+            await self._finish(req, last, stream, failed)
 
-    async def _finish(self, req: GenerateRequest, last: Any, stream: Any) -> None:
+    @staticmethod
+    async def _next(stream: Any, deadline: Optional[float]) -> Any:
+        if deadline is None:
+            return await anext(stream)
+        try:
+            return await asyncio.wait_for(anext(stream), deadline - time.monotonic())
+        except asyncio.TimeoutError:
+            raise TimeoutError("the request ran past its deadline in the replica") from None
+
+    async def _finish(self, req: GenerateRequest, last: Any, stream: Any, failed: bool) -> None:
         finished = last is not None and last.finished
-        if not finished:   # closed early: free the engine's slot and KV pages now
-            self.counters.aborted += 1
+        if not finished:   # closed early or failed: free the engine's slot and KV pages now
+            if failed:
+                self.counters.failed += 1
+            else:
+                self.counters.aborted += 1
             try:
                 await _maybe_await(self.engine.abort(req.request_id))
                 if hasattr(stream, "aclose"):
                     await stream.aclose()
             except Exception as exc:   # the request may already be gone; never mask the cause
-                log.warning("abort failed: %r", exc, extra={"request_id": req.request_id})
-            log.info("aborted", extra={"request_id": req.request_id})
+                log.warning("abort failed: %r", exc, extra={"engine_request_id": req.request_id})
+            log.info("aborted" if not failed else "failed",
+                     extra={"engine_request_id": req.request_id})
         else:
             self.counters.finished += 1
         gen = len(last.token_ids) if last is not None else 0

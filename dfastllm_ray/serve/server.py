@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Optional, Union
 
@@ -26,6 +27,7 @@ from .records import BlockOutput, GenerateRequest, ModelCard
 from .responses import DONE, Choice, ResponseMeta, block_chunk, full_response, sse, usage_chunk
 
 log = logging.getLogger("ray.serve.dfastllm")
+TOKENIZE_INLINE_CHARS = 20_000   # longer prompts are tokenized in a worker thread
 
 
 @dataclass
@@ -38,8 +40,18 @@ class Prepared:
     t0: float = field(default_factory=time.perf_counter)   # arrival, for time to first block
 
 
+def root_cause(exc: BaseException) -> BaseException:
+    """Ray wraps a replica's exception in `RayTaskError` once per hop, with the remote traceback
+    in its text; the original exception (and its message for the client) is `.cause`."""
+    seen = 0
+    while getattr(exc, "cause", None) is not None and exc.cause is not exc and seen < 8:
+        exc, seen = exc.cause, seen + 1
+    return exc
+
+
 def map_downstream_error(exc: BaseException) -> APIError:
-    """Errors raised by the batcher/replica (wrapped by Ray, still `isinstance` of the cause)."""
+    """Errors raised by the batcher/replica -> the client's error (never a remote traceback)."""
+    exc = root_cause(exc)
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, BackPressureError):
@@ -115,16 +127,21 @@ class OpenAIServer:
                       request_id: str) -> Prepared:
         card = await self.card(body.model)
         chat = isinstance(body, ChatCompletionRequest)
-        if chat:
-            prompt_ids = [prompts.chat_prompt(body, card)]
+        prompts.check_prompt_size(body, card)
+        encode = prompts.chat_prompt if chat else prompts.completion_prompts
+        if prompts.total_chars(body) > TOKENIZE_INLINE_CHARS:
+            # A long prompt would hold the event loop (and /health) while it is tokenized.
+            prompt_ids = await asyncio.to_thread(encode, body, card)
         else:
-            prompt_ids = prompts.completion_prompts(body, card)
+            prompt_ids = encode(body, card)
+        # The client may choose the request id (x-request-id); the engine's id must be unique.
+        engine_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
         reqs: list[GenerateRequest] = []
         for ids in prompt_ids:
             params = prompts.sampling_params(body, card, len(ids), self.settings.max_n)
             for p in prompts.choice_params(params, body.n):
-                rid = request_id if not reqs else f"{request_id}-{len(reqs)}"
-                reqs.append(GenerateRequest(rid, ids, p, self.settings.request_timeout_s))
+                reqs.append(GenerateRequest(f"{engine_id}-{len(reqs)}", ids, p,
+                                            self.settings.request_timeout_s))
         if len(reqs) > self.settings.max_n:
             raise APIError(400, f"{len(reqs)} choices (prompts x n) exceed the limit of "
                            f"{self.settings.max_n}.", param="n")
@@ -209,7 +226,8 @@ class OpenAIServer:
             try:
                 out[model] = await asyncio.wait_for(client.stats(), 5.0)
             except Exception as exc:
-                out[model] = {"error": f"{type(exc).__name__}: {exc}"}
+                cause = root_cause(exc)
+                out[model] = {"error": f"{type(cause).__name__}: {cause}"}
         return out
 
     def model_list(self) -> dict[str, Any]:

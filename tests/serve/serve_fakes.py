@@ -50,12 +50,14 @@ class FakeEngine:
         self.step_delay_s = step_delay_s
         self.aborted: list[str] = []
         self.seen: list[tuple[list[int], Any]] = []   # (prompt ids, params) per request
+        self.request_ids: list[str] = []
         self.running = 0
         self.dead = False
 
     async def generate(self, prompt_token_ids: list[int], params: Any,
                        request_id: str) -> AsyncIterator[Out]:
         self.seen.append((list(prompt_token_ids), params))
+        self.request_ids.append(request_id)
         self.running += 1
         text, ids, nfe = "", [], 0
         stop = "STOP" in "".join(chr(t) for t in prompt_token_ids if t < 256)

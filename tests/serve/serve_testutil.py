@@ -9,6 +9,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 APP_NAME = "dfastllm"
+API_KEY = "sk-test-key"                 # the session app has auth on; health routes stay open
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 # Fast replica teardown at the end of the session (defaults cost ~3 s per deployment).
 FAST_SHUTDOWN = {"graceful_shutdown_wait_loop_s": 0.1, "graceful_shutdown_timeout_s": 1}
 
@@ -29,9 +31,27 @@ def tiny_args() -> dict:
     (the 2-CPU test cluster must never be blocked from scheduling by its own actors)."""
     args = copy.deepcopy(tiny_config()["applications"][0]["args"])
     args["api_keys_env"] = None
+    args["api_keys"] = [API_KEY]
     for model in args["models"]:
         model["deployment"].update(FAST_SHUTDOWN)
         model["deployment"]["ray_actor_options"] = {"num_cpus": 0}
         model["batcher"].setdefault("deployment", {}).update(FAST_SHUTDOWN)
     args.setdefault("ingress", {}).update(FAST_SHUTDOWN)
     return args
+
+
+def fake_args() -> dict:
+    """A second app on the same cluster: the small test engine behind tight limits, to drive
+    backpressure, rate limits and timeouts through real Serve in milliseconds."""
+    return {
+        "api_keys_env": None, "api_keys": ["k-backpressure", "k-rate", "k-timeout"],
+        "request_timeout_s": 1.5,
+        "rate_limit": {"requests_per_second": 0.2, "burst": 10},
+        "ingress": {**FAST_SHUTDOWN, "ray_actor_options": {"num_cpus": 0}},
+        "models": [{
+            "model_id": "fake", "engine_factory": "serve_fakes:build_fake_engine",
+            "batcher": {"deployment": {**FAST_SHUTDOWN, "ray_actor_options": {"num_cpus": 0}}},
+            "deployment": {**FAST_SHUTDOWN, "max_ongoing_requests": 1, "max_queued_requests": 1,
+                           "ray_actor_options": {"num_cpus": 0}},
+        }],
+    }

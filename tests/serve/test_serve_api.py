@@ -58,6 +58,15 @@ def test_completion_body_usage_and_request_id():
     assert engine.seen[0][0] == [256, ord("h"), ord("i")]
 
 
+def test_engine_ids_unique_even_when_clients_reuse_a_request_id():
+    app, engine, _ = make(FakeEngine(step_delay_s=0.01))
+    rs = asyncio.run(_concurrent(app, 3, {"model": "fake", "prompt": "x"},
+                                 headers={"x-request-id": "same"}))
+    assert all(r.status_code == 200 and r.json()["id"] == "cmpl-same" for r in rs)
+    assert len(set(engine.request_ids)) == 3
+    assert all(rid.startswith("same-") for rid in engine.request_ids)
+
+
 def test_request_id_generated_when_absent():
     app, _, _ = make()
     r = TestClient(app).get("/health/live")
@@ -73,7 +82,7 @@ def test_chat_uses_template_and_returns_message():
     assert body["object"] == "chat.completion"
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "abcdefgh"}
     prompt = "".join(chr(t) for t in engine.seen[0][0])
-    assert prompt == "<user>yo<assistant>"      # template rendered, no second BOS added
+    assert prompt == chr(256) + "<user>yo<assistant>"   # template text, encoded like a prompt
 
 
 def test_stream_one_chunk_per_block_with_usage():
@@ -131,6 +140,8 @@ BAD = [
     ("negative max_tokens", {"model": "fake", "prompt": "x", "max_tokens": -5}, 400, "max_tokens", None),
     ("huge max_tokens", {"model": "fake", "prompt": "x", "max_tokens": 1_000_000}, 400, "max_tokens", None),
     ("prompt over context", {"model": "fake", "prompt": "x" * 300}, 400, "prompt",
+     "context_length_exceeded"),
+    ("prompt far over context", {"model": "fake", "prompt": "x" * 100_000}, 400, "prompt",
      "context_length_exceeded"),
     ("prompt + max_tokens over context", {"model": "fake", "prompt": "x" * 250}, 400,
      "max_tokens", None),
@@ -223,9 +234,9 @@ def test_token_bucket_refills():
     rl.acquire("a")                 # one token back after 1 / rate seconds
 
 
-async def _concurrent(app, n, body):
+async def _concurrent(app, n, body, headers=None):
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+    async with httpx.AsyncClient(transport=transport, base_url="http://t", headers=headers) as c:
         return await asyncio.gather(*(c.post("/v1/completions", json=body) for _ in range(n)))
 
 
@@ -247,7 +258,7 @@ def test_timeout_aborts_in_engine():
                                                       "max_tokens": 16},
                              headers={"x-request-id": "slow"})
     assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
-    assert engine.aborted == ["slow"]
+    assert len(engine.aborted) == 1 and engine.aborted[0].startswith("slow-")
 
 
 def test_closing_a_stream_aborts_the_request():
@@ -263,7 +274,8 @@ def test_closing_a_stream_aborts_the_request():
         return first
 
     assert asyncio.run(go()).startswith("data: ")
-    assert engine.aborted == ["gone"] and engine.running == 0
+    assert len(engine.aborted) == 1 and engine.aborted[0].startswith("gone-")
+    assert engine.running == 0
 
 
 def test_health_ready_follows_engine():

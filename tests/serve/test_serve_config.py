@@ -87,6 +87,18 @@ def test_downstream_errors_map_to_statuses(exc, status):
     assert map_downstream_error(exc).status == status
 
 
+def test_wrapped_errors_are_unwrapped():
+    class Wrapped(Exception):           # what Ray's RayTaskError looks like: the cause attached
+        def __init__(self, cause):
+            super().__init__("Traceback (most recent call last): ... remote frames ...")
+            self.cause = cause
+
+    err = map_downstream_error(Wrapped(Wrapped(ValueError("threshold=7 is invalid: rule"))))
+    assert (err.status, err.param, err.message) == (400, "threshold",
+                                                     "threshold=7 is invalid: rule")
+    assert "Traceback" not in map_downstream_error(Wrapped(RuntimeError("x"))).message
+
+
 def test_replica_health_follows_engine():
     engine = FakeEngine()
     core = ReplicaCore(ModelConfig(model_id="fake"), engine, fake_card())

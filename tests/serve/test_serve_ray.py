@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from serve_testutil import API_KEY, AUTH
 
 pytestmark = pytest.mark.ray
 MODEL = "tiny-llada"
@@ -25,7 +26,7 @@ PROMPT = "Reverse the string: abcdef"
 
 @pytest.fixture(scope="module")
 def client(serve_url):
-    return openai.OpenAI(base_url=f"{serve_url}/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=f"{serve_url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def ready(serve_url):
 
 
 def stats(url: str) -> dict:
-    return httpx.get(f"{url}/v1/engine/stats").json()["models"][MODEL]
+    return httpx.get(f"{url}/v1/engine/stats", headers=AUTH).json()["models"][MODEL]
 
 
 def chat(text: str) -> list[dict]:
@@ -58,8 +59,8 @@ def test_completion_and_chat(client, ready):
 def test_stream_sends_one_chunk_per_block(client, ready):
     t0 = time.perf_counter()
     stream = client.completions.create(
-        model=MODEL, prompt=PROMPT, max_tokens=32, stream=True, stream_options={"include_usage": True},
-        extra_body={"block_length": 8, "steps": 32, "early_exit": False})
+        model=MODEL, prompt=PROMPT, max_tokens=64, stream=True, stream_options={"include_usage": True},
+        extra_body={"block_length": 8, "steps": 64, "early_exit": False})
     arrivals, texts, usage = [], [], None
     for chunk in stream:
         if chunk.choices:
@@ -67,14 +68,16 @@ def test_stream_sends_one_chunk_per_block(client, ready):
             texts.append(chunk.choices[0].text)
         else:
             usage = chunk.usage
-    assert len(texts) == 4                            # 32 tokens / block 8, no early exit
-    assert arrivals[0] < arrivals[-1]                 # the first block came before the last
-    assert usage is not None and usage.completion_tokens <= 32
+    assert len(texts) == 8                            # 64 tokens / block 8, no early exit
+    # Blocks arrive as they commit, not all at the end (a peer sent one chunk at the very end).
+    assert arrivals[0] < 0.75 * arrivals[-1], arrivals
+    assert usage is not None and usage.completion_tokens <= 64
 
 
 def test_chat_stream_roles_and_done(serve_url, ready):
     body = {"model": MODEL, "messages": chat(PROMPT), "max_tokens": 16, "stream": True}
-    with httpx.stream("POST", f"{serve_url}/v1/chat/completions", json=body, timeout=60) as r:
+    with httpx.stream("POST", f"{serve_url}/v1/chat/completions", json=body, headers=AUTH,
+                      timeout=60) as r:
         lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
     first = json.loads(lines[0][6:])
@@ -112,6 +115,8 @@ def test_sixteen_concurrent_requests_are_batched(client, ready):
 
 
 BAD = [
+    ({"model": MODEL, "prompt": "x", "cfg_scale": 1.0}, 400, "cfg_scale"),    # engine refuses
+    ({"model": MODEL, "prompt": "x", "alg": "entropy"}, 400, "alg"),          # Dream-only knob
     ({"model": MODEL, "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
     ({"model": MODEL, "prompt": "x", "max_tokens": 1_000_000}, 400, "max_tokens"),
     ({"model": MODEL, "prompt": "x" * 24_000}, 400, "prompt"),
@@ -126,7 +131,7 @@ BAD = [
 @pytest.mark.parametrize("body,status,param", BAD)
 def test_bad_input_refused_at_once(serve_url, ready, body, status, param):
     t0 = time.perf_counter()
-    r = httpx.post(f"{serve_url}/v1/completions", json=body, timeout=30)
+    r = httpx.post(f"{serve_url}/v1/completions", json=body, headers=AUTH, timeout=30)
     elapsed = time.perf_counter() - t0
     assert r.status_code == status and r.json()["error"]["param"] == param, r.text
     assert elapsed < 2.0, elapsed                      # refused in the ingress, never queued
@@ -135,7 +140,7 @@ def test_bad_input_refused_at_once(serve_url, ready, body, status, param):
 
 def test_malformed_json_and_openai_errors(client, serve_url, ready):
     r = httpx.post(f"{serve_url}/v1/completions", content=b"{nope",
-                   headers={"content-type": "application/json"})
+                   headers={"content-type": "application/json", **AUTH})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="missing", prompt="x")
@@ -172,14 +177,23 @@ def test_health_is_fast_under_load(serve_url, ready, client):
     assert statistics.median(times) < 0.1, times
 
 
-def test_client_disconnect_aborts_request(serve_url, ready):
-    before = stats(serve_url)["replica"]["aborted"]
-    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 128, "stream": True,
+def _hang_up(url: str, stream: bool) -> None:
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 128, "stream": stream,
             "block_length": 8, "steps": 128, "early_exit": False}
-    with httpx.stream("POST", f"{serve_url}/v1/completions", json=body, timeout=60) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                break                                   # got one block, hang up
+    if stream:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=AUTH,
+                          timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    return                              # got one block, hang up
+    with pytest.raises(httpx.ReadTimeout):             # give up before the answer
+        httpx.post(f"{url}/v1/completions", json=body, headers=AUTH, timeout=0.3)
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "unary"])
+def test_client_disconnect_aborts_request(serve_url, ready, stream):
+    before = stats(serve_url)["replica"]["aborted"]
+    _hang_up(serve_url, stream)
     deadline = time.time() + 10
     while time.time() < deadline:
         s = stats(serve_url)
@@ -190,6 +204,60 @@ def test_client_disconnect_aborts_request(serve_url, ready):
     assert s["engine"]["num_running"] == 0
 
 
+def test_api_key_required(serve_url, ready):
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 8}
+    assert httpx.post(f"{serve_url}/v1/completions", json=body).status_code == 401
+    wrong = httpx.post(f"{serve_url}/v1/completions", json=body,
+                       headers={"Authorization": "Bearer sk-nope"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{serve_url}/v1", api_key="sk-nope",
+                      max_retries=0).models.list()
+    assert httpx.get(f"{serve_url}/health").status_code == 200
+
+
+def _fake(url: str, key: str, n: int, **body) -> list[httpx.Response]:
+    import asyncio
+
+    async def go():
+        async with httpx.AsyncClient(base_url=url, timeout=30,
+                                     headers={"Authorization": f"Bearer {key}"}) as c:
+            return await asyncio.gather(*(c.post("/v1/completions", json={
+                "model": "fake", "prompt": "x", **body}) for _ in range(n)))
+    return asyncio.run(go())
+
+
+def test_full_queues_answer_503_at_once(fake_url):
+    t0 = time.perf_counter()
+    rs = _fake(fake_url, "k-backpressure", 6, max_tokens=64, block_length=4)
+    codes = [r.status_code for r in rs]
+    assert 200 in codes and 503 in codes and set(codes) <= {200, 503}, codes
+    refused = next(r for r in rs if r.status_code == 503)
+    assert refused.json()["error"]["code"] == "overloaded" and refused.headers["retry-after"]
+    assert time.perf_counter() - t0 < 10
+
+
+def test_rate_limit_answers_429(fake_url):
+    rs = _fake(fake_url, "k-rate", 14, max_tokens=4, block_length=4)
+    limited = [r for r in rs if r.status_code == 429]
+    assert limited and int(limited[0].headers["retry-after"]) >= 1
+    assert limited[0].json()["error"]["type"] == "rate_limit_error"
+
+
+def test_timeout_aborts_in_the_engine(fake_url):
+    # 240 blocks of 10 ms each in the test engine: past the app's 1.5 s request timeout.
+    (r,) = _fake(fake_url, "k-timeout", 1, max_tokens=240, block_length=1)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        s = httpx.get(f"{fake_url}/v1/engine/stats",
+                      headers={"Authorization": "Bearer k-timeout"}).json()["models"]["fake"]
+        if s["engine"]["aborted"] >= 1:
+            break
+        time.sleep(0.1)
+    assert s["engine"]["aborted"] >= 1 and s["engine"]["num_running"] == 0
+
+
 def test_usage_counts_only_real_tokens(client, ready):
     r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=32,
                                   extra_body={"block_length": 8, "steps": 32})
@@ -198,6 +266,28 @@ def test_usage_counts_only_real_tokens(client, ready):
     assert "<|mdm_mask|>" not in text and "<|endoftext|>" not in text
     if r.choices[0].finish_reason == "stop":
         assert used < 32                                # the tail after EOS is not counted
+
+
+METRICS = {"ray_dfastllm_requests_total", "ray_dfastllm_request_latency_s_bucket",
+           "ray_dfastllm_time_to_first_block_s_bucket", "ray_dfastllm_prompt_tokens_total",
+           "ray_dfastllm_generated_tokens_total", "ray_dfastllm_nfe_total",
+           "ray_dfastllm_tokens_per_forward_bucket", "ray_dfastllm_step_latency_s_bucket",
+           "ray_dfastllm_queue_length", "ray_dfastllm_running_requests",
+           "ray_dfastllm_kv_pool_usage", "ray_dfastllm_prefix_cache_hit_rate"}
+
+
+def test_metrics_reach_prometheus(ray_cluster, client, ready):
+    """Run last in the module: by now every metric has had samples."""
+    client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8)
+    deadline, names = time.time() + 30, set()
+    while time.time() < deadline and not METRICS <= names:
+        time.sleep(0.5)
+        text = httpx.get(f"http://127.0.0.1:{ray_cluster}/metrics", timeout=10).text
+        names = {line.split("{")[0] for line in text.splitlines() if line.startswith("ray_dfastllm")}
+    assert METRICS <= names, METRICS - names
+    ok = [ln for ln in text.splitlines() if ln.startswith("ray_dfastllm_requests_total")
+          and 'outcome="ok"' in ln and f'model="{MODEL}"' in ln]
+    assert ok and float(ok[0].rsplit(" ", 1)[1]) >= 1
 
 
 @pytest.mark.slow
