@@ -40,19 +40,12 @@ from dfastllm_ray.engine.config import EngineConfig  # noqa: E402
 from dfastllm_ray.engine.engine import Engine  # noqa: E402
 from dfastllm_ray.models.llada import LLaDAModel  # noqa: E402
 from dfastllm_ray.models.loader import LoadedModel, load_model, resolve_device, resolve_dtype  # noqa: E402
+from dfastllm_ray.models.shapes import LLADA_8B  # noqa: E402
 from dfastllm_ray.models.spec import ModelSpec  # noqa: E402
 from dfastllm_ray.sampling.llada_generate import llada_generate as reference_generate  # noqa: E402
 from dfastllm_ray.sampling.params import SamplingParams  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "dfastllm_ray" / "assets" / "tiny-llada"
-# GSAI-ML/LLaDA-8B-Instruct config.json (d_model, n_layers, heads, mlp, vocab, ids)
-LLADA_8B = ModelSpec(arch="llada", vocab_size=126464, hidden_size=4096, num_layers=32,
-                     num_heads=32, num_kv_heads=32, head_dim=128, intermediate_size=12288,
-                     rope_theta=500000.0, rms_norm_eps=1e-5, max_position=4096, qkv_bias=False,
-                     mask_token_id=126336, eos_token_id=126081, pad_token_id=126081,
-                     bos_token_id=126080, eot_token_id=126348)
-
-
 @dataclass
 class Result:
     path: str

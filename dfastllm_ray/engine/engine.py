@@ -18,6 +18,7 @@ from ..sampling.params import DEFAULT_MAX_TOKENS, SamplingParams
 from .config import EngineConfig
 from .detokenizer import Detokenizer
 from .kv_pool import GIB, KVPool, bytes_per_page, num_pages_for_budget
+from .memory import plan_num_pages
 from .model_runner import ModelRunner
 from .outputs import RequestOutput, RunnerOutput, SchedulerOutput
 from .page_allocator import PageAllocator
@@ -136,8 +137,9 @@ class Engine:
             num = num_pages_for_budget(int(c.kv_cache_memory_gb * GIB), page)
         elif self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = total * c.gpu_memory_utilization - (total - free) - self._activation_bytes()
-            num = min(num_pages_for_budget(int(budget), page), useful)
+            num = min(plan_num_pages(s, self.dtype, c.page_size, total, total - free,
+                                     c.gpu_memory_utilization, c.max_num_batched_tokens,
+                                     c.max_num_seqs), useful)
         else:
             num = min(num_pages_for_budget(int(c.cpu_kv_cache_gb * GIB), page), useful)
         if num < 1:
@@ -145,14 +147,6 @@ class Engine:
                              "kv_cache_memory_gb / gpu_memory_utilization or lower page_size")
         return KVPool(s.num_layers, num, c.page_size, s.num_kv_heads, s.head_dim, self.dtype,
                       self.device)
-
-    def _activation_bytes(self) -> int:
-        """Rough peak of one forward at the full token budget: a few hidden-size and MLP-width
-        activations per token in flight (residual, norm, q/k/v/o, gate/up/product)."""
-        s = self.spec
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        per_token = (6 * s.hidden_size + 3 * s.intermediate_size) * elem
-        return self.config.max_num_batched_tokens * per_token
 
 
 class StepMetrics:

@@ -1,0 +1,26 @@
+"""Published model shapes, for memory planning and random-weight benchmarks (no download).
+
+Values are those of the official `config.json` files; the token ids are LLaDA's tokenizer's.
+"""
+from __future__ import annotations
+
+from .spec import ModelSpec
+
+# GSAI-ML/LLaDA-8B-Instruct: d_model 4096, 32 layers, 32 heads (no GQA), mlp 12288, vocab 126464
+LLADA_8B = ModelSpec(arch="llada", vocab_size=126464, hidden_size=4096, num_layers=32,
+                     num_heads=32, num_kv_heads=32, head_dim=128, intermediate_size=12288,
+                     rope_theta=500000.0, rms_norm_eps=1e-5, max_position=4096, qkv_bias=False,
+                     mask_token_id=126336, eos_token_id=126081, pad_token_id=126081,
+                     bos_token_id=126080, eot_token_id=126348)
+
+KNOWN_SHAPES = {"llada-8b": LLADA_8B}
+
+
+def num_parameters(spec: ModelSpec, tied_embeddings: bool = False) -> int:
+    """Weights of a LLaDA / Dream-style model with this spec (norms included, biases included)."""
+    h, kv = spec.hidden_size, spec.num_kv_heads * spec.head_dim
+    attn = 2 * h * h + 2 * h * kv + (h + 2 * kv if spec.qkv_bias else 0)
+    mlp = 3 * h * spec.intermediate_size
+    per_layer = attn + mlp + 2 * h
+    head = 0 if tied_embeddings else spec.vocab_size * h
+    return spec.vocab_size * h + spec.num_layers * per_layer + h + head
