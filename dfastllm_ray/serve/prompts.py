@@ -60,8 +60,9 @@ def total_chars(body: _Body) -> int:
     if isinstance(body, ChatCompletionRequest):
         return sum(len(m.text()) for m in body.messages)
     prompt = body.prompt   # type: ignore[attr-defined]
-    return len(prompt) if isinstance(prompt, str) else sum(
-        len(p) for p in prompt if isinstance(p, (str, list)))
+    if isinstance(prompt, str):
+        return len(prompt)
+    return sum(len(p) if isinstance(p, (str, list)) else 1 for p in prompt)   # ids count as 1
 
 
 def check_prompt_size(body: _Body, card: ModelCard) -> None:

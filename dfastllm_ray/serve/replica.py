@@ -108,6 +108,8 @@ class ReplicaCore:
                     break
                 last = out
                 yield _block(out, req)
+        except TimeoutError:
+            raise                      # past the deadline: an abort, like a client leaving
         except Exception:
             failed = True
             raise

@@ -304,3 +304,21 @@ def test_models_and_stats_routes():
     stats = c.get("/v1/engine/stats").json()["models"]["fake"]
     assert stats["replica"]["finished"] == 1 and stats["replica"]["generated_tokens"] == 8
     assert "num_running" in stats["engine"]
+
+
+def test_model_field_picks_the_model_and_ready_needs_all():
+    engines = {"a": FakeEngine(), "b": FakeEngine()}
+    clients = {m: LocalClient(ReplicaCore(ModelConfig(model_id=m), e, fake_card(m)))
+               for m, e in engines.items()}
+    server = OpenAIServer(ServerSettings(api_keys_env=None, health_poll_s=0.05), clients)
+    with TestClient(build_api(server, ApiKeys([]))) as c:
+        assert c.post("/v1/completions", json={"model": "b", "prompt": "x"}).status_code == 200
+        assert (len(engines["a"].seen), len(engines["b"].seen)) == (0, 1)
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["a", "b"]
+        deadline = time.time() + 5
+        while c.get("/health/ready").status_code != 200 and time.time() < deadline:
+            time.sleep(0.02)
+        engines["a"].dead = True
+        while c.get("/health/ready").status_code == 200 and time.time() < deadline:
+            time.sleep(0.02)
+        assert c.get("/health/ready").json()["models"] == {"a": "not_ready", "b": "ready"}
