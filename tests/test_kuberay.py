@@ -119,12 +119,7 @@ def test_cluster_conventions(name):
         assert any(int(g["rayStartParams"]["num-gpus"]) >= 1 for g in cluster["workerGroupSpecs"])
 
 
-LOOPBACK_TINY = pytest.mark.xfail(
-    strict=True, reason="configs/tiny.yaml binds http_options.host 127.0.0.1 (fine for serve run on "
-    "a laptop); on KubeRay the serve Service needs 0.0.0.0. Drop this mark when the config changes.")
-
-
-@pytest.mark.parametrize("name", ["llada", "dream", pytest.param("tiny", marks=LOOPBACK_TINY)])
+@pytest.mark.parametrize("name", ["llada", "dream", "tiny"])
 def test_serve_config_runs_on_kubernetes(name):
     """What `serve run` tolerates but a RayService does not: a loopback proxy, local code dirs."""
     cfg = yaml.safe_load(load_manifest(name)["spec"]["serveConfigV2"])

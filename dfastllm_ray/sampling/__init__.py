@@ -1,13 +1,23 @@
 """Diffusion decoding as small pure functions over tensors (docs/DESIGN.md, "The step-level
-decoding contract"), plus the two reference loops that reproduce the official samplers."""
-from .candidates import Candidates
-from .dream_generate import dream_generate
-from .llada_generate import llada_generate
-from .noise import add_gumbel_noise
-from .params import SamplingParams
-from .policies import POLICIES, Policy
-from .propose import propose
-from .schedule import get_num_transfer_tokens, transfer_counts
+decoding contract"), plus the two reference loops that reproduce the official samplers.
 
-__all__ = ["Candidates", "POLICIES", "Policy", "SamplingParams", "add_gumbel_noise", "dream_generate",
-           "get_num_transfer_tokens", "llada_generate", "propose", "transfer_counts"]
+Only `SamplingParams` (no torch) is imported eagerly: the Serve ingress and batcher validate
+requests with it and should not pay for torch. The tensor functions load on first use.
+"""
+from importlib import import_module
+
+from .params import SamplingParams
+
+_LAZY = {
+    "Candidates": "candidates", "dream_generate": "dream_generate",
+    "llada_generate": "llada_generate", "add_gumbel_noise": "noise", "POLICIES": "policies",
+    "Policy": "policies", "propose": "propose", "get_num_transfer_tokens": "schedule",
+    "transfer_counts": "schedule",
+}
+__all__ = ["SamplingParams", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
