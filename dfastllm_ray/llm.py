@@ -19,6 +19,7 @@ from .engine.config import EngineConfig
 from .engine.engine import Engine
 from .engine.outputs import RequestOutput
 from .models.loader import LoadedModel, load_model
+from .sampling.defaults import generation_defaults
 from .sampling.params import SamplingParams
 
 ParamsArg = SamplingParams | Sequence[SamplingParams] | None
@@ -32,6 +33,9 @@ class LLM:
         loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype, device)
         self.engine = Engine(loaded, EngineConfig(dtype=dtype, device=device, **engine_kwargs))
         self.tokenizer = loaded.tokenizer
+        # what a call without sampling_params decodes with: the checkpoint's generation_config
+        # (the same defaults the Serve replica applies to a request that leaves settings out)
+        self.default_params = SamplingParams(**generation_defaults(loaded.generation_defaults, {}))
         self._ids = itertools.count()
 
     def generate(self, prompts: str | Sequence[str] | None = None, sampling_params: ParamsArg = None,
@@ -58,7 +62,7 @@ class LLM:
 
     def _run(self, prompts: list[list[int]], sampling_params: ParamsArg,
              use_tqdm: bool) -> list[RequestOutput]:
-        params = _per_prompt(sampling_params, len(prompts))
+        params = _per_prompt(sampling_params or self.default_params, len(prompts))
         order = []
         try:
             for ids, p in zip(prompts, params):

@@ -17,7 +17,9 @@ from dfastllm_ray.engine.config import EngineConfig
 from .batcher import Batcher
 from .config import AppArgs, ModelConfig
 from .ingress import OpenAIIngress
-from .replica import ModelReplica, generation_defaults
+from dfastllm_ray.sampling.defaults import generation_defaults
+
+from .replica import ModelReplica
 
 
 def check_model(cfg: ModelConfig) -> None:

@@ -22,6 +22,7 @@ from dfastllm_ray.engine.async_engine import AsyncEngine
 from dfastllm_ray.engine.config import EngineConfig
 from dfastllm_ray.engine.engine import Engine
 from dfastllm_ray.models.loader import load_model
+from dfastllm_ray.sampling.defaults import generation_defaults
 from dfastllm_ray.sampling.params import SamplingParams
 
 from .config import ModelConfig
@@ -29,12 +30,6 @@ from .metrics import ReplicaMetrics
 from .records import BlockOutput, GenerateRequest, ModelCard, ReplicaCounters
 
 log = logging.getLogger("ray.serve.dfastllm")
-# generation_config.json keys taken as request defaults, and their SamplingParams names. `steps`
-# is left out on purpose: it belongs to the checkpoint's example length (Dream ships 512), and
-# applied to a shorter `max_tokens` it would mean more forwards than tokens.
-GENERATION_KEYS = {"max_new_tokens": "max_tokens", "gen_length": "max_tokens",
-                   "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-                   "alg": "alg", "alg_temp": "alg_temp", "eps": "eps"}
 # A replica-side deadline a little after the ingress's, so the ingress (which can answer 504)
 # normally fires first; this one only matters if the ingress is gone.
 REPLICA_TIMEOUT_GRACE_S = 1.0
@@ -43,16 +38,6 @@ REPLICA_TIMEOUT_GRACE_S = 1.0
 def import_object(path: str) -> Any:
     module, _, name = path.partition(":")
     return getattr(importlib.import_module(module), name)
-
-
-def generation_defaults(gen_config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """SamplingParams defaults: the checkpoint's generation_config.json, then the YAML's
-    `sampling_defaults`. Validated here, so a bad default fails at start, naming the field."""
-    out = {GENERATION_KEYS[k]: v for k, v in gen_config.items()
-           if k in GENERATION_KEYS and v is not None}
-    out.update(overrides)
-    SamplingParams(**out)
-    return out
 
 
 def build_engine(cfg: ModelConfig) -> tuple[Any, ModelCard]:
