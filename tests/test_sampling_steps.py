@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dfastllm_ray.models.spec import ModelSpec
-from dfastllm_ray.sampling import POLICIES, Candidates, SamplingParams, propose
+from dfastllm_ray.sampling import POLICIES, Candidates, SamplingParams
+from dfastllm_ray.sampling.propose import propose
 from dfastllm_ray.sampling.noise import add_gumbel_noise, uniform
 from dfastllm_ray.sampling.policies import entropy_bound, factor, fixed, threshold
 from dfastllm_ray.sampling.schedule import get_num_transfer_tokens, transfer_counts

@@ -65,9 +65,15 @@ def _window_select(cand: Candidates, item: ScheduledRequest, p: SamplingParams, 
     the RNG, exactly as the references do. Returns the commit mask over the candidates."""
     dev = cand.tokens.device
     conf = torch.full((item.q_len,), float("-inf"), dtype=torch.float64, device=dev)
-    ent = torch.full((item.q_len,), float("inf"), dtype=torch.float64, device=dev)
-    conf[idx], ent[idx] = cand.conf.to(dev), cand.entropy.to(dev)
-    window = Candidates(torch.zeros(item.q_len, dtype=torch.long, device=dev), conf, ent)
+    conf[idx] = cand.conf.to(dev)
+
+    def window_entropy() -> Tensor:              # only the entropy-bound policy reads it
+        ent = torch.full((item.q_len,), float("inf"), dtype=torch.float64, device=dev)
+        ent[idx] = cand.entropy.to(dev)
+        return ent
+
+    window = Candidates(torch.zeros(item.q_len, dtype=torch.long, device=dev), conf,
+                        window_entropy)
     return policy(window, item.quota, p, gen)[idx]
 
 

@@ -8,11 +8,12 @@ from importlib import import_module
 
 from .params import SamplingParams
 
+# Functions named like their module (propose, llada_generate, dream_generate) are imported from
+# the module itself (`from dfastllm_ray.sampling.propose import propose`): once the submodule is
+# loaded, the package attribute of that name is the module, not the function.
 _LAZY = {
-    "Candidates": "candidates", "dream_generate": "dream_generate",
-    "llada_generate": "llada_generate", "add_gumbel_noise": "noise", "POLICIES": "policies",
-    "Policy": "policies", "propose": "propose", "get_num_transfer_tokens": "schedule",
-    "transfer_counts": "schedule",
+    "Candidates": "candidates", "add_gumbel_noise": "noise", "POLICIES": "policies",
+    "Policy": "policies", "get_num_transfer_tokens": "schedule", "transfer_counts": "schedule",
 }
 __all__ = ["SamplingParams", *_LAZY]
 

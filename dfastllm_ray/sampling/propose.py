@@ -61,7 +61,7 @@ def propose_llada(logits: Tensor, params: SamplingParams,
     else:
         probs = F.softmax(_confidence_logits(logits, params, spec).to(conf_dtype), dim=-1)
         conf = probs.gather(-1, tokens[:, None])[:, 0]          # noise-free prob of the chosen token
-    return Candidates(tokens, conf.to(torch.float64), entropy(logits))
+    return Candidates(tokens, conf.to(torch.float64), lambda: entropy(logits))
 
 
 def entropy(logits: Tensor) -> Tensor:
