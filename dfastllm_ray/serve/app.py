@@ -13,12 +13,11 @@ from typing import Any, Union
 from ray.serve import Application
 
 from dfastllm_ray.engine.config import EngineConfig
+from dfastllm_ray.sampling.defaults import generation_defaults
 
 from .batcher import Batcher
 from .config import AppArgs, ModelConfig
 from .ingress import OpenAIIngress
-from dfastllm_ray.sampling.defaults import generation_defaults
-
 from .replica import ModelReplica
 
 
@@ -26,9 +25,7 @@ def check_model(cfg: ModelConfig) -> None:
     """Fail at start, naming the field, for settings only the engine layer can judge."""
     try:
         EngineConfig(**cfg.engine)
-    except TypeError as exc:   # an unknown EngineConfig field
-        raise ValueError(f"models[{cfg.model_id}].engine: {exc}") from None
-    except ValueError as exc:
+    except (TypeError, ValueError) as exc:   # TypeError: an unknown EngineConfig field
         raise ValueError(f"models[{cfg.model_id}].engine: {exc}") from None
     try:
         generation_defaults({}, cfg.sampling_defaults)

@@ -26,6 +26,7 @@ from ..models.llada import LLaDAModel, spec_from_config
 from . import tasks
 from .tokenizer import save_tokenizer
 
+WEIGHTED = True
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -44,6 +45,8 @@ class TrainConfig:
     n_layers: int = 4
     n_heads: int = 6              # head_dim = d_model / n_heads
     mlp_hidden: int = 512         # SwiGLU width
+    rope_theta: float = 10000.0   # LLaDA-8B uses 5e5 for 4k contexts; short canvases need faster
+                                  # rotations to tell neighbouring positions apart
     gen_min: int = 16             # generation positions per row: at least this many ...
     gen_max: int = 32             # ... at most this many beyond the batch's longest prompt
     eps: float = 1e-3             # smallest mask ratio t
@@ -72,7 +75,7 @@ def model_config(cfg: TrainConfig, ids: dict[str, int]) -> dict:
         "multi_query_attention": None, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_heads,
         "n_layers": cfg.n_layers, "pad_token_id": ids["eos"], "precision": "amp_bf16",
         "residual_dropout": 0.0, "rms_norm_eps": 1e-5, "rope": True, "rope_full_precision": True,
-        "rope_theta": 500000.0, "scale_logits": False, "torch_dtype": cfg.save_dtype,
+        "rope_theta": cfg.rope_theta, "scale_logits": False, "torch_dtype": cfg.save_dtype,
         "use_cache": False, "vocab_size": ids["vocab_size"], "weight_tying": False,
     }
 
@@ -129,7 +132,7 @@ def diffusion_loss(model: torch.nn.Module, x: torch.Tensor, gen: torch.Tensor, m
     masked = (torch.rand(x.shape, generator=g) < t) & gen                 # (B, T)
     logits = model(torch.where(masked, mask_id, x))                       # (B, T, V)
     ce = F.cross_entropy(logits[masked], x[masked], reduction="none")     # (n_masked,)
-    weight = (1.0 / t).expand_as(x)[masked] / gen.sum(1, keepdim=True).expand_as(x)[masked]
+    weight = (1.0 / t if WEIGHTED else torch.ones_like(t)).expand_as(x)[masked] / gen.sum(1, keepdim=True).expand_as(x)[masked]
     return (ce * weight).sum() / b
 
 
