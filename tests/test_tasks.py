@@ -22,7 +22,7 @@ def check_answer(ex: tasks.Example) -> str:
     words = ex.prompt.split()
     if ex.task in ("add", "sub"):
         a, b = map(int, re.split(r"[+-]", words[1]))
-        return str(a + b if ex.task == "add" else a - b)
+        return f"{a + b:03d}" if ex.task == "add" else f"{a - b:02d}"   # fixed-width answers
     if ex.task == "sort":
         return "".join(sorted(words[1]))
     if ex.task == "reverse":
@@ -39,6 +39,13 @@ def check_answer(ex: tasks.Example) -> str:
 def test_answers_are_correct():
     for ex in take("train", 0) + take("heldout", 0):
         assert check_answer(ex) == ex.answer, ex
+
+
+def test_each_task_has_one_prompt_and_answer_width():
+    """Fixed widths keep answer position j at a constant offset from its source (see tasks.py)."""
+    for name in tasks.TASKS:
+        exs = [e for e in take("train", 0, 700) if e.task == name]
+        assert len({len(e.prompt) for e in exs}) == 1 and len({len(e.answer) for e in exs}) == 1, name
 
 
 def test_splits_never_overlap_for_any_seed():

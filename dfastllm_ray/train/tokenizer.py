@@ -1,8 +1,10 @@
 """A character-level tokenizer with LLaDA-Instruct's special tokens and chat template.
 
-One token per printable ASCII character (plus newline and tab), then the specials, so every task
-answer is spelled character by character (reversing and counting stay exact). The files load with
-`transformers.AutoTokenizer.from_pretrained(folder)`, like LLaDA-8B-Instruct's.
+One token per printable ASCII character (plus newline and tab), so every task answer is spelled
+character by character (reversing and counting stay exact). As in LLaDA's BPE vocabulary, the
+chat roles and the blank line after a header are single tokens (`WORDS`): the template costs 10
+tokens instead of 33, which keeps answers close to the prompt text they are computed from. The
+files load with `transformers.AutoTokenizer.from_pretrained(folder)`, like LLaDA-8B-Instruct's.
 """
 from __future__ import annotations
 
@@ -10,13 +12,14 @@ import json
 import string
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
 BOS, EOS, MASK = "<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>"
 START_HEADER, END_HEADER, EOT = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
 UNK = "<|unk|>"
 SPECIALS = (BOS, EOS, START_HEADER, END_HEADER, EOT, UNK, MASK)   # ids follow the characters
 CHARS = sorted(set(string.printable) - set("\r\x0b\x0c"))          # 95 printable + "\n" + "\t"
+WORDS = ("user", "assistant", "system", "\n\n")  # whole-word tokens, matched before characters
 
 # LLaDA-8B-Instruct's layout: bos, then per message "<|start_header_id|>role<|end_header_id|>\n\n"
 # + content.strip() + "<|eot_id|>"; the generation prompt opens the assistant header.
@@ -31,11 +34,12 @@ CHAT_TEMPLATE = (
 def build_tokenizer() -> Tokenizer:
     """Word-level model over single characters: the pre-tokenizer isolates every character."""
     vocab = {c: i for i, c in enumerate(CHARS)}
-    for s in SPECIALS:
+    for s in WORDS + SPECIALS:
         vocab[s] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()                  # join characters with no separator
+    tok.add_tokens([AddedToken(w, normalized=False) for w in WORDS])
     tok.add_special_tokens(list(SPECIALS))
     return tok
 

@@ -1,0 +1,183 @@
+"""Quality of each decoding policy on the task suite's held-out split, through the real engine.
+
+For every setting (policy x KV-cache mode x early exit) the held-out prompts go through the
+offline `LLM` API; the printed table gives exact-match accuracy per task, mean NFE per request and
+TPF, and the same numbers go to JSON, with a PNG plot of accuracy against TPF.
+
+    python benchmarks/quality.py --model dfastllm_ray/assets/tiny-llada --out results/quality
+
+Definitions:
+* accuracy: the reply text (cut at EOT/EOS by the engine) equals the expected answer exactly.
+* NFE: model forwards a request took part in (`RequestOutput.nfe`), averaged over requests.
+* TPF: generation positions committed per forward, sum over requests of committed positions /
+  sum of NFE. Committed positions are all `max_tokens` without early exit, and the blocks decoded
+  up to the one holding EOT/EOS with it (EOS padding counts: the engine had to decide it).
+* `reference`: LLaDA's schedule, one token per step (`steps = max_tokens`), greedy,
+  `low_confidence` remasking -- the accuracy every faster setting is compared with.
+* `trainer-loop`: the trainer's own engine-free decode of the same schedule (a cross-check).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:                       # run as a script from a source checkout
+    sys.path.insert(0, str(ROOT))
+
+from dfastllm_ray import LLM, SamplingParams                     # noqa: E402
+from dfastllm_ray.models.loader import load_model                # noqa: E402
+from dfastllm_ray.train import tasks                              # noqa: E402
+from dfastllm_ray.train.evaluate import evaluate, prompt_ids      # noqa: E402
+
+DEFAULT_MODEL = ROOT / "dfastllm_ray" / "assets" / "tiny-llada"
+POLICIES = {                                        # name -> SamplingParams knobs
+    "reference": {},
+    "threshold=0.9": {"threshold": 0.9},
+    "threshold=0.7": {"threshold": 0.7},
+    "factor=1.0": {"factor": 1.0},
+    "entropy_bound=0.5": {"entropy_bound": 0.5},
+}
+CACHE_MODES = ("none", "prefix", "dual")
+
+
+@dataclass
+class Setting:
+    policy: str
+    cache: str
+    early_exit: bool
+    accuracy: dict[str, float] = field(default_factory=dict)   # task -> fraction, plus "mean"
+    nfe: float = 0.0                # mean forwards per request
+    tpf: float = 0.0                # committed positions per forward
+    seconds: float = 0.0            # wall time of the whole setting
+
+    @property
+    def name(self) -> str:
+        return f"{self.policy} | cache={self.cache} | early_exit={'on' if self.early_exit else 'off'}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint folder")
+    p.add_argument("--per-task", type=int, default=100, help="held-out examples per task")
+    p.add_argument("--seed", type=int, default=0, help="held-out sampling seed")
+    p.add_argument("--max-tokens", type=int, default=16, help="generation length (gen_length)")
+    p.add_argument("--block-length", type=int, default=8,
+                   help="block length; divides max-tokens (8: an answer and its EOT fit the first "
+                        "block, so early exit can skip the second)")
+    p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    p.add_argument("--cache-modes", nargs="+", default=list(CACHE_MODES), choices=CACHE_MODES)
+    p.add_argument("--early-exit", nargs="+", default=["on", "off"], choices=["on", "off"])
+    p.add_argument("--max-num-seqs", type=int, default=64, help="engine batch size")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--out", default="results/quality", help="writes OUT.json and OUT.png")
+    return p.parse_args(argv)
+
+
+def run_setting(llm: LLM, prompts: list[list[int]], examples: list[tasks.Example],
+                setting: Setting, args: argparse.Namespace) -> Setting:
+    params = SamplingParams(max_tokens=args.max_tokens, block_length=args.block_length,
+                            steps=args.max_tokens, temperature=0.0,
+                            early_exit=setting.early_exit, **POLICIES[setting.policy])
+    start = time.perf_counter()
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    setting.seconds = time.perf_counter() - start
+    setting.accuracy = accuracy(examples, [o.text for o in outs])
+    steps_per_block = args.max_tokens // (args.max_tokens // args.block_length)
+    skipped = sum(o.nfe_saved // steps_per_block * args.block_length for o in outs)
+    setting.nfe = sum(o.nfe for o in outs) / len(outs)
+    setting.tpf = (len(outs) * args.max_tokens - skipped) / sum(o.nfe for o in outs)
+    return setting
+
+
+def accuracy(examples: list[tasks.Example], texts: list[str]) -> dict[str, float]:
+    right: dict[str, list[bool]] = {t: [] for t in tasks.TASKS}
+    for ex, text in zip(examples, texts):
+        right[ex.task].append(text == ex.answer)
+    acc = {t: sum(v) / len(v) for t, v in right.items() if v}
+    acc["mean"] = sum(acc.values()) / len(acc)
+    return acc
+
+
+def trainer_loop(loaded, examples: list[tasks.Example], args: argparse.Namespace) -> Setting:
+    """The engine-free reference decode (dfastllm_ray.train.evaluate), for a cross-check."""
+    s = Setting("trainer-loop", "none", False)
+    start = time.perf_counter()
+    s.accuracy = evaluate(loaded.model, loaded.tokenizer, examples, args.max_tokens,
+                          args.block_length, loaded.spec.mask_token_id,
+                          set(loaded.spec.stop_token_ids))
+    s.seconds = time.perf_counter() - start
+    s.nfe, s.tpf = float(args.max_tokens), 1.0
+    return s
+
+
+def format_table(results: list[Setting]) -> str:
+    names = list(tasks.TASKS) + ["mean"]
+    head = "| policy | cache | early exit | " + " | ".join(names) + " | NFE | TPF | s |"
+    lines = [head, "|" + "---|" * (len(names) + 6)]
+    for s in results:
+        cells = " | ".join(f"{100 * s.accuracy[n]:.1f}" for n in names)
+        lines.append(f"| {s.policy} | {s.cache} | {'on' if s.early_exit else 'off'} | {cells} | "
+                     f"{s.nfe:.2f} | {s.tpf:.2f} | {s.seconds:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[Setting], path: Path) -> None:
+    """Mean accuracy against TPF: one colour per policy, one marker per cache mode; hollow
+    markers are runs without early exit."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    colours = dict(zip(list(POLICIES) + ["trainer-loop"], plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    markers = {"none": "o", "prefix": "s", "dual": "^"}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for s in results:
+        c = colours[s.policy]
+        ax.scatter(s.tpf, 100 * s.accuracy["mean"], marker=markers[s.cache], s=50,
+                   facecolors=c if s.early_exit else "none", edgecolors=c)
+    for policy in dict.fromkeys(s.policy for s in results):
+        ax.scatter([], [], color=colours[policy], label=policy)
+    for cache, m in markers.items():
+        ax.scatter([], [], marker=m, facecolors="none", edgecolors="gray", label=f"cache={cache}")
+    ax.set_xlabel("tokens per forward (TPF)")
+    ax.set_ylabel("held-out accuracy, mean over tasks (%)")
+    ax.set_title("tiny-llada: accuracy vs parallelism (hollow: no early exit)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    examples = tasks.heldout_set(args.per_task, args.seed)
+    prompts = [prompt_ids(loaded.tokenizer, ex.prompt) for ex in examples]
+    results = [trainer_loop(loaded, examples, args)]
+    for cache in args.cache_modes:
+        llm = LLM(loaded, dtype=args.dtype, device=args.device, kv_cache_mode=cache,
+                  max_num_seqs=args.max_num_seqs)
+        for policy, ee in itertools.product(args.policies, args.early_exit):
+            s = run_setting(llm, prompts, examples, Setting(policy, cache, ee == "on"), args)
+            print(f"{s.name}: mean {100 * s.accuracy['mean']:.1f}%  NFE {s.nfe:.2f}  "
+                  f"TPF {s.tpf:.2f}  ({s.seconds:.1f} s)", flush=True)
+            results.append(s)
+    print(format_table(results))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {k: v for k, v in vars(args).items() if k != "out"}
+    out.with_suffix(".json").write_text(json.dumps(
+        {"args": meta, "results": [dict(vars(s), name=s.name) for s in results]}, indent=2) + "\n")
+    plot(results, out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
