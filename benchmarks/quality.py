@@ -172,11 +172,18 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {k: v for k, v in vars(args).items() if k != "out"}
+    meta["model"] = _portable(args.model)          # no machine paths in committed results
     out.with_suffix(".json").write_text(json.dumps(
         {"args": meta, "results": [dict(vars(s), name=s.name) for s in results]}, indent=2) + "\n")
     plot(results, out.with_suffix(".png"))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
     return 0
+
+
+def _portable(path: str) -> str:
+    """A checkpoint path relative to the repository when it lies inside it."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else path
 
 
 if __name__ == "__main__":

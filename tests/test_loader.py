@@ -116,3 +116,18 @@ def test_missing_folder_and_offline_hub_id_are_clear(tmp_path, monkeypatch):
 def test_bad_dtype_or_device(field, value, match):
     with pytest.raises(ValueError, match=match):
         load_model(FIXTURES / "llada-tiny", **{field: value})
+
+
+def test_config_naming_hub_code_loads_without_running_or_asking(tmp_path):
+    """Real LLaDA folders name their modeling code in `auto_map`; we read the tokenizer and
+    weights natively and must neither run that code nor stop to ask whether to trust it."""
+    import dfastllm_ray
+    asset = Path(dfastllm_ray.__file__).parent / "assets" / "tiny-llada"
+    folder = tmp_path / "auto_map"
+    shutil.copytree(asset, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "configuration_llada.LLaDAConfig",
+                       "AutoModel": "modeling_llada.LLaDAModelLM"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    lm = load_model(folder, dtype="float32", device="cpu")
+    assert lm.tokenizer is not None and lm.spec.arch == "llada"

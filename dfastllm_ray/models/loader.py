@@ -97,7 +97,9 @@ def load_tokenizer(folder: Path):
     if not (folder / "tokenizer.json").exists() and not (folder / "tokenizer_config.json").exists():
         return None
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(folder))
+    # trust_remote_code=False: a real LLaDA folder names hub code in config.json `auto_map`, and
+    # transformers would otherwise stop to ask on stdin; we never run that code
+    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
 
 
 def tokenizer_ids(tokenizer) -> dict:

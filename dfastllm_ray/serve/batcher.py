@@ -18,6 +18,7 @@ from typing import Any, AsyncIterator
 from ray import serve
 
 from .records import BlockOutput, GenerateRequest
+from .streams import relay
 
 DEFAULT_MAX_BATCH_SIZE = 16
 DEFAULT_BATCH_WAIT_S = 0.005
@@ -51,15 +52,8 @@ class Batcher:
         await self._gather(req)
         # Dispatched here, not inside the batch task, so the call carries this request's Serve
         # context: the same request id in the replica's logs, and cancellation propagates.
-        resp = self._replica.generate.remote(req)
-        done = False
-        try:
-            async for out in resp:
-                done = out.finished
-                yield out
-        finally:
-            if not done:
-                resp.cancel()
+        async for out in relay(self._replica.generate.remote(req)):
+            yield out
 
     def stats(self) -> dict[str, Any]:
         return {"batch_sizes": dict(sorted(self._sizes.items())), **self._settings}

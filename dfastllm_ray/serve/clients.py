@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, AsyncIterator, Protocol
 
 from .records import BlockOutput, GenerateRequest, ModelCard
+from .streams import relay
 
 
 class ModelClient(Protocol):
@@ -37,15 +38,8 @@ class HandleClient:
         return await self._replica.card.remote()
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[BlockOutput]:
-        resp = self._batcher_stream.generate.remote(req)
-        done = False
-        try:
-            async for out in resp:
-                done = out.finished
-                yield out
-        finally:
-            if not done:
-                resp.cancel()
+        async for out in relay(self._batcher_stream.generate.remote(req)):
+            yield out
 
     async def stats(self) -> dict[str, Any]:
         """One replica's engine stats (a call reaches one replica) and one batcher's counts."""
