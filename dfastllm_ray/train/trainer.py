@@ -213,8 +213,9 @@ def save_checkpoint(model: torch.nn.Module, config: dict, ids: dict[str, int],
     _write_json(out / "generation_config.json", {
         "_from_model_config": True, "bos_token_id": ids["bos"], "eos_token_id": ids["eos"],
         "pad_token_id": ids["eos"], "mask_token_id": ids["mask"], "max_new_tokens": cfg.gen_min})
-    _write_json(out / "training_args.json", {k: v for k, v in asdict(cfg).items()
-                                             if k not in ("out", "device")})
+    args = {k: v for k, v in asdict(cfg).items() if k not in ("out", "device")}
+    args["init_from"] = Path(cfg.init_from).name if cfg.init_from else ""   # no machine paths
+    _write_json(out / "training_args.json", args)
     return hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
 
 
