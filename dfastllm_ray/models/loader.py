@@ -133,12 +133,13 @@ def load_weights(model: torch.nn.Module, files: list[Path], dtype: torch.dtype,
                  device: torch.device) -> None:
     """Assign every checkpoint tensor to its parameter; fail naming any mismatch."""
     expected = dict(model.state_dict())
+    ignored = set(getattr(model, "ignored_checkpoint_tensors", ()))   # e.g. a tied lm_head copy
     seen: set[str] = set()
     for f in tqdm(files, desc="loading shards", unit="shard", disable=len(files) < 2):
         with safe_open(str(f), framework="pt", device="cpu") as st:
             for name in st.keys():
                 if name not in expected:
-                    if name.endswith("rotary_emb.inv_freq"):
+                    if name.endswith("rotary_emb.inv_freq") or name in ignored:
                         continue  # some exports save RoPE buffers; we compute them
                     raise ValueError(f"checkpoint tensor {name!r} (in {f.name}) is not a parameter "
                                      f"of {type(model).__name__}: wrong architecture or corrupt file")

@@ -9,7 +9,7 @@ from typing import Callable
 
 from torch import nn
 
-from . import dream, llada
+from . import dream, llada, qwen2
 from .spec import ModelSpec
 
 
@@ -26,6 +26,8 @@ ARCHITECTURES: dict[str, Architecture] = {
                           ("llada", "LLaDAModelLM")),
     "dream": Architecture("dream", dream.DreamModel, dream.spec_from_config,
                           ("dream", "DreamModel")),
+    "qwen2": Architecture("qwen2", qwen2.Qwen2ForCausalLM, qwen2.spec_from_config,
+                          ("qwen2", "Qwen2ForCausalLM")),
 }
 
 

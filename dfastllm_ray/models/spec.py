@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ModelSpec:
-    arch: str                      # registry key: "llada" | "dream"
+    arch: str                      # registry key: "llada" | "dream" | "qwen2"
     vocab_size: int                # rows of the LM head
     hidden_size: int
     num_layers: int
@@ -22,12 +22,13 @@ class ModelSpec:
     rms_norm_eps: float
     max_position: int              # context length in tokens (prompt + generation)
     qkv_bias: bool                 # Dream (Qwen2 layout) has q/k/v biases; LLaDA has none
-    mask_token_id: int             # the [MASK] token diffusion decoding fills in
+    mask_token_id: int | None      # the [MASK] token diffusion decoding fills in (None: causal LM)
     eos_token_id: int | None
     pad_token_id: int | None
     bos_token_id: int | None = None
     eot_token_id: int | None = None   # end-of-turn (LLaDA-Instruct <|eot_id|>), from the tokenizer
     logits_shift: bool = False     # Dream: position p is predicted by the output at p-1
+    causal: bool = False           # an autoregressive LM (Qwen2 verifier): causal mask, exact KV cache
 
     @property
     def stop_token_ids(self) -> tuple[int, ...]:
