@@ -19,6 +19,7 @@ from .engine.config import EngineConfig
 from .engine.engine import Engine
 from .engine.outputs import RequestOutput
 from .models.loader import LoadedModel, load_model
+from .output_limit import OutputCut
 from .sampling.defaults import generation_defaults
 from .sampling.params import SamplingParams
 
@@ -63,10 +64,13 @@ class LLM:
     def _run(self, prompts: list[list[int]], sampling_params: ParamsArg,
              use_tqdm: bool) -> list[RequestOutput]:
         params = _per_prompt(sampling_params or self.default_params, len(prompts))
-        order = []
+        order, cuts = [], {}
         try:
             for ids, p in zip(prompts, params):
                 order.append(f"llm-{next(self._ids)}")
+                # resolved here too, so a max_tokens off the block grid is cut where asked
+                p = self.engine.resolve_params(p, len(ids))
+                cuts[order[-1]] = OutputCut(p.output_limit, self.engine.detokenizer.decode)
                 self.engine.add_request(order[-1], ids, p)
         except Exception:                 # a bad prompt: withdraw the ones already queued
             for rid in order:
@@ -75,10 +79,13 @@ class LLM:
         finals: dict[str, RequestOutput] = {}
         with tqdm(total=len(order), desc="generating", unit="req", disable=not use_tqdm) as bar:
             while self.engine.has_unfinished():
-                for out in self.engine.step():
-                    if out.finished:
-                        finals[out.request_id] = out
+                for raw in self.engine.step():
+                    out = cuts[raw.request_id](raw)
+                    if out.finished and raw.request_id not in finals:
+                        finals[raw.request_id] = out
                         bar.update(1)
+                        if not raw.finished:
+                            self.engine.abort(raw.request_id)
         return [finals[rid] for rid in order]
 
 

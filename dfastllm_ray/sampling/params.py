@@ -4,15 +4,45 @@ Names follow the papers and the official code (`gen_length` is `max_tokens` here
 API; `steps`, `block_length`, `temperature`, `remasking`, `cfg_scale`, `threshold`, `factor`,
 `alg`, `alg_temp`). Fields left as None take the model's defaults in `resolve()`.
 Every invalid value raises `ValueError` naming the field, the value and the rule.
+
+A `max_tokens` that is not a multiple of `block_length` decodes on a canvas rounded up to whole
+blocks (`resolve()`); `output_limit` keeps the requested count and the edges (the offline `LLM`,
+the Serve replica) cut the output there with `output_limit.cut_output`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 REMASKING = ("low_confidence", "random")
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 DEFAULT_MAX_TOKENS = 64
 DEFAULT_BLOCK_LENGTH = 32
+SEED_BOUND = 2**64            # torch.Generator.manual_seed takes an unsigned 64-bit seed
+MAX_STOP = 16                 # stop strings per request (OpenAI allows 4; lm-eval tasks send more)
+MAX_STOP_CHARS = 256          # characters per stop string (each is searched in every block's text)
+
+# Knobs one model family reads and the other does not, with the value that means "not set".
+# A request setting one of them to anything else on the other family is refused (never ignored).
+DREAM_ONLY = {"alg": None, "alg_temp": None, "top_p": None, "top_k": None, "eps": 1e-3}
+LLADA_ONLY = {"remasking": "low_confidence", "cfg_scale": 0.0, "factor": None,
+              "entropy_bound": None, "logits_eos_inf": False, "confidence_eos_eot_inf": False}
+NEUTRAL = {"top_p": (1.0,)}   # values OpenAI clients send by default that change nothing
+
+
+def unused_knobs(fields: dict[str, Any], arch: str) -> list[str]:
+    """The knobs in `fields` (a request's own settings) that the model family `arch` does not
+    read: Dream's knobs on LLaDA-family models (LLaDA samples Gumbel-max at `temperature`,
+    with no nucleus/top-k filter or time schedule) and LLaDA's on Dream."""
+    foreign = LLADA_ONLY if arch == "dream" else DREAM_ONLY
+    return [k for k, unset in foreign.items()
+            if k in fields and fields[k] != unset and fields[k] not in NEUTRAL.get(k, ())]
+
+
+def canvas_length(max_tokens: int, block_length: int) -> int:
+    """Generated positions on the canvas: max_tokens rounded up to whole blocks."""
+    return math.ceil(max_tokens / block_length) * block_length
 
 
 def _check(cond: bool, name: str, value, rule: str) -> None:
@@ -41,6 +71,8 @@ class SamplingParams:
     logits_eos_inf: bool = False           # LLaDA: never predict EOS
     confidence_eos_eot_inf: bool = False   # LLaDA: never commit EOS/EOT early by confidence
     early_exit: bool = True                # stop once a committed block holds EOS/EOT (or a stop string)
+    output_limit: int | None = None        # tokens returned at most (None: max_tokens); set by
+                                           # resolve() when max_tokens is rounded up to whole blocks
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -67,27 +99,53 @@ class SamplingParams:
         _check(self.alg is None or self.alg in DREAM_ALGS, "alg", self.alg, f"must be one of {DREAM_ALGS}")
         _check(self.alg_temp is None or self.alg_temp >= 0, "alg_temp", self.alg_temp, "must be >= 0")
         _check(0 < self.eps < 1, "eps", self.eps, "must be in (0, 1)")
-        if self.max_tokens and self.block_length and self.block_length <= self.max_tokens:
-            _check(self.max_tokens % self.block_length == 0, "block_length", self.block_length,
-                   f"must divide max_tokens={self.max_tokens}")
-        if self.max_tokens and self.block_length and self.steps and self.block_length <= self.max_tokens:
-            nb = self.max_tokens // self.block_length
+        _check(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < SEED_BOUND),
+               "seed", self.seed, f"must be an integer in [0, 2**64 - 1] ({SEED_BOUND - 1})")
+        self._validate_stop()
+        if self.output_limit is not None:
+            _check(isinstance(self.output_limit, int) and 1 <= self.output_limit
+                   <= (self.max_tokens or self.output_limit), "output_limit", self.output_limit,
+                   f"must be in [1, max_tokens={self.max_tokens}]")
+        if self.max_tokens and self.block_length and self.steps:
+            nb = math.ceil(self.max_tokens / self.block_length)
             _check(self.steps % nb == 0, "steps", self.steps,
-                   f"must be a multiple of the number of blocks ({nb} = max_tokens {self.max_tokens}"
-                   f" / block_length {self.block_length})")
+                   f"must be a multiple of the number of blocks ({nb} = max_tokens "
+                   f"{self.max_tokens} / block_length {self.block_length}, rounded up)")
+
+    def _validate_stop(self) -> None:
+        _check(len(self.stop) <= MAX_STOP, "stop", list(self.stop),
+               f"at most {MAX_STOP} stop strings")
+        for s in self.stop:
+            _check(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS, "stop", s,
+                   f"each stop string must be a non-empty string of at most {MAX_STOP_CHARS} "
+                   "characters")
 
     def resolve(self, max_context: int | None = None, prompt_len: int = 0) -> "SamplingParams":
-        """Fill None fields with defaults: block_length = min(32, max_tokens), steps = max_tokens
-        (one token per step, the reference schedule). Checks the context length when given."""
+        """Fill None fields with defaults: block_length = min(32, max_tokens) (max_tokens when 32
+        does not divide it), steps = the canvas
+        (one position per step, the reference schedule). A max_tokens that is not a multiple of
+        the block length is rounded up to whole blocks and `output_limit` keeps the request's
+        count. With `max_context`, the canvas must fit beside the prompt and steps must not
+        exceed the context (no schedule is longer than one forward per position)."""
         gen = self.max_tokens or DEFAULT_MAX_TOKENS
-        block = self.block_length or min(DEFAULT_BLOCK_LENGTH, gen)
-        if gen % block:
-            block = gen if self.block_length is None else block
-        out = replace(self, max_tokens=gen, block_length=min(block, gen), steps=self.steps or gen)
+        block = min(self.block_length or DEFAULT_BLOCK_LENGTH, gen)
+        if self.block_length is None and gen % block:
+            block = gen                      # no block asked for: one block (the reference's)
+        canvas = canvas_length(gen, block)
+        if max_context is not None and prompt_len + canvas > max_context >= prompt_len + gen:
+            # The rounded canvas does not fit but the request does: the largest block <= the
+            # asked one that divides max_tokens (a block of 1 always does).
+            block = max(b for b in range(1, block + 1) if gen % b == 0)
+            canvas = gen
+        limit = self.output_limit or gen
         if max_context is not None:
             _check(prompt_len + gen <= max_context, "max_tokens", gen,
-                   f"prompt ({prompt_len} tokens) + max_tokens must fit the model context of {max_context} tokens")
-        return out
+                   f"prompt ({prompt_len} tokens) + max_tokens must fit the model context of "
+                   f"{max_context} tokens: at most {max(max_context - prompt_len, 0)}")
+            _check(self.steps is None or self.steps <= max_context, "steps", self.steps,
+                   f"must be at most the model context of {max_context}")
+        return replace(self, max_tokens=canvas, block_length=block, steps=self.steps or canvas,
+                       output_limit=limit if limit < canvas else None)
 
     @property
     def policy(self) -> str:

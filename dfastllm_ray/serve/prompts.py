@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Union
 
-from dfastllm_ray.sampling.params import SamplingParams
+from dfastllm_ray.sampling.params import SEED_BOUND, SamplingParams, unused_knobs
 
 from .errors import bad_request, from_value_error
 from .protocol import ChatCompletionRequest, CompletionRequest, _Body
@@ -91,7 +91,8 @@ def chat_prompt(body: ChatCompletionRequest, card: ModelCard) -> list[list[int]]
 
 
 def sampling_params(body: _Body, card: ModelCard, prompt_len: int, max_n: int) -> SamplingParams:
-    """Model defaults < request fields; validated and resolved against the context length."""
+    """Model defaults < request fields; validated and resolved against the context length.
+    Every refusal is a 400 naming the field, the value and the bound."""
     unsupported = body.unsupported()
     if unsupported:
         raise bad_request(f"{unsupported} is not supported by this server.", param=unsupported)
@@ -102,24 +103,40 @@ def sampling_params(body: _Body, card: ModelCard, prompt_len: int, max_n: int) -
                           f"{card.context_length} tokens (prompt + max_tokens).",
                           param="messages" if hasattr(body, "messages") else "prompt",
                           code="context_length_exceeded")
-    fields = {**card.defaults, **body.sampling_overrides()}
+    overrides = body.sampling_overrides()
+    foreign = unused_knobs(overrides, card.arch)
+    if foreign:
+        family = "Dream" if card.arch == "dream" else "LLaDA"
+        raise bad_request(f"{foreign[0]}={overrides[foreign[0]]!r} is invalid: {card.model_id!r} "
+                          f"is a {family}-family model, which does not use "
+                          f"{', '.join(foreign)}; leave {'them' if len(foreign) > 1 else 'it'} out.",
+                          param=foreign[0])
+    fields = {**card.defaults, **overrides}
     limit = card.max_tokens_limit
     mt = fields.get("max_tokens")
     if limit is not None and isinstance(mt, int) and mt > limit:
         raise bad_request(f"max_tokens={mt} is invalid: this server allows at most {limit}.",
                           param="max_tokens")
     try:
-        params = SamplingParams(**fields)
-        return params.resolve(max_context=card.context_length, prompt_len=prompt_len)
+        params = SamplingParams(**fields).resolve(max_context=card.context_length,
+                                                  prompt_len=prompt_len)
     except ValueError as exc:
         raise from_value_error(exc) from None
     except TypeError as exc:   # a wrong type SamplingParams' checks compare against (e.g. "abc" < 0)
         raise bad_request(str(exc)) from None
+    if "steps" in overrides and params.steps > params.max_tokens:
+        # One forward per generated position at most: more only adds forwards that commit
+        # nothing, and a huge schedule would stall every other request while it is built.
+        raise bad_request(f"steps={params.steps} is invalid: at most {params.max_tokens} "
+                          "(one forward per generated position; max_tokens rounded up to whole "
+                          f"blocks of {params.block_length}).", param="steps")
+    return params
 
 
 def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
-    """`n` choices of one prompt: distinct seeds when seeded, so sampled choices differ."""
+    """`n` choices of one prompt: distinct seeds when seeded, so sampled choices differ
+    (seed + i, wrapped into the 64-bit seed range)."""
     if n == 1:
         return [params]
-    return [replace(params, seed=None if params.seed is None else params.seed + i)
+    return [replace(params, seed=None if params.seed is None else (params.seed + i) % SEED_BOUND)
             for i in range(n)]

@@ -21,6 +21,7 @@ class ModelCard:
     defaults: dict[str, Any]            # SamplingParams fields: generation_config.json + config
     max_tokens_limit: Optional[int] = None
     created: int = 0                    # unix seconds the replica loaded the model
+    arch: str = "llada"                 # model family ("llada", "dream"): which knobs it reads
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class BlockOutput:
     finish_reason: Optional[str] = None  # "stop" | "length" | "abort" | None
     text: Optional[str] = None          # the full text, on the final output only
     num_prompt_tokens: int = 0
+    error: Optional[str] = None         # the engine refused the request (a ValueError's text)
 
 
 @dataclass

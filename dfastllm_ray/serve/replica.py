@@ -22,6 +22,7 @@ from dfastllm_ray.engine.async_engine import AsyncEngine
 from dfastllm_ray.engine.config import EngineConfig
 from dfastllm_ray.engine.engine import Engine
 from dfastllm_ray.models.loader import load_model
+from dfastllm_ray.output_limit import OutputCut
 from dfastllm_ray.sampling.defaults import generation_defaults
 from dfastllm_ray.sampling.params import SamplingParams
 
@@ -52,7 +53,7 @@ def build_engine(cfg: ModelConfig) -> tuple[Any, ModelCard]:
         context = min(context, ecfg.max_model_len)
     card = ModelCard(cfg.model_id, loaded.tokenizer, context, loaded.spec.vocab_size,
                      generation_defaults(loaded.generation_defaults, cfg.sampling_defaults),
-                     cfg.max_tokens_limit, int(time.time()))
+                     cfg.max_tokens_limit, int(time.time()), loaded.spec.arch)
     return AsyncEngine(Engine(loaded, ecfg)), card
 
 
@@ -78,23 +79,35 @@ class ReplicaCore:
     def card(self) -> ModelCard:
         return self._card
 
+    def _decode(self, ids: list[int]) -> str:
+        """The engine detokenizer's convention (special tokens skipped)."""
+        return self._card.tokenizer.decode(ids, skip_special_tokens=True)
+
     async def generate(self, req: GenerateRequest) -> AsyncIterator[BlockOutput]:
         self.counters.requests += 1
         deadline = None
         if req.timeout_s is not None:
             deadline = time.monotonic() + req.timeout_s + REPLICA_TIMEOUT_GRACE_S
         stream = self.engine.generate(req.prompt_token_ids, req.params, req.request_id)
+        cut = OutputCut(req.params.output_limit, self._decode)
         last, failed = None, False
         try:
             while last is None or not last.finished:
                 try:
-                    out = await self._next(stream, deadline)
+                    raw = await self._next(stream, deadline)
                 except StopAsyncIteration:
                     break
-                last = out
-                yield _block(out, req)
+                last = cut(raw)
+                if last.finished and not raw.finished:   # cut at max_tokens: free the slot now
+                    await _maybe_await(self.engine.abort(req.request_id))
+                yield _block(last, req)
         except TimeoutError:
             raise                      # past the deadline: an abort, like a client leaving
+        except ValueError as exc:      # the engine refused this request: a 400, not a failure
+            failed = True              # of the replica, so no exception (and no ERROR traceback
+            log.info("refused: %s", exc, extra={"engine_request_id": req.request_id})
+            yield BlockOutput(req.request_id, "", 0, 0, finished=True, finish_reason="error",
+                              error=str(exc))   # in Serve's logs); the ingress answers 400
         except Exception:
             failed = True
             raise

@@ -159,13 +159,16 @@ class OpenAIServer:
 
     async def _next(self, fan: Fanin) -> Optional[tuple[int, BlockOutput]]:
         try:
-            return await fan.next()
+            item = await fan.next()
         except DeadlineExceeded:
             raise timed_out(self.settings.request_timeout_s) from None
         except (asyncio.CancelledError, APIError):
             raise
         except Exception as exc:
             raise map_downstream_error(exc) from None
+        if item is not None and item[1].error is not None:   # refused by the engine: 400
+            raise from_value_error(ValueError(item[1].error))
+        return item
 
     # ---- running -----------------------------------------------------------------------------
     async def complete(self, prep: Prepared) -> dict[str, Any]:

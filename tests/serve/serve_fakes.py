@@ -26,6 +26,9 @@ class CharTokenizer:
         ids = [ord(c) % 256 for c in text]
         return {"input_ids": ([BOS] if add_special_tokens else []) + ids}
 
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(t) for t in ids if t < 256)
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
                             tokenize: bool = False) -> str:
         text = "".join(f"<{m['role']}>{m['content']}" for m in messages)
@@ -90,9 +93,10 @@ class FakeEngine:
         self.dead = True
 
 
-def fake_card(model_id: str = "fake", context_length: int = 256, **defaults: Any) -> ModelCard:
+def fake_card(model_id: str = "fake", context_length: int = 256, arch: str = "llada",
+              **defaults: Any) -> ModelCard:
     return ModelCard(model_id, CharTokenizer(), context_length, VOCAB,
-                     {"block_length": 4, "max_tokens": 8, **defaults}, None, 0)
+                     {"block_length": 4, "max_tokens": 8, **defaults}, None, 0, arch)
 
 
 def build_fake_engine(cfg: ModelConfig) -> tuple[FakeEngine, ModelCard]:

@@ -123,6 +123,9 @@ BAD = [
     ({"model": MODEL, "prompt": "x" * 24_000}, 400, "prompt"),
     ({"model": MODEL, "prompt": ""}, 400, "prompt"),
     ({"model": MODEL, "prompt": "x", "threshold": 7}, 400, "threshold"),
+    ({"model": MODEL, "prompt": "x", "steps": 10**9}, 400, "steps"),
+    ({"model": MODEL, "prompt": "x", "seed": 2**64}, 400, "seed"),
+    ({"model": MODEL, "prompt": "x", "top_p": 0.9}, 400, "top_p"),      # LLaDA has no top_p
     ({"model": MODEL, "prompt": "x", "max_tokens": "lots"}, 400, "max_tokens"),
     ({"model": "nope", "prompt": "x"}, 404, "model"),
     ({"model": MODEL}, 400, "prompt"),
