@@ -55,5 +55,8 @@ class Batcher:
         async for out in relay(self._replica.generate.remote(req)):
             yield out
 
+    def ping(self) -> None:
+        """Readiness: the batcher answers (the ingress pings it beside the replicas)."""
+
     def stats(self) -> dict[str, Any]:
         return {"batch_sizes": dict(sorted(self._sizes.items())), **self._settings}

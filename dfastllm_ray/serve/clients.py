@@ -8,6 +8,7 @@ replica aborts the request in the engine.
 """
 from __future__ import annotations
 
+import asyncio
 from typing import Any, AsyncIterator, Protocol
 
 from .records import BlockOutput, GenerateRequest, ModelCard
@@ -47,7 +48,7 @@ class HandleClient:
         return {**out, "batcher": await self._batcher.stats.remote()}
 
     async def ping(self) -> None:
-        await self._replica.ping.remote()
+        await asyncio.gather(self._batcher.ping.remote(), self._replica.ping.remote())
 
 
 class LocalClient:

@@ -115,7 +115,11 @@ class ServerSettings(_Strict):
     rate_limit: Optional[RateLimitConfig] = None
     request_timeout_s: float = Field(300.0, gt=0)       # aborts the request in the engine
     max_concurrent_requests: int = Field(256, ge=1)     # per ingress replica; beyond: 503
-    health_poll_s: float = Field(5.0, gt=0)             # replica readiness refresh
+    health_poll_s: float = Field(1.0, gt=0)             # replica readiness refresh
+    health_timeout_s: float = Field(3.0, gt=0)          # a ping unanswered this long, with no
+                                                        # block streamed meanwhile: model down
+    unavailable_wait_s: float = Field(2.0, ge=0)        # a new request waits this long for a
+                                                        # model that is down, then 503
     model_wait_s: float = Field(30.0, ge=0)             # a request waits this long for a loading model
     max_n: int = Field(8, ge=1)                         # largest `n` (choices per request)
 

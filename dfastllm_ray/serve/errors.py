@@ -72,6 +72,12 @@ def overloaded(message: str, retry_after_s: int = 1) -> APIError:
     return APIError(503, message, code="overloaded", headers={"Retry-After": str(retry_after_s)})
 
 
+def unavailable(message: str, retry_after_s: int = 2) -> APIError:
+    """503 with Retry-After: no replica of the model can serve right now (lost, restarting)."""
+    return APIError(503, message, code="model_unavailable",
+                    headers={"Retry-After": str(retry_after_s)})
+
+
 def rate_limited(retry_after_s: float) -> APIError:
     wait = max(1, int(retry_after_s + 0.999))     # Retry-After is whole seconds (RFC 9110)
     return APIError(429, f"Rate limit exceeded; retry after {wait} s.", code="rate_limit_exceeded",

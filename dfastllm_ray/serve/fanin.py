@@ -21,7 +21,9 @@ class DeadlineExceeded(Exception):
 
 
 class Fanin:
-    def __init__(self, streams: list[AsyncIterator[BlockOutput]], timeout_s: float) -> None:
+    def __init__(self, streams: list[AsyncIterator[BlockOutput]], timeout_s: float,
+                 model: str = "") -> None:
+        self.model = model                       # the model the streams come from
         self.deadline = time.monotonic() + timeout_s
         self._queue: asyncio.Queue = asyncio.Queue()
         self._open = len(streams)
@@ -55,6 +57,10 @@ class Fanin:
                 raise item
             return index, item
         return None
+
+    def fail(self, exc: BaseException) -> None:
+        """Make the consumer's next `next()` raise `exc` (the model lost its replica)."""
+        self._queue.put_nowait((-1, exc))
 
     async def close(self) -> None:
         for task in self._tasks:

@@ -191,7 +191,9 @@ class ModelReplica:
         return self.core.card()
 
     def stats(self) -> dict[str, Any]:
-        return self.core.stats()
+        import ray
+        # which replica answered: its Ray actor name (operators kill or inspect it by name)
+        return {**self.core.stats(), "actor_name": ray.get_runtime_context().get_actor_name()}
 
     async def ping(self) -> None:
         await self.core.check_health()

@@ -3,8 +3,9 @@
 Order of work for a generation request: model lookup (404) -> prompt and knobs validated against
 the model card (400, at once) -> one `GenerateRequest` per choice -> blocks merged under the
 request deadline (504 and an engine abort past it) -> a full body or SSE chunks.
-Readiness comes from a background watcher, so `/health` answers from memory in microseconds even
-when every replica is busy decoding.
+Readiness comes from a background watcher (`health.py`), so `/health` answers from memory in
+microseconds even when every replica is busy decoding, and a model that lost its replicas fails
+its requests with 503 + Retry-After instead of holding them.
 """
 from __future__ import annotations
 
@@ -15,13 +16,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Optional, Union
 
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.exceptions import BackPressureError
 
 from . import prompts
 from .clients import ModelClient
 from .config import ServerSettings
 from .errors import APIError, from_value_error, model_not_found, overloaded, timed_out
 from .fanin import DeadlineExceeded, Fanin
+from .health import ModelHealth, is_replica_loss
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .records import BlockOutput, GenerateRequest, ModelCard
 from .responses import DONE, Choice, ResponseMeta, block_chunk, full_response, sse, usage_chunk
@@ -56,8 +58,6 @@ def map_downstream_error(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, BackPressureError):
         return overloaded("The model's queue is full; retry shortly.")
-    if isinstance(exc, DeploymentUnavailableError):
-        return overloaded("The model is not available right now; retry shortly.", retry_after_s=5)
     if isinstance(exc, TimeoutError):   # the replica's own deadline (the ingress's normally wins)
         return timed_out(0.0)
     if isinstance(exc, ValueError):
@@ -71,7 +71,9 @@ class OpenAIServer:
         self.settings = settings
         self.clients = clients
         self.cards: dict[str, ModelCard] = {}
-        self.healthy: dict[str, bool] = {m: False for m in clients}
+        self.health = ModelHealth(list(clients), settings.health_poll_s,
+                                  settings.health_timeout_s, settings.unavailable_wait_s)
+        self.healthy = self.health.healthy
         self.inflight = 0
         self._watcher: Optional[asyncio.Task] = None
         # (model, seconds from arrival to the first committed block) -> metrics
@@ -88,26 +90,20 @@ class OpenAIServer:
     async def _watch(self) -> None:
         while True:
             await asyncio.gather(*(self._probe(m) for m in self.clients))
-            # Poll fast until every model is up, so readiness follows loading closely.
-            await asyncio.sleep(self.settings.health_poll_s if self.ready() else 0.5)
+            await asyncio.sleep(self.health.next_poll_s())
 
     async def _probe(self, model: str) -> None:
         client = self.clients[model]
-        try:
-            if model not in self.cards:
+        if model not in self.cards:
+            try:
                 self.cards[model] = await asyncio.wait_for(client.card(),
                                                            self.settings.health_poll_s * 2)
-            await asyncio.wait_for(client.ping(), self.settings.health_poll_s * 2)
-            self.healthy[model] = True
-        except (asyncio.TimeoutError, BackPressureError):
-            return   # a replica busy decoding is slow to answer, not dead: keep the last state
-        except Exception as exc:   # not loaded yet, restarting, or dead: report, keep polling
-            if self.healthy.get(model):
-                log.warning("model %s became unhealthy: %r", model, exc)
-            self.healthy[model] = False
+            except Exception:   # not loaded yet: keep polling
+                return
+        await self.health.probe(model, client.ping, known=True)
 
     def ready(self) -> bool:
-        return all(self.healthy.values())
+        return self.health.ready()
 
     async def card(self, model: str) -> ModelCard:
         if model not in self.clients:
@@ -122,10 +118,16 @@ class OpenAIServer:
         self.cards[model] = card
         return card
 
+    async def model_for(self, model: str) -> ModelCard:
+        """The card of a model that can serve now (bounded wait while it is down, then 503)."""
+        card = await self.card(model)
+        await self.health.admit(model)
+        return card
+
     # ---- preparing ---------------------------------------------------------------------------
     async def prepare(self, body: Union[CompletionRequest, ChatCompletionRequest],
                       request_id: str) -> Prepared:
-        card = await self.card(body.model)
+        card = await self.model_for(body.model)
         chat = isinstance(body, ChatCompletionRequest)
         prompts.check_prompt_size(body, card)
         encode = prompts.chat_prompt if chat else prompts.completion_prompts
@@ -155,7 +157,14 @@ class OpenAIServer:
 
     def _fanin(self, prep: Prepared) -> Fanin:
         client = self.clients[prep.meta.model]
-        return Fanin([client.generate(r) for r in prep.requests], self.settings.request_timeout_s)
+        fan = Fanin([client.generate(r) for r in prep.requests], self.settings.request_timeout_s,
+                    prep.meta.model)
+        self.health.opened(fan.model, fan)
+        return fan
+
+    async def _close(self, fan: Fanin) -> None:
+        self.health.closed(fan.model, fan)
+        await fan.close()
 
     async def _next(self, fan: Fanin) -> Optional[tuple[int, BlockOutput]]:
         try:
@@ -165,9 +174,14 @@ class OpenAIServer:
         except (asyncio.CancelledError, APIError):
             raise
         except Exception as exc:
+            if is_replica_loss(root_cause(exc)):
+                self.health.mark_down(fan.model, repr(root_cause(exc)))
+                raise self.health.lost(fan.model) from None
             raise map_downstream_error(exc) from None
-        if item is not None and item[1].error is not None:   # refused by the engine: 400
-            raise from_value_error(ValueError(item[1].error))
+        if item is not None:
+            self.health.progress(fan.model)
+            if item[1].error is not None:   # refused by the engine: 400
+                raise from_value_error(ValueError(item[1].error))
         return item
 
     # ---- running -----------------------------------------------------------------------------
@@ -183,7 +197,7 @@ class OpenAIServer:
                     first = False
                 choices[item[0]].add(item[1])
         finally:
-            await fan.close()
+            await self._close(fan)
         return full_response(prep.meta, choices)
 
     async def open_stream(self, prep: Prepared) -> AsyncIterator[str]:
@@ -193,7 +207,7 @@ class OpenAIServer:
         try:
             first = await self._next(fan)
         except BaseException:
-            await fan.close()
+            await self._close(fan)
             raise
         self._first_block(prep)
         return self._events(prep, fan, first)
@@ -220,7 +234,7 @@ class OpenAIServer:
             # Headers are already sent: report in-band, then end the stream cleanly (pitfall 4).
             yield sse(exc.body())
         finally:
-            await fan.close()
+            await self._close(fan)
         yield DONE
 
     async def stats(self) -> dict[str, Any]:
