@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 KV_CACHE_MODES = ("none", "prefix", "dual")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+SAMPLER_DTYPES = ("float32", "float64")
 
 
 def _check(cond: bool, name: str, value, fix: str) -> None:
@@ -71,6 +72,18 @@ class EngineConfig:
     compile: bool = False
     """CUDA only: `torch.compile` the model forward (dynamic shapes)."""
 
+    sampler_dtype: str = "float32"
+    """Precision of the batched sampler's softmax and confidences. "float32": the fast path.
+    "float64": Fast-dLLM's float64 softmax, for bit-exact ties with the official LLaDA code
+    (the engine-vs-reference tests run both and say which cases need it)."""
+
+    exact_ties: bool = False
+    """Break ties among equal confidences of the quota policies (fixed, Dream top-k / threshold)
+    as `torch.topk` does over the official code's row layout, instead of by position. Only exact
+    ties differ: e.g. Dream's top-k margin with top_k, where every position left with a single
+    token has margin exactly 1.0 (fixture `dream.topk_margin.s32.topp0.9.topk20`). Costs one
+    topk per distinct quota in the step; off on the fast path."""
+
     def __post_init__(self) -> None:
         _check(isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1, "max_num_seqs",
                self.max_num_seqs, "use an integer >= 1")
@@ -95,6 +108,8 @@ class EngineConfig:
                                               and self.max_model_len >= 2),
                "max_model_len", self.max_model_len, "use an integer >= 2 or None")
         _check(self.dtype in DTYPES, "dtype", self.dtype, f"use one of {DTYPES}")
+        _check(self.sampler_dtype in SAMPLER_DTYPES, "sampler_dtype", self.sampler_dtype,
+               f"use one of {SAMPLER_DTYPES}")
         _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "device",
                self.device, 'use "auto", "cpu", "cuda" or "cuda:N"')
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 import time
 from dataclasses import replace
 
@@ -15,8 +16,10 @@ import torch
 
 from ..models.loader import LoadedModel
 from ..sampling.params import DEFAULT_MAX_TOKENS, SamplingParams
+from ..sampling.rng import seed_to_int64
 from .config import EngineConfig
 from .detokenizer import Detokenizer
+from .input_batch import InputBatch
 from .kv_pool import GIB, KVPool, bytes_per_page, num_pages_for_budget
 from .memory import plan_num_pages
 from .model_runner import ModelRunner
@@ -38,12 +41,18 @@ class Engine:
         allocator = PageAllocator(self.pool.num_pages if self.pool else 0, self.config.page_size,
                                   self.config.enable_prefix_caching)
         self.detokenizer = Detokenizer(loaded.tokenizer)
+        self.batch = InputBatch(self.config.max_num_seqs, self.max_model_len, self.config.page_size,
+                                self.spec.mask_token_id, self.device)
         self.scheduler = Scheduler(self.config, allocator, self.max_model_len,
-                                   self.spec.stop_token_ids, self.detokenizer.stop_cut)
+                                   self.spec.stop_token_ids, self.detokenizer.stop_cut,
+                                   slots=(self._take_slot, self._release_slot))
         model = loaded.model
         if self.config.compile and self.device.type == "cuda":
             model = torch.compile(model, dynamic=True)
-        self.runner = ModelRunner(model, self.spec, self.pool, self.device, self.dtype)
+        self.runner = ModelRunner(model, self.spec, self.pool, self.batch,
+                                  getattr(torch, self.config.sampler_dtype),
+                                  self.config.exact_ties)
+        self._seeds = random.Random()              # keys of unseeded requests
         self._arrivals = itertools.count()
         self._stops: dict[str, tuple[str, ...]] = {}
         self.metrics = StepMetrics()
@@ -61,11 +70,9 @@ class Engine:
         if not prompt_token_ids:
             raise ValueError("prompt_token_ids is empty: a request needs at least one prompt token")
         p = self.resolve_params(params or SamplingParams(), len(prompt_token_ids))
-        gen = None
-        if p.seed is not None:
-            gen = torch.Generator(device=self.device).manual_seed(p.seed)
+        seed = p.seed if p.seed is not None else self._seeds.getrandbits(63)
         req = Request(request_id, list(prompt_token_ids), p, self.spec.mask_token_id,
-                      next(self._arrivals), generator=gen)
+                      next(self._arrivals), seed=seed_to_int64(seed))
         self.scheduler.add(req)
         self._stops[request_id] = p.stop
 
@@ -101,6 +108,14 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def _take_slot(self, req: Request) -> int:
+        """Admission's device half: the request's row of the resident batch."""
+        return self.batch.add(req.prompt_token_ids, req.canvas_len, req.page_ids, req.params,
+                              req.seed)
+
+    def _release_slot(self, req: Request) -> None:
+        self.batch.release(req.slot)
 
     # ---- the step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -163,7 +178,7 @@ class StepMetrics:
         self.steps += 1
         self.forwards += result.num_forwards
         self.batched_tokens += sched.num_batched_tokens
-        self.tokens += sum(len(p) for p, _ in result.committed.values())
+        self.tokens += sum(c.num_committed for c in result.committed.values())
         self.forward_ms += result.forward_ms
         self.sample_ms += result.sample_ms
 

@@ -33,19 +33,16 @@ def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def slots_for(page_ids: list[int], page_size: int, start: int, end: int) -> list[int]:
-    """Slot ids of canvas positions [start, end) for a request with these pages."""
-    return [page_ids[p // page_size] * page_size + p % page_size for p in range(start, end)]
-
-
 class KVPool:
     def __init__(self, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device | str):
         self.num_layers = num_layers
         self.num_pages = num_pages
         self.page_size = page_size
-        # (layers, 2, slots, H_kv, D); zeros so a never-written slot is finite under a 0 weight
-        self.data = torch.zeros(num_layers, 2, num_pages * page_size, num_kv_heads, head_dim,
+        # (layers, 2, slots + 1, H_kv, D); zeros so a never-written slot is finite under a 0
+        # weight. The last slot is a dump: padded query rows write there, nothing reads it.
+        self.dump_slot = num_pages * page_size
+        self.data = torch.zeros(num_layers, 2, self.dump_slot + 1, num_kv_heads, head_dim,
                                 dtype=dtype, device=device)
 
     @property

@@ -1,63 +1,88 @@
-"""`ModelRunner`: one batched forward per kind of window per step, then the per-request decisions.
+"""`ModelRunner`: one batched forward per kind of window per step, decided and committed on the device.
 
-Rows are right-padded to the longest window of their group; an additive key bias hides every
-key past a row's canvas, so each row computes what it would alone (up to float rounding of the
-larger matmuls). Groups (docs/engine.md): FULL (no cache: whole canvases), REFRESH (a block's
-first forward: canvas from q_start, K/V written to the pages) and CACHED (the block's later
-forwards against the pages). Keeping them in separate forwards keeps a 32-token cached window
-from being padded to a 768-token canvas.
+Groups (docs/engine.md): FULL (no cache: whole canvases), REFRESH (a block's first forward:
+canvas from q_start, K/V written to the pages) and CACHED (the block's later forwards against
+the pages). Keeping them in separate forwards keeps a 32-token cached window from being padded
+to a 768-token canvas. Per group: pack the rows' integers on the host (one host -> device
+copy), expand them on the device against the resident `InputBatch`, forward, sample and commit
+there; then the whole step's results come back in ONE device -> host copy. Rows are
+right-padded to the widest window of their group; a key mask (only when some row is shorter)
+hides every key past a row's canvas, so each row computes what it would alone.
 """
 from __future__ import annotations
 
 import time
 
 import torch
-from torch import Tensor
 
 from ..models.spec import ModelSpec
 from . import sampler
-from .kv_pool import KVPool, to_device
-from .outputs import FULL, RunnerOutput, ScheduledRequest, SchedulerOutput
-from .paged_kv import build_paged_kv
+from .input_batch import InputBatch
+from .kv_pool import KVPool
+from .outputs import RunnerOutput, ScheduledRequest, SchedulerOutput, StepCommit
 from .request import Request
+from .step_inputs import GroupPlan, expand_group, pack_group
 
 
-def logits_rows(item: ScheduledRequest, logits_shift: bool) -> list[int]:
-    """Query rows whose output predicts each candidate position.
+class PhaseTimer:
+    """Wall time per phase of the step (ms, summed over the engine's life)."""
+    PHASES = ("inputs", "forward", "sample", "commit")
 
-    Dream (logits_shift) predicts position p from the output at p-1; the window's first position
-    keeps its own output, as Fast-dLLM shifts within the window and the reference over the canvas."""
-    rows = []
-    for p in item.candidates:
-        r = p - item.q_start
-        rows.append(r - 1 if logits_shift and r > 0 else r)
-    return rows
+    def __init__(self):
+        self.ms = dict.fromkeys(self.PHASES, 0.0)
+        self._t = 0.0
+
+    def start(self) -> None:
+        self._t = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.ms[phase] += (now - self._t) * 1e3
+        self._t = now
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, spec: ModelSpec, pool: KVPool | None,
-                 device: torch.device, dtype: torch.dtype):
-        self.model = model
-        self.spec = spec
-        self.pool = pool
-        self.device = device
-        self.dtype = dtype
+                 batch: InputBatch, conf_dtype: torch.dtype, exact_ties: bool = False):
+        self.model, self.spec, self.pool, self.batch = model, spec, pool, batch
+        self.conf_dtype, self.exact_ties = conf_dtype, exact_ties
+        self.family = "dream" if spec.arch == "dream" else "llada"
+        self.timer = PhaseTimer()
 
     @torch.inference_mode()
     def run(self, sched: SchedulerOutput, requests: dict[str, Request]) -> RunnerOutput:
         out = RunnerOutput()
-        logits: dict[str, Tensor] = {}
+        if sched.is_empty:
+            return out
         t0 = time.perf_counter()
+        fwd0 = self.timer.ms["forward"]
+        gen_width = max(requests[i.request_id].params.max_tokens for i in sched.scheduled)
+        packs, order = [], []
         for items in self._groups(sched.scheduled):
-            batch_logits = self.forward(items, requests)                     # (B, n_max, V)
-            for b, item in enumerate(items):
-                logits[item.request_id] = batch_logits[b, :len(item.candidates)]
+            plan = pack_group(items, requests, self.family, self.conf_dtype, gen_width)
+            packs.append(self._run_group(plan))
+            order.extend(items)
             out.num_forwards += 1
-        t1 = time.perf_counter()
-        out.committed = sampler.sample(sched.scheduled, requests, logits, self.spec)
-        out.forward_ms = (t1 - t0) * 1e3
-        out.sample_ms = (time.perf_counter() - t1) * 1e3
+        host = torch.cat(packs).cpu() if len(packs) > 1 else packs[0].cpu()   # the one D2H copy
+        out.committed = unpack(host, order, requests)
+        out.forward_ms = self.timer.ms["forward"] - fwd0
+        out.sample_ms = (time.perf_counter() - t0) * 1e3 - out.forward_ms
         return out
+
+    def _run_group(self, plan: GroupPlan) -> torch.Tensor:
+        t = self.timer
+        t.start()
+        inputs = expand_group(plan, self.batch, self.pool, self.spec)
+        t.lap("inputs")
+        logits = self.model(inputs.input_ids, positions=inputs.positions,
+                            attn_bias=inputs.attn_mask, kv=inputs.kv,
+                            logits_index=inputs.logits_index)               # (B, n_max, V)
+        t.lap("forward")
+        commit_mask, tokens = sampler.sample(logits, plan, inputs, self.spec, self.exact_ties)
+        t.lap("sample")
+        packed = sampler.commit(self.batch, inputs, commit_mask, tokens)
+        t.lap("commit")
+        return packed
 
     @staticmethod
     def _groups(items: list[ScheduledRequest]) -> list[list[ScheduledRequest]]:
@@ -66,30 +91,14 @@ class ModelRunner:
             by_kind.setdefault(item.kind, []).append(item)
         return list(by_kind.values())
 
-    def forward(self, items: list[ScheduledRequest], requests: dict[str, Request]) -> Tensor:
-        """One padded forward over the items' windows -> logits (B, n_max, V) at the candidates."""
-        lq = max(i.q_len for i in items)
-        lk = lq if items[0].kind == FULL else max(i.kv_len for i in items)
-        ids = torch.full((len(items), lq), self.spec.mask_token_id, dtype=torch.long)
-        valid = torch.zeros(len(items), lk, dtype=torch.bool)         # real keys per row
-        n_max = max(1, max(len(i.candidates) for i in items))
-        index = torch.zeros(len(items), n_max, dtype=torch.long)       # LM-head rows per row
-        for b, item in enumerate(items):
-            canvas = requests[item.request_id].canvas
-            ids[b, :item.q_len] = canvas[item.q_start:item.q_start + item.q_len]
-            valid[b, :item.kv_len] = True
-            rows = logits_rows(item, self.spec.logits_shift)
-            index[b, :len(rows)] = torch.tensor(rows, dtype=torch.long)
-        starts = torch.tensor([i.q_start for i in items], dtype=torch.long)
-        positions = starts[:, None] + torch.arange(lq)[None]           # (B, Lq) absolute RoPE positions
-        valid = to_device(valid, self.device)
-        bias = torch.zeros(valid.shape, dtype=self.dtype, device=self.device).masked_fill(
-            ~valid, torch.finfo(self.dtype).min)[:, None, None, :]     # (B, 1, 1, Lk)
-        kv = None if items[0].kind == FULL else self._paged_kv(items, requests, lq, lk)
-        return self.model(to_device(ids, self.device), positions=to_device(positions, self.device),
-                          attn_bias=bias, kv=kv, logits_index=to_device(index, self.device))
 
-    def _paged_kv(self, items, requests, lq: int, lk: int):
-        windows = [(i.q_start, i.q_len, i.kv_len) for i in items]
-        tables = [requests[i.request_id].page_ids for i in items]
-        return build_paged_kv(self.pool, windows, tables, lq, lk, self.device)
+def unpack(host: torch.Tensor, items: list[ScheduledRequest], requests: dict[str, Request]
+           ) -> dict[str, StepCommit]:
+    """The step's (B, 2 + W) host copy -> per request: counts and a view of its generation."""
+    arr = host.numpy()
+    counts = arr[:, :2].tolist()
+    out = {}
+    for b, item in enumerate(items):
+        width = requests[item.request_id].params.max_tokens
+        out[item.request_id] = StepCommit(counts[b][0], counts[b][1], arr[b, 2:2 + width])
+    return out

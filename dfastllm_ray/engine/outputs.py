@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 # Kinds of forward a scheduled request takes part in this step.
 FULL = "full"        # no KV cache: the whole canvas is the query window (exact reference)
@@ -20,10 +21,16 @@ class ScheduledRequest:
     q_start: int                  # canvas position of the first query row
     q_len: int                    # query rows (tokens) of this request's forward
     kv_len: int                   # keys this request's queries attend to: canvas positions [0, kv_len)
-    candidates: list[int]         # canvas positions (masked) whose logits are decoded this step
-    quota: float                  # the schedule's commit count for this step (Dream origin: a probability)
+    cand_start: int               # candidates: the masked canvas positions in [cand_start, cand_end)
+    cand_end: int
+    num_candidates: int           # how many there are (the host's mask count; the device agrees)
+    quota: float                  # the schedule's offer for this step (Dream origin: a probability)
+    k: int                        # commit count of top-k style policies (0: this step commits none)
+    policy: str                   # batched policy name (sampling.batch_policies) for this step
     schedule_step: int            # index of this step in the block's schedule (Dream's t[i])
     schedule_len: int             # steps of the block's schedule
+    slot: int = -1                # the request's InputBatch row
+    conf_alg: str | None = None   # Dream confidence for this step (Fast-dLLM's cached steps: entropy)
     force_position: int | None = None   # Fast-dLLM Dream refresh: commit this position by argmax only
 
 
@@ -40,12 +47,18 @@ class SchedulerOutput:
 
 
 @dataclass
+class StepCommit:
+    """What one request's step committed, from the step's single device -> host copy."""
+    num_committed: int            # positions committed this step (0 only for a zero quota)
+    num_in_block: int             # of them, inside the active block (the rest: earlier masks)
+    generated: Sequence[int]      # the generation positions after the step (masks included)
+
+
+@dataclass
 class RunnerOutput:
-    # per request id: canvas positions committed this step (subset of its candidates, >= 1
-    # unless the fixed quota is 0) and the token committed at each of them
-    committed: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict)
+    committed: dict[str, StepCommit] = field(default_factory=dict)   # per request id
     forward_ms: float = 0.0       # wall time of the model forwards (ms)
-    sample_ms: float = 0.0        # wall time of propose + policy for all requests (ms)
+    sample_ms: float = 0.0        # wall time of inputs, sampling, commit and the copy (ms)
     num_forwards: int = 0         # batched model forwards this step (one per kind group)
 
 

@@ -11,56 +11,52 @@ canvas from the pool: Fast-dLLM's dual cache writes the block in place the same 
 because nothing outside the window is touched, and every position inside it is rewritten before
 it is read again (the next step of the block recomputes the same window; the next block starts
 with a refresh that rewrites everything from its q_start). A refresh row whose window is the
-whole canvas is passed through unchanged. Keys past kv_len_b are padding (slot 0), hidden by the
-attention bias the runner builds.
+whole canvas is passed through unchanged. Keys past kv_len_b are padding, hidden by the attention
+mask the runner builds; padded query rows write to the pool's dump slot.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .kv_pool import KVPool, to_device
+from .kv_pool import KVPool
 
 
 class PagedKV:
-    def __init__(self, pool: KVPool, read_slots: Tensor, write_slots: Tensor, write_rows: Tensor,
-                 passthrough: bool):
+    def __init__(self, pool: KVPool, read_slots: Tensor, write_slots: Tensor, passthrough: bool):
         self.pool = pool
-        self.read_slots = read_slots      # (B, Lk) int64: pool slot of canvas position p (0: padding)
-        self.write_slots = write_slots    # (N,) int64: slots of the window positions of every row
-        self.write_rows = write_rows      # (N,) int64: flat (b * Lq + j) query rows of those positions
+        self.read_slots = read_slots      # (B, Lk) int64: pool slot of canvas position p
+        self.write_slots = write_slots    # (B * Lq,) int64: slot of each query row (padding: dump)
         self.passthrough = passthrough    # every window is its whole canvas: keys == this forward's
 
     def __call__(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """k, v (B, H_kv, Lq, D) after RoPE -> (B, H_kv, Lk, D)."""
-        self.pool.write(layer, self.write_slots, _rows(k, self.write_rows), _rows(v, self.write_rows))
+        self.pool.write(layer, self.write_slots, _rows(k), _rows(v))
         if self.passthrough:
             return k, v
         ck, cv = self.pool.gather(layer, self.read_slots)
         return ck.to(k.dtype), cv.to(v.dtype)
 
 
-def _rows(x: Tensor, flat_rows: Tensor) -> Tensor:
-    """(B, H, Lq, D) -> (N, H, D): the fresh positions named by flat (b * Lq + j) indices."""
+def _rows(x: Tensor) -> Tensor:
+    """(B, H, Lq, D) -> (B * Lq, H, D), rows in (b, j) order."""
     b, h, lq, d = x.shape
-    return x.transpose(1, 2).reshape(b * lq, h, d).index_select(0, flat_rows)
+    return x.transpose(1, 2).reshape(b * lq, h, d)
 
 
-def build_paged_kv(pool: KVPool, windows: list[tuple[int, int, int]], page_tables: list[list[int]],
-                   lq: int, lk: int, device) -> PagedKV:
-    """windows: per row (q_start, q_len, kv_len); page_tables: per row page ids in canvas order.
+def build_paged_kv(pool: KVPool, page_rows: Tensor, q_start: Tensor, q_len: Tensor, lq: int,
+                   lk: int, passthrough: bool) -> PagedKV:
+    """Slots from the device page tables, no host work per row.
 
-    Index tensors are built on the host and moved once (one copy per step, no per-row sync)."""
+    page_rows (B, max_pages) int64: each row's page table; q_start, q_len (B,) int64 on the
+    device. Keys past a row's kv_len map to whatever its table holds there (hidden by the
+    attention mask); query rows past q_len write to the dump slot, so they never overwrite a
+    cached position."""
     ps = pool.page_size
-    read = torch.zeros(len(windows), lk, dtype=torch.long)
-    w_slots, w_rows = [], []
-    pos = torch.arange(lk)
-    for b, ((q0, ql, kvl), pages) in enumerate(zip(windows, page_tables)):
-        table = torch.tensor(pages, dtype=torch.long)
-        p = pos[:kvl]
-        read[b, :kvl] = table[p // ps] * ps + p % ps
-        w_slots.append(read[b, q0:q0 + ql])
-        w_rows.append(torch.arange(ql) + b * lq)
-    passthrough = lq == lk and all(q0 == 0 and ql == kvl for q0, ql, kvl in windows)
-    return PagedKV(pool, to_device(read, device), to_device(torch.cat(w_slots), device),
-                   to_device(torch.cat(w_rows), device), passthrough)
+    pos = torch.arange(lk, device=page_rows.device)
+    page_of = (pos // ps).clamp_(max=page_rows.shape[1] - 1)
+    read = page_rows[:, page_of] * ps + pos % ps                                # (B, Lk)
+    j = torch.arange(lq, device=page_rows.device)
+    qpos = (q_start[:, None] + j).clamp_(max=lk - 1)                            # (B, Lq)
+    write = torch.where(j < q_len[:, None], read.gather(1, qpos), pool.dump_slot)
+    return PagedKV(pool, read, write.reshape(-1), passthrough)

@@ -1,15 +1,18 @@
-"""`Request`: one generation's state inside the engine (host side, no CUDA).
+"""`Request`: one generation's host-side state inside the engine (no CUDA).
 
 A request's *canvas* is its prompt followed by `max_tokens` generation positions, all masked at
 arrival. Generation proceeds block by block (`block_length` positions); `block_step` counts the
 forwards spent on the active block. Committed positions never change again.
+
+The canvas itself lives on the device (`InputBatch`, row `slot`). The host keeps counters of
+the masks left (enough to plan every step) and `generated`, the snapshot of the generation
+positions that the step's one device -> host copy brought back, read only when a block closes.
 """
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-
-import torch
+from typing import Sequence
 
 from ..sampling.dream import ThresholdCarry
 from ..sampling.params import SamplingParams
@@ -28,7 +31,6 @@ class Request:
     params: SamplingParams            # resolved: max_tokens, block_length, steps are set
     mask_token_id: int
     arrival: int                      # engine-wide arrival counter (FIFO order)
-    canvas: torch.Tensor = None       # (L,) int64 on CPU: prompt + max_tokens positions
     status: RequestStatus = RequestStatus.WAITING
     block_idx: int = 0                # index of the active block, 0..num_blocks-1
     block_step: int = 0               # forwards already spent on the active block
@@ -45,12 +47,15 @@ class Request:
     output_len: int | None = None     # generated positions returned (cut at EOS / stop string)
     num_emitted: int = 0              # generated positions already streamed
     last_scheduled: int = -1          # engine step index this request last ran in (fairness)
-    generator: torch.Generator | None = None   # per-request RNG (seeded from params.seed)
+    seed: int = 0                     # counter-RNG key (params.seed, or drawn at arrival)
+    slot: int = -1                    # InputBatch row while running
+    masked_before: int = 0            # masks in canvas [0, block_start): prompt masks, leftovers
+    masked_block: int = 0             # masks in the active block
+    generated: Sequence[int] | None = None   # generation positions at the last sync (None: all masks)
 
     def __post_init__(self) -> None:
-        if self.canvas is None:
-            gen = torch.full((self.params.max_tokens,), self.mask_token_id, dtype=torch.long)
-            self.canvas = torch.cat([torch.tensor(self.prompt_token_ids, dtype=torch.long), gen])
+        self.masked_before = sum(1 for t in self.prompt_token_ids if t == self.mask_token_id)
+        self.masked_block = self.params.block_length
 
     # ---- shape of the canvas -------------------------------------------------------------
     @property
@@ -82,18 +87,19 @@ class Request:
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
-    def masked_positions(self, start: int, end: int) -> list[int]:
-        """Canvas positions in [start, end) still holding the mask token, in order."""
-        window = self.canvas[start:end]
-        return (torch.nonzero(window == self.mask_token_id).flatten() + start).tolist()
+    @property
+    def masked_upto_block_end(self) -> int:
+        return self.masked_before + self.masked_block
 
-    def num_masked(self, start: int, end: int) -> int:
-        return int((self.canvas[start:end] == self.mask_token_id).sum())
+    def generated_tokens(self, end: int) -> list[int]:
+        """The first `end` generation positions at the last sync (masks included)."""
+        if self.generated is None:
+            return [self.mask_token_id] * end
+        return [int(t) for t in self.generated[:end]]
 
     def generated_ids(self) -> list[int]:
         """Generated positions returned to the user: cut at `output_len`, masks dropped
         (a bounded dual-cache block may leave masks, as in Fast-dLLM)."""
-        end = self.prompt_len + (self.output_len if self.output_len is not None
-                                 else self.block_idx * self.params.block_length)
-        ids = self.canvas[self.prompt_len:end].tolist()
-        return [t for t in ids if t != self.mask_token_id]
+        end = (self.output_len if self.output_len is not None
+               else self.block_idx * self.params.block_length)
+        return [t for t in self.generated_tokens(end) if t != self.mask_token_id]

@@ -1,117 +1,72 @@
-"""The step's decisions: per request `propose` + the request's policy (docs/DESIGN.md).
+"""The step's decisions for a whole forward group, on the device, in one op chain.
 
-Each request decides from its own logits rows, its own knobs and its own `torch.Generator`, so
-a request's tokens do not depend on what else is in the batch. The decisions of all requests
-are copied to the host together: one device sync per step, not one per request.
+`sample` runs the batched proposal (sampling/batch_propose.py) and every policy present in the
+group (sampling/batch_policies.py), merging them by each row's policy index; `commit` scatters
+the committed tokens into the resident canvas and gathers what the host needs back (counts and
+the generation positions), packed for the step's single device -> host copy. A request's tokens
+depend only on its own logits, knobs and counter-RNG key, never on what it is batched with.
 """
 from __future__ import annotations
-
-from dataclasses import replace
 
 import torch
 from torch import Tensor
 
 from ..models.spec import ModelSpec
-from ..sampling.candidates import Candidates
-from ..sampling.dream import DREAM_POLICIES, propose_dream, sample_tokens
-from ..sampling.params import SamplingParams
-from ..sampling.policies import POLICIES
-from ..sampling.propose import propose
-from .kv_pool import to_device
-from .outputs import CACHED, ScheduledRequest
-from .request import Request
-
-# Policies whose quota is a count the schedule may set to 0: that step's forward commits nothing
-# (ML-GSAI's empty steps, the hub's `if k > 0`, Dream's cached forward past the schedule).
-QUOTA_POLICIES = ("fixed", "dream_topk", "dream_alg_temp", "dream_threshold")
+from ..sampling.batch_policies import BATCH_POLICIES, Ranked
+from ..sampling.batch_propose import propose_batch
+from .input_batch import InputBatch
+from .step_inputs import GroupInputs, GroupPlan
 
 
-def step_params(req: Request, item: ScheduledRequest) -> SamplingParams:
-    """Fast-dLLM's cached Dream steps score by negative entropy whatever `alg` says (unless the
-    threshold rule is on): `generation_utils_block` hard-codes it."""
-    p = req.params
-    if item.kind == CACHED and p.alg is not None and p.threshold is None:
-        return replace(p, alg="entropy")
-    return p
+# Quota policies whose ties `exact_ties` breaks as the official torch.topk does
+TOPK_POLICIES = ("fixed", "dream_topk", "dream_threshold")
 
 
-def decide(logits: Tensor, item: ScheduledRequest, req: Request, spec: ModelSpec,
-           window_index: Tensor) -> tuple[Tensor, Tensor]:
-    """logits (n, V) at item.candidates -> (commit (n,) bool, tokens (n,) int64) on the device.
-    window_index (n,): the candidates' rows in the forward window (item.candidates - q_start)."""
-    n, gen = len(item.candidates), req.generator
-    p = step_params(req, item)
-    none = torch.zeros(n, dtype=torch.bool, device=logits.device)
-    if item.force_position is not None:
-        # Fast-dLLM Dream refresh: the block's first position takes sample_tokens' x0, nothing else
-        _, x0 = sample_tokens(logits, p.temperature, p.top_p, p.top_k, generator=gen)
-        none[item.candidates.index(item.force_position)] = True
-        return none, x0
-    name = p.policy
-    if name == "dream_origin":
-        return _origin(logits, item.quota, p, gen)
-    if name in QUOTA_POLICIES and item.quota == 0:
-        return none, torch.zeros(n, dtype=torch.long, device=logits.device)
-    cand = propose(logits, p, gen, spec=spec)
-    policy = POLICIES.get(name) or DREAM_POLICIES[name]
-    return _window_select(cand, item, p, gen, policy, window_index), cand.tokens
+def sample(logits: Tensor, g: GroupPlan, inputs: GroupInputs, spec: ModelSpec,
+           exact_ties: bool = False) -> tuple[Tensor, Tensor]:
+    """logits (B, n, V) at the candidates -> (commit (B, n) bool, tokens (B, n) int64)."""
+    knobs = inputs.knobs
+    tokens, conf, entropy = propose_batch(logits, knobs, g.facts, spec.eos_token_id,
+                                          spec.eot_token_id)
+    ranked = Ranked(conf, entropy, knobs)
+    if exact_ties and any(p in TOPK_POLICIES for p in g.facts.policies):
+        ranked.top = official_topk(conf, inputs, g)
+    commit = None
+    for i, name in enumerate(g.facts.policies):
+        chosen = BATCH_POLICIES[name](conf, knobs, ranked)
+        if commit is None:
+            commit = chosen
+        else:                       # mixed group: each row keeps its own policy's decision
+            commit = torch.where((knobs.policy == i)[:, None], chosen, commit)
+    return commit, tokens
 
 
-def _window_select(cand: Candidates, item: ScheduledRequest, p: SamplingParams, gen,
-                   policy, idx: Tensor) -> Tensor:
-    """Run the policy over the whole forward window, -inf confidence (+inf entropy) where a
-    position may not commit, as the official codes lay out a row (`where(mask_index, x0_p, -inf)`,
-    Dream's `full_confidence`): `torch.topk` then breaks ties, and `torch.multinomial` consumes
-    the RNG, exactly as the references do. Returns the commit mask over the candidates."""
-    dev = cand.tokens.device
-    conf = torch.full((item.q_len,), float("-inf"), dtype=torch.float64, device=dev)
-    conf[idx] = cand.conf.to(dev)
-
-    def window_entropy() -> Tensor:              # only the entropy-bound policy reads it
-        ent = torch.full((item.q_len,), float("inf"), dtype=torch.float64, device=dev)
-        ent[idx] = cand.entropy.to(dev)
-        return ent
-
-    window = Candidates(torch.zeros(item.q_len, dtype=torch.long, device=dev), conf,
-                        window_entropy)
-    return policy(window, item.quota, p, gen)[idx]
-
-
-def _origin(logits: Tensor, prob: float, p: SamplingParams, gen) -> tuple[Tensor, Tensor]:
-    """Dream `origin`: coin flips first (`rand(n) < p`), then tokens for the flipped rows only,
-    the hub's draw order, so a seeded request reproduces the seeded reference."""
-    n = logits.shape[0]
-    blank = Candidates(torch.zeros(n, dtype=torch.long, device=logits.device),
-                       torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64))
-    flips = DREAM_POLICIES["dream_origin"](blank, prob, p, gen)
-    tokens = torch.zeros(n, dtype=torch.long, device=logits.device)
-    if bool(flips.any()):
-        tokens[flips] = propose_dream(logits[flips], p, gen).tokens
-    return flips, tokens
+def official_topk(conf: Tensor, inputs: GroupInputs, g: GroupPlan) -> Tensor:
+    """(B, n) bool: each row's k most confident as `torch.topk` picks them over the official
+    code's row layout (the forward window, -inf off the candidates). torch.topk's choice among
+    equal values depends on that layout, so only this reproduces the official ties. One topk per
+    distinct k (host-known, at most the block length), never a host sync."""
+    b = conf.shape[0]
+    window = torch.full((b, g.lq + 1), float("-inf"), dtype=conf.dtype, device=conf.device)
+    rows = torch.where(inputs.knobs.valid, inputs.cand_offset, g.lq)     # window columns
+    window.scatter_(1, rows, conf)
+    top = torch.zeros(b, g.lq + 1, dtype=torch.bool, device=conf.device)
+    by_k: dict[int, list[int]] = {}
+    for r, item in enumerate(g.items):
+        if item.k > 0:
+            by_k.setdefault(item.k, []).append(r)
+    for k, members in by_k.items():
+        idx = torch.tensor(members, device=conf.device)
+        picked = torch.topk(window[idx, :g.lq], k, dim=-1).indices
+        top[idx] = top[idx].scatter(1, picked, True)
+    return top.gather(1, rows) & inputs.knobs.valid
 
 
-def sample(items: list[ScheduledRequest], requests: dict[str, Request],
-           logits: dict[str, Tensor], spec: ModelSpec) -> dict[str, tuple[list[int], list[int]]]:
-    """Per scheduled request: (committed canvas positions, committed tokens) as host lists."""
-    out = {item.request_id: ([], []) for item in items}
-    live = [item for item in items if item.candidates]
-    if not live:
-        return out
-    rows = to_device(torch.tensor([c - i.q_start for i in live for c in i.candidates]),
-                     logits[live[0].request_id].device)      # one host -> device copy per step
-    decisions, at = [], 0
-    for item in live:
-        n = len(item.candidates)
-        c, t = decide(logits[item.request_id], item, requests[item.request_id], spec,
-                      rows[at:at + n])
-        decisions.append(torch.stack((c.to(torch.long), t)))      # (2, n)
-        at += n
-    flat_commit, flat_tokens = torch.cat(decisions, dim=1).cpu().tolist()   # the one host copy
-    at = 0
-    for item in live:
-        n = len(item.candidates)
-        pos = [p for p, c in zip(item.candidates, flat_commit[at:at + n]) if c]
-        tok = [t for t, c in zip(flat_tokens[at:at + n], flat_commit[at:at + n]) if c]
-        out[item.request_id] = (pos, tok)
-        at += n
-    return out
+def commit(batch: InputBatch, inputs: GroupInputs, commit_mask: Tensor, tokens: Tensor) -> Tensor:
+    """Write the decisions into the canvas -> packed (B, 2 + W) int64: committed count, committed
+    inside the active block, then the generation positions after the step."""
+    flat = batch.flat_canvas
+    new = torch.where(commit_mask, tokens, batch.mask_id)      # uncommitted candidates stay masked
+    flat.index_copy_(0, inputs.cand_flat.reshape(-1), new.reshape(-1))
+    counts = torch.stack((commit_mask.sum(1), (commit_mask & inputs.in_block).sum(1)), dim=1)
+    return torch.cat((counts, flat[inputs.gen_flat]), dim=1)

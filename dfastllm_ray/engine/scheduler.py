@@ -11,8 +11,6 @@ import math
 from collections import deque
 from typing import Callable, Optional
 
-import torch
-
 from . import step_plan
 from .config import EngineConfig
 from .outputs import REFRESH, RequestOutput, RunnerOutput, ScheduledRequest, SchedulerOutput
@@ -21,15 +19,35 @@ from .request import Request, RequestStatus
 
 # (request, generated token ids so far) -> number of them to keep when a stop string occurs
 StopChecker = Callable[[Request, list[int]], Optional[int]]
+# The device side of admission and release (the engine's InputBatch): request -> its slot
+SlotHooks = tuple[Callable[[Request], int], Callable[[Request], None]]
+
+
+def _counting_slots() -> SlotHooks:
+    """Slots for a scheduler without a device (tests): the lowest free number."""
+    free: list[int] = []
+    used: set[int] = set()
+
+    def take(req: Request) -> int:
+        slot = free.pop() if free else len(used) + len(free)
+        used.add(slot)
+        return slot
+
+    def give(req: Request) -> None:
+        used.discard(req.slot)
+        free.append(req.slot)
+    return take, give
 
 
 class Scheduler:
     def __init__(self, config: EngineConfig, allocator: PageAllocator, max_model_len: int,
-                 stop_token_ids: tuple[int, ...] = (), stop_checker: StopChecker | None = None):
+                 stop_token_ids: tuple[int, ...] = (), stop_checker: StopChecker | None = None,
+                 slots: SlotHooks | None = None):
         self.config = config
+        self.take_slot, self.release_slot = slots or _counting_slots()
         self.allocator = allocator
         self.max_model_len = max_model_len
-        self.stop_token_ids = torch.tensor(list(stop_token_ids), dtype=torch.long)
+        self.stop_token_ids = frozenset(stop_token_ids)
         self.stop_checker = stop_checker
         self.waiting: deque[Request] = deque()
         self.running: dict[str, Request] = {}
@@ -121,6 +139,7 @@ class Scheduler:
         req.num_cached_tokens = hits * self.config.page_size
         req.num_frozen_tokens = len(req.prefix_keys) * self.config.page_size
         req.status = RequestStatus.RUNNING
+        req.slot = self.take_slot(req)
         self.running[req.request_id] = req
         step_plan.open_block(req, self.config.kv_cache_mode)
 
@@ -131,14 +150,18 @@ class Scheduler:
             req = self.running.get(item.request_id)
             if req is None:          # aborted while its forward ran
                 continue
-            positions, tokens = result.committed.get(item.request_id, ([], []))
-            if positions:
-                req.canvas[torch.tensor(positions)] = torch.tensor(tokens, dtype=torch.long)
+            c = result.committed.get(item.request_id)
+            n_committed = 0
+            if c is not None:
+                n_committed = c.num_committed
+                req.masked_block -= c.num_in_block
+                req.masked_before -= c.num_committed - c.num_in_block
+                req.generated = c.generated
             req.nfe += 1
             self.total_nfe += 1
             if item.kind == REFRESH and not req.prefix_published:
                 self._publish(req)
-            if step_plan.after_step(req, item, len(positions), self.config.kv_cache_mode):
+            if step_plan.after_step(req, item, n_committed, self.config.kv_cache_mode):
                 outputs.append(self._close_block(req))
         return outputs
 
@@ -151,7 +174,7 @@ class Scheduler:
     def _close_block(self, req: Request) -> RequestOutput:
         last = req.block_idx == req.num_blocks - 1
         cut = self._stop_cut(req)
-        req.block_idx += 1
+        step_plan.next_block(req)
         if cut is not None and req.output_len is None:
             req.output_len = cut
         if cut is not None and (req.params.early_exit or last):
@@ -165,16 +188,11 @@ class Scheduler:
 
     def _stop_cut(self, req: Request) -> int | None:
         """Generated tokens to keep if EOS/EOT or a stop string occurs in what is committed."""
-        gen = req.canvas[req.prompt_len:req.block_end]
-        cuts = []
-        if len(self.stop_token_ids):
-            hits = torch.nonzero(torch.isin(gen, self.stop_token_ids)).flatten()
-            if len(hits):
-                cuts.append(int(hits[0]))
+        gen = req.generated_tokens(req.block_end - req.prompt_len)
+        cuts = [next((i for i, t in enumerate(gen) if t in self.stop_token_ids), None)]
         if self.stop_checker is not None and req.params.stop:
-            kept = self.stop_checker(req, gen.tolist())
-            if kept is not None:
-                cuts.append(kept)
+            cuts.append(self.stop_checker(req, gen))
+        cuts = [c for c in cuts if c is not None]
         return min(cuts) if cuts else None
 
     # ---- leaving ----------------------------------------------------------------------------
@@ -183,7 +201,8 @@ class Scheduler:
         req.finish_reason = reason
         if req.output_len is None and reason == "length":
             req.output_len = req.params.max_tokens
-        self.running.pop(req.request_id, None)
+        if self.running.pop(req.request_id, None) is not None:
+            self.release_slot(req)
         self.allocator.free(req.page_ids)
         req.page_ids = []
         self.num_finished += 1

@@ -20,10 +20,15 @@ schedule after the forward at i == steps_per_block (which commits nothing, as th
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..sampling.dream import ThresholdCarry, dream_quota, dream_transfer_prob
 from ..sampling.schedule import transfer_counts
 from .outputs import CACHED, FULL, REFRESH, ScheduledRequest
 from .request import Request
+
+# Policies whose quota is a count the schedule may set to 0: that step's forward commits nothing.
+QUOTA_POLICIES = ("fixed", "dream_topk", "dream_alg_temp", "dream_threshold")
 
 
 def is_dream(req: Request) -> bool:
@@ -32,15 +37,21 @@ def is_dream(req: Request) -> bool:
 
 
 def open_block(req: Request, mode: str) -> None:
-    """Reset the per-block counters of the newly active block."""
+    """Reset the per-block counters of the newly active block (its positions are all masked:
+    no step ever commits past the active block's end)."""
     req.block_step = 0
     p = req.params
     if not is_dream(req):    # LLaDA: the linear schedule over the block's masks
-        req.block_quota = transfer_counts(req.num_masked(req.block_start, req.block_end),
-                                          req.steps_per_block)
+        req.block_quota = transfer_counts(req.masked_block, req.steps_per_block)
     elif mode == "none" and p.threshold is not None:   # Fast-dLLM Dream confidence_threshold
-        n = req.num_masked(0, req.block_end)
-        req.carry = ThresholdCarry(n // p.steps, p.steps)
+        req.carry = ThresholdCarry(req.masked_upto_block_end // p.steps, p.steps)
+
+
+def next_block(req: Request) -> None:
+    """Move the counters to the next block: its leftovers join the masks before it."""
+    req.block_idx += 1
+    req.masked_before += req.masked_block
+    req.masked_block = req.params.block_length
 
 
 def plan(req: Request, mode: str) -> ScheduledRequest:
@@ -55,16 +66,44 @@ def plan(req: Request, mode: str) -> ScheduledRequest:
         kind, q_start = CACHED, s
         q_len = length - s if mode == "prefix" else e - s
     item = ScheduledRequest(request_id=req.request_id, kind=kind, q_start=q_start, q_len=q_len,
-                            kv_len=length, candidates=[], quota=0,
-                            schedule_step=req.block_step, schedule_len=req.steps_per_block)
+                            kv_len=length, cand_start=s, cand_end=e, num_candidates=0, quota=0,
+                            k=0, policy="", schedule_step=req.block_step,
+                            schedule_len=req.steps_per_block, slot=req.slot)
     if kind == REFRESH and is_dream(req):
-        item.candidates, item.quota, item.force_position = [s], 1, s
+        item.num_candidates, item.quota, item.k, item.force_position = 1, 1, 1, s
+        item.policy, item.conf_alg = "force", req.params.alg
         return item
     # full / refresh forwards: every mask from the window start to the block end competes
-    # (prompt masks, leftovers of earlier blocks); cached steps: the block's masks only
-    item.candidates = req.masked_positions(s if kind == CACHED else q_start, e)
-    item.quota = quota(req, mode, len(item.candidates))
+    # (prompt masks, leftovers of earlier blocks; frozen prompt pages hold none); cached steps:
+    # the block's masks only
+    if kind != CACHED:
+        item.cand_start, item.num_candidates = q_start, req.masked_upto_block_end
+    else:
+        item.num_candidates = req.masked_block
+    item.quota = quota(req, mode, item.num_candidates)
+    item.policy, item.conf_alg = step_policy(req, kind)
+    item.k = commit_count(item.policy, item.quota, item.num_candidates)
     return item
+
+
+def step_policy(req: Request, kind: str) -> tuple[str, str | None]:
+    """(policy, Dream confidence) of this step. Fast-dLLM's cached Dream steps score by negative
+    entropy whatever `alg` says (unless the threshold rule is on): `generation_utils_block`."""
+    p = req.params
+    if kind == CACHED and p.alg is not None and p.threshold is None:
+        p = replace(p, alg="entropy")
+    alg = "maskgit_plus" if p.threshold is not None and p.alg is not None else p.alg
+    return p.policy, alg
+
+
+def commit_count(policy: str, quota: float, n: int) -> int:
+    """k of the top-k style policies: the quota, at least one (the contract), at most n; a zero
+    quota commits nothing (ML-GSAI's empty steps, the hub's `if k > 0`, Dream's cached forward
+    past its schedule)."""
+    if policy not in QUOTA_POLICIES or n == 0:
+        return 0
+    q = int(quota)
+    return 0 if q == 0 else min(max(q, 1), n)
 
 
 def quota(req: Request, mode: str, masked: int) -> float:
@@ -88,7 +127,7 @@ def after_step(req: Request, item: ScheduledRequest, num_committed: int, mode: s
     req.block_step += 1
     if req.carry is not None and mode == "none":
         req.carry.update(item.schedule_step, int(item.quota), num_committed)
-    left = req.num_masked(req.block_start, req.block_end)
+    left = req.masked_block
     spb, p = req.steps_per_block, req.params
     if is_dream(req) and mode != "none":
         if req.block_step < 2:           # the refresh is always followed by a cached forward

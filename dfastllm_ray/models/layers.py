@@ -52,17 +52,16 @@ def default_positions(input_ids: Tensor) -> Tensor:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """Bidirectional attention. q (B, H, Lq, D); k, v (B, H_kv, Lk, D); bias (B, 1, Lq|1, Lk) additive.
+    """Bidirectional attention. q (B, H, Lq, D); k, v (B, H_kv, Lk, D); bias (B, 1, Lq|1, Lk)
+    additive, or bool (True = attend), or None (every key visible: SDPA may pick its flash kernel).
 
-    KV head j serves query heads j*g .. j*g+g-1 (LLaDA repeat_interleave == Qwen2 repeat_kv).
+    GQA natively (`enable_gqa`): KV head j serves query heads j*g .. j*g+g-1, as LLaDA's
+    repeat_interleave and Qwen2's repeat_kv lay them out, without materialising the copies.
     """
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-    if bias is not None:
+    if bias is not None and bias.dtype != torch.bool:
         bias = bias.to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=False)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=False,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 def key_padding_bias(key_mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from dfastllm_ray.engine.outputs import CACHED, FULL, REFRESH, RunnerOutput
-from engine_factories import (EOS, MASK, TOKEN, commit_quota, make_request, make_scheduler,
+from engine_factories import (EOS, MASK, TOKEN, candidates, commit_quota, committed, make_request,
+                              make_scheduler,
                               run_to_completion)
 
 
@@ -137,7 +138,8 @@ def test_threshold_policy_block_ends_when_no_masks_left():
     s.add(make_request("a", max_tokens=8, block_length=8, steps=8, threshold=0.9))
     sched = s.schedule()
     item = sched.scheduled[0]
-    everything = RunnerOutput({"a": (item.candidates, [TOKEN] * len(item.candidates))})
+    pos = candidates(item)
+    everything = RunnerOutput({"a": committed(item, pos, [TOKEN] * len(pos))})
     (out,) = s.update(sched, everything)
     assert out.finished and out.nfe == 1 and out.token_ids == [TOKEN] * 8
 
@@ -159,5 +161,5 @@ def test_prompt_masks_compete_in_full_forwards():
     s = make_scheduler(kv_cache_mode="none")
     s.add(make_request("a", prompt=[1, 2, MASK, 4], max_tokens=8, block_length=8, steps=8))
     item = s.schedule().scheduled[0]
-    assert item.candidates == [2] + list(range(4, 12))
-    assert EOS not in item.candidates
+    assert candidates(item) == [2] + list(range(4, 12)) and item.num_candidates == 9
+    assert EOS not in candidates(item)

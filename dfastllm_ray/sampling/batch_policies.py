@@ -1,0 +1,148 @@
+"""Batched remasking policies: which candidates of every row of a group to commit, at once.
+
+The batched twins of `policies.py` and `dream.py`'s selection rules, an explicit registry:
+
+    commit = BATCH_POLICIES[name](conf, knobs, ranked)      # (B, n) bool
+
+`conf` (B, n) is -inf at padding slots; `knobs` the rows' parameters (batch.py); `ranked` lazily
+sorts the rows once for every policy that needs an order. No `.item()`, `nonzero`, boolean
+indexing or loop over rows: per-row quotas become `rank < k`, per-row thresholds broadcast.
+
+Ties: ranks come from a *stable* descending sort, so equal confidences commit in position order
+(the lowest position first), which is what `torch.topk` does over the official codes' rows in
+every fixture case.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import rng
+from .batch import RowKnobs
+
+
+class Ranked:
+    """Lazily computed orders of one group's confidences (each sort runs once per step)."""
+
+    def __init__(self, conf: Tensor, entropy: Callable[[], Tensor], knobs: RowKnobs):
+        self.conf, self._entropy, self.knobs = conf, entropy, knobs
+        self._rank = self._sorted = self._ent = None
+        self.top: Tensor | None = None   # (B, n) bool: the official topk(k) per row, if computed
+
+    @property
+    def entropy(self) -> Tensor:
+        if self._ent is None:
+            self._ent = self._entropy().masked_fill(~self.knobs.valid, float("inf"))
+        return self._ent
+
+    @property
+    def sorted_conf(self) -> Tensor:
+        self._sort()
+        return self._sorted
+
+    @property
+    def rank(self) -> Tensor:
+        """(B, n) int64: 0 for the most confident slot of each row."""
+        self._sort()
+        return self._rank
+
+    def _sort(self) -> None:
+        if self._rank is None:
+            self._sorted, order = torch.sort(self.conf, dim=-1, descending=True, stable=True)
+            self._rank = ranks_of(order)
+
+
+def ranks_of(order: Tensor) -> Tensor:
+    """order (B, n) from a sort -> rank (B, n): rank[b, order[b, j]] = j."""
+    ar = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, ar)
+
+
+def top_k(ranked: Ranked, k: Tensor) -> Tensor:
+    """(B, n) bool: the k[b] most confident of each row (ties: position order, or the official
+    torch.topk layout when the engine computed `ranked.top`)."""
+    if ranked.top is not None:
+        return ranked.top
+    return (ranked.rank < k[:, None]) & ranked.knobs.valid
+
+
+def fixed(conf: Tensor, knobs: RowKnobs, ranked: Ranked) -> Tensor:
+    """ML-GSAI `generate` / Dream's top-k rules: the k most confident (k = 0: none)."""
+    return top_k(ranked, knobs.k)
+
+
+def threshold(conf: Tensor, knobs: RowKnobs, ranked: Ranked) -> Tensor:
+    """Fast-dLLM `get_transfer_index(threshold)`: conf >= threshold, plus the argmax."""
+    return ((conf >= knobs.threshold[:, None].to(conf.dtype)) | (ranked.rank == 0)) & knobs.valid
+
+
+def factor(conf: Tensor, knobs: RowKnobs, ranked: Ranked) -> Tensor:
+    """Fast-dLLM `get_transfer_index_dynamic(factor)`; quirks as policies.factor: the sorted
+    j-th passes while c[j] >= 1 - f / (j + 2) (j = 0 always); k = first failure (n - 1 if none),
+    and k in {0, n - 1} becomes k + 1."""
+    c = ranked.sorted_conf
+    n = knobs.valid.sum(-1, keepdim=True)                                  # (B, 1)
+    j = torch.arange(c.shape[-1], device=c.device, dtype=c.dtype)
+    thr = 1.0 - knobs.factor[:, None].to(c.dtype) / (j + 2.0)
+    fail = (c < thr) & (j > 0) & (j < n)
+    first = torch.where(fail.any(-1, keepdim=True), fail.to(torch.int8).argmax(-1, keepdim=True),
+                        n - 1)
+    k = first + ((first == 0) | (first == n - 1)).to(first.dtype)
+    return (ranked.rank < k) & knobs.valid
+
+
+def entropy_bound(conf: Tensor, knobs: RowKnobs, ranked: Ranked) -> Tensor:
+    """EB-sampler: the lowest-entropy slots while their summed entropy <= bound; at least one."""
+    ent_sorted, order = torch.sort(ranked.entropy, dim=-1, stable=True)
+    within = (ent_sorted.cumsum(-1) <= knobs.entropy_bound[:, None].to(ent_sorted.dtype))
+    k = within.sum(-1, keepdim=True).clamp_(min=1)
+    return (ranks_of(order) < k) & knobs.valid
+
+
+def dream_threshold(conf: Tensor, knobs: RowKnobs, ranked: Ranked) -> Tensor:
+    """Fast-dLLM Dream `confidence_threshold`: of the k most confident, the first and every one
+    not below threshold (float32 comparison, as the official `float32 < python float`)."""
+    keep = ~(conf.to(torch.float32) < knobs.threshold[:, None].to(torch.float32))
+    top = top_k(ranked, knobs.k)
+    first = ranked.rank == 0           # the argmax: the first of equal maxima, as topk's first value
+    return top & (keep | first) & knobs.valid
+
+
+def dream_origin(conf: Tensor, knobs: RowKnobs, ranked: Ranked) -> Tensor:
+    """Dream `origin`: each candidate unmasks with probability `prob` (float32 coin)."""
+    u = rng.uniform(knobs.seed, knobs.step, knobs.positions, rng.COIN, torch.float32)
+    return (u < knobs.prob[:, None].to(torch.float32)) & knobs.valid
+
+
+def dream_alg_temp(conf: Tensor, knobs: RowKnobs, ranked: Ranked) -> Tensor:
+    """alg_temp > 0: k positions without replacement from softmax(conf / alg_temp), by the
+    Gumbel-top-k trick (the same law as sequential `torch.multinomial` without replacement)."""
+    t = knobs.alg_temp[:, None].to(torch.float32).clamp(min=1e-12)
+    logp = F.log_softmax(conf.to(torch.float32) / t, dim=-1)
+    u = rng.uniform(knobs.seed, knobs.step, knobs.positions, rng.POSITION, torch.float64)
+    g = (logp.to(torch.float64) - torch.log(-torch.log(u))).masked_fill(~knobs.valid, float("-inf"))
+    order = torch.sort(g, dim=-1, descending=True, stable=True).indices
+    return (ranks_of(order) < knobs.k[:, None]) & knobs.valid
+
+
+def force(conf: Tensor, knobs: RowKnobs, ranked: Ranked) -> Tensor:
+    """Fast-dLLM Dream refresh: the row's single candidate (the block's first position) commits."""
+    return knobs.valid
+
+
+BatchPolicy = Callable[[Tensor, RowKnobs, Ranked], Tensor]
+
+BATCH_POLICIES: dict[str, BatchPolicy] = {
+    "fixed": fixed,
+    "threshold": threshold,
+    "factor": factor,
+    "entropy_bound": entropy_bound,
+    "dream_topk": fixed,
+    "dream_threshold": dream_threshold,
+    "dream_origin": dream_origin,
+    "dream_alg_temp": dream_alg_temp,
+    "force": force,
+}

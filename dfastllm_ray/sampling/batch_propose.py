@@ -1,0 +1,135 @@
+"""Batched `propose`: tokens, confidences and entropies for every candidate of a group at once.
+
+The batched twin of `propose.py` / `dream.propose_dream`, with no host sync and no per-request
+loop. Two changes of method, same semantics:
+- A sampled token (temperature T > 0) is drawn by inverse CDF from softmax(logits / T) with one
+  counter-based uniform per position (rng.py). LLaDA's Gumbel-max `argmax(exp(l) / (-log u)^T)`
+  and Dream's `Categorical(probs)` are draws from the same distribution; the inverse CDF needs
+  one uniform per position instead of one per vocabulary entry. Greedy rows take the argmax, as
+  both official codes do at T = 0, so deterministic requests are token-identical to them.
+- Confidences are computed in `GroupFacts.conf_dtype`: float32 on the fast path; float64 where
+  bit-exact ties with Fast-dLLM's float64 softmax matter (the engine's `sampler_dtype`).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import rng
+from .batch import CONF_MARGIN, CONF_NEG_ENTROPY, CONF_PROB, GroupFacts, RowKnobs
+from .dream import NEG_ENTROPY_EPS
+
+NEG_INF = float("-inf")
+
+
+def propose_batch(logits: Tensor, knobs: RowKnobs, facts: GroupFacts, eos_id: int | None,
+                  eot_id: int | None) -> tuple[Tensor, Tensor, Callable[[], Tensor]]:
+    """logits (B, n, V) at the candidates -> tokens (B, n) int64, conf (B, n), entropy thunk.
+
+    Invalid (padding) slots get conf -inf, so every policy ranks them last."""
+    if facts.family == "dream":
+        tokens, conf, entropy = _propose_dream(logits, knobs, facts)
+    else:
+        tokens, conf, entropy = _propose_llada(logits, knobs, facts, eos_id, eot_id)
+    return tokens, conf.masked_fill(~knobs.valid, NEG_INF), entropy
+
+
+def _propose_llada(logits: Tensor, knobs: RowKnobs, facts: GroupFacts, eos_id, eot_id):
+    """ML-GSAI `generate` / Fast-dLLM `get_transfer_index`, every row at once."""
+    lg = logits.to(facts.conf_dtype)
+    if facts.logits_eos_inf:                                   # never predict EOS
+        lg = _mask_vocab(lg, knobs.logits_eos_inf, [eos_id])
+    tokens = lg.argmax(dim=-1)
+    if facts.sampled:
+        tokens = torch.where(knobs.temperature[:, None] > 0, _draw(lg, knobs, facts), tokens)
+    conf_logits = lg
+    if facts.conf_eos_eot_inf:
+        # ML-GSAI's chained `= -inf` hits EOT always, EOS only at T == 0 (propose.py explains)
+        conf_logits = _mask_vocab(lg, knobs.conf_eos_eot_inf, [eot_id])
+        greedy_flag = knobs.conf_eos_eot_inf & (knobs.temperature == 0)
+        conf_logits = _mask_vocab(conf_logits, greedy_flag, [eos_id])
+    conf = F.softmax(conf_logits, dim=-1).gather(-1, tokens[..., None])[..., 0]
+    if facts.random_remask:
+        u = rng.uniform(knobs.seed, knobs.step, knobs.positions, rng.CONFIDENCE, conf.dtype)
+        conf = torch.where(knobs.random_remask[:, None], u, conf)
+    return tokens, conf, lambda: _entropy(lg)
+
+
+def _propose_dream(logits: Tensor, knobs: RowKnobs, facts: GroupFacts):
+    """hub `sample_tokens` (temperature, top_p, top_k, margin, neg-entropy), every row at once."""
+    lg = logits.to(facts.conf_dtype)
+    if facts.sampled:
+        t = knobs.temperature
+        lg = lg / torch.where(t > 0, t, torch.ones_like(t))[:, None, None]
+    if facts.top_p:
+        lg = _top_p(lg, knobs.top_p)
+    if facts.top_k:
+        lg = _top_k(lg, knobs.top_k)
+    probs = F.softmax(lg, dim=-1)
+    conf, tokens = probs.max(dim=-1)
+    if facts.sampled:
+        hot = knobs.temperature[:, None] > 0
+        tokens = torch.where(hot, _draw_probs(probs, knobs), tokens)
+        conf = torch.where(hot, probs.gather(-1, tokens[..., None])[..., 0], conf)
+    neg_ent = None
+    if CONF_MARGIN in facts.conf_algs:
+        top2 = probs.topk(2, dim=-1).values
+        conf = torch.where(knobs.conf_alg[:, None] == CONF_MARGIN, top2[..., 0] - top2[..., 1], conf)
+    if CONF_NEG_ENTROPY in facts.conf_algs or facts.needs_entropy:
+        neg_ent = (probs * torch.log(probs + NEG_ENTROPY_EPS)).sum(-1)
+    if CONF_NEG_ENTROPY in facts.conf_algs:
+        conf = torch.where(knobs.conf_alg[:, None] == CONF_NEG_ENTROPY, neg_ent, conf)
+    return tokens, conf, lambda: -neg_ent if neg_ent is not None else _entropy(lg)
+
+
+def _draw(lg: Tensor, knobs: RowKnobs, facts: GroupFacts) -> Tensor:
+    t = knobs.temperature
+    scaled = lg / torch.where(t > 0, t, torch.ones_like(t))[:, None, None]
+    return _draw_probs(F.softmax(scaled, dim=-1), knobs)
+
+
+def _draw_probs(probs: Tensor, knobs: RowKnobs) -> Tensor:
+    """Inverse CDF: (B, n, V) probabilities -> (B, n) int64 tokens, one uniform per position."""
+    cdf = probs.cumsum(dim=-1)
+    u = rng.uniform(knobs.seed, knobs.step, knobs.positions, rng.TOKEN, cdf.dtype)
+    target = (u * cdf[..., -1])[..., None]                                # (B, n, 1)
+    return torch.searchsorted(cdf, target).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+
+
+def _mask_vocab(lg: Tensor, rows: Tensor, ids: list[int]) -> Tensor:
+    """-inf at vocabulary `ids` for the rows flagged in `rows` (B,) bool."""
+    out = lg.clone()
+    out[:, :, ids] = torch.where(rows[:, None, None], NEG_INF, lg[:, :, ids])
+    return out
+
+
+def _top_p(lg: Tensor, top_p: Tensor) -> Tensor:
+    """hub `top_p_logits` per row (top_p >= 1 rows unchanged): keep the smallest prefix of the
+    sorted distribution whose mass crosses top_p (the crossing token is kept)."""
+    sorted_lg, idx = torch.sort(lg, dim=-1, descending=True)
+    cum = F.softmax(sorted_lg, dim=-1).cumsum(dim=-1)
+    remove = cum > top_p.to(cum.dtype)[:, None, None]       # the official float32 comparison
+    remove = torch.cat([torch.zeros_like(remove[..., :1]), remove[..., :-1]], dim=-1)
+    remove &= (top_p < 1)[:, None, None]
+    mask = torch.zeros_like(remove).scatter_(-1, idx, remove)
+    return lg.masked_fill(mask, torch.finfo(lg.dtype).min)
+
+
+def _top_k(lg: Tensor, top_k: Tensor) -> Tensor:
+    """hub `top_k_logits` per row (top_k 0 rows unchanged): keep logits >= the k-th largest."""
+    sorted_lg = torch.sort(lg, dim=-1, descending=True).values
+    k = top_k.clamp(min=1, max=lg.shape[-1]) - 1
+    kth = sorted_lg.gather(-1, k[:, None, None].expand(-1, lg.shape[1], 1))
+    drop = (lg < kth) & (top_k > 0)[:, None, None]
+    return lg.masked_fill(drop, torch.finfo(lg.dtype).min)
+
+
+def _entropy(lg: Tensor) -> Tensor:
+    """(B, n, V) logits -> (B, n) predictive entropy in nats."""
+    return torch.special.entr(F.softmax(lg, dim=-1)).sum(dim=-1)
+
+
+__all__ = ["propose_batch", "CONF_PROB"]
