@@ -147,26 +147,40 @@ def _add_model_routes(app: FastAPI, server: OpenAIServer, guard: Any) -> None:
 
     @app.get("/v1/engine/stats", dependencies=[Depends(guard)])
     async def stats() -> dict[str, Any]:
-        return {"models": await server.stats(), "ingress": {"inflight": server.inflight}}
+        adm = server.admission
+        return {"models": await server.stats(),
+                "ingress": {"inflight": adm.requests, "admitted": dict(adm.inflight),
+                            "limits": dict(adm.limits), "refused": adm.refused,
+                            "draining": adm.draining}}
 
 
 def _add_generation_routes(app: FastAPI, server: OpenAIServer, guard: Any) -> None:
     async def generate(request: Request, body: Union[CompletionRequest, ChatCompletionRequest]):
         request.state.model = body.model
-        server.admit()
-        server.inflight += 1
-        streaming = False
+        admission = server.admission
+        admission.check(body.model)           # shed before any work: 503 + Retry-After
+        admission.requests += 1
+        admission.enter(body.model, 1)        # reserved now: no await between check and enter
+        t0, choices, streaming, done = time.perf_counter(), 1, False, False
         try:
             prep = await server.prepare(body, request.state.request_id)
+            if len(prep.requests) > 1:        # n / prompt lists: every choice takes a slot
+                admission.check_model(body.model, len(prep.requests) - 1)
+                admission.enter(body.model, len(prep.requests) - 1)
+                choices = len(prep.requests)
             if not prep.stream:
-                return JSONResponse(await server.complete(prep))
+                out = JSONResponse(await server.complete(prep))
+                done = True
+                return out
             events = await server.open_stream(prep)
             streaming = True
-            return StreamingResponse(_counted(events, server), media_type="text/event-stream",
+            return StreamingResponse(_counted(events, server, body.model, choices, t0),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         finally:
             if not streaming:
-                server.inflight -= 1
+                admission.requests -= 1
+                admission.leave(body.model, choices, time.perf_counter() - t0 if done else None)
 
     @app.post("/v1/completions", dependencies=[Depends(guard)])
     async def completions(request: Request, body: CompletionRequest):
@@ -177,11 +191,15 @@ def _add_generation_routes(app: FastAPI, server: OpenAIServer, guard: Any) -> No
         return await generate(request, body)
 
 
-async def _counted(events: AsyncIterator[str], server: OpenAIServer) -> AsyncIterator[str]:
-    """The stream holds its in-flight slot until its last event (or the client leaves)."""
+async def _counted(events: AsyncIterator[str], server: OpenAIServer, model: str, choices: int,
+                   t0: float) -> AsyncIterator[str]:
+    """The stream holds its admission until its last event (or the client leaves)."""
+    done = False
     try:
         async for event in events:
             yield event
+        done = True
     finally:
-        server.inflight -= 1
+        server.admission.requests -= 1
+        server.admission.leave(model, choices, time.perf_counter() - t0 if done else None)
         await events.aclose()   # type: ignore[attr-defined]

@@ -33,20 +33,22 @@ def check_model(cfg: ModelConfig) -> None:
         raise ValueError(f"models[{cfg.model_id}].sampling_defaults: {exc}") from None
 
 
-def model_deployments(cfg: ModelConfig) -> tuple[Application, Application]:
+def model_deployments(cfg: ModelConfig, limit: int) -> tuple[Application, Application]:
     suffix = cfg.deployment_suffix()
     replica = ModelReplica.options(name=f"ModelReplica-{suffix}",
                                    **cfg.deployment.serve_options()).bind(cfg)
     batcher = Batcher.options(name=f"Batcher-{suffix}", user_config=cfg.batcher.user_config(),
-                              **cfg.batcher.deployment.serve_options()).bind(replica)
+                              **cfg.batcher.deployment.serve_options()).bind(replica, limit)
     return batcher, replica
 
 
 def build_app(args: Union[AppArgs, dict[str, Any]]) -> Application:
     cfg = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
-    models = {}
+    models, limits = {}, {}
     for model in cfg.models:
         check_model(model)
-        models[model.model_id] = model_deployments(model)
+        limits[model.model_id] = model.admission_limit(EngineConfig(**model.engine).max_num_seqs)
+        models[model.model_id] = (*model_deployments(model, limits[model.model_id]),
+                                  model.batcher.bypass)
     ingress = OpenAIIngress.options(**cfg.ingress.serve_options())
-    return ingress.bind(cfg.server_settings(), models)
+    return ingress.bind(cfg.server_settings(), models, limits)

@@ -28,10 +28,11 @@ class ModelClient(Protocol):
 class HandleClient:
     """Ray Serve handles: generation through the batcher, the rest straight to a replica."""
 
-    def __init__(self, batcher: Any, replica: Any) -> None:
+    def __init__(self, batcher: Any, replica: Any, bypass: bool = False) -> None:
         # Configured handles are created once: each .options() call makes a new handle with its
-        # own long-poll and metrics pusher (RAY_SERVE.md, pitfall 17).
-        self._batcher_stream = batcher.options(stream=True)
+        # own long-poll and metrics pusher (RAY_SERVE.md, pitfall 17). `bypass` (measurement
+        # only) streams from the replicas directly.
+        self._batcher_stream = (replica if bypass else batcher).options(stream=True)
         self._batcher = batcher
         self._replica = replica
 

@@ -67,6 +67,9 @@ class BatcherConfig(_Strict):
     max_batch_size: int = Field(16, ge=1)            # arrivals handed to the engine together
     batch_wait_timeout_s: float = Field(0.005, ge=0)  # every lone request pays this wait
     deployment: DeploymentOptions = Field(default_factory=_batcher_defaults)
+    # Measurement only (benchmarks/reliability.py --direct): the ingress calls the replicas
+    # directly, skipping the batcher's hop (the batcher stays deployed for stats and pings).
+    bypass: bool = False
 
     def user_config(self) -> dict[str, Any]:
         return {"max_batch_size": self.max_batch_size,
@@ -82,6 +85,10 @@ class ModelConfig(_Strict):
     max_tokens_limit: Optional[int] = Field(None, ge=1)   # cap on max_tokens (None: the context)
     engine_factory: str = DEFAULT_ENGINE_FACTORY     # "module:function" (tests inject their own)
     metrics_interval_s: float = Field(2.0, gt=0)     # engine stats -> gauges
+    # Engine requests (choices) of this model admitted at once per ingress replica; beyond it a
+    # request is refused with 503 + Retry-After at once. None: 2 x max_num_seqs x max replicas
+    # (every decoding slot busy, plus as many queued in the engines).
+    max_inflight: Optional[int] = Field(None, ge=1)
     deployment: DeploymentOptions = Field(default_factory=_replica_defaults)
     batcher: BatcherConfig = Field(default_factory=BatcherConfig)
 
@@ -91,6 +98,15 @@ class ModelConfig(_Strict):
         if v.count(":") != 1:
             raise ValueError(f"engine_factory={v!r} must look like 'package.module:function'")
         return v
+
+    def admission_limit(self, max_num_seqs: int) -> int:
+        """`max_inflight`, or its default from the engine's slots and the most replicas."""
+        if self.max_inflight is not None:
+            return self.max_inflight
+        scaling = self.deployment.autoscaling_config or {}
+        replicas = scaling.get("max_replicas") or (
+            self.deployment.num_replicas if isinstance(self.deployment.num_replicas, int) else 1)
+        return 2 * max_num_seqs * int(replicas)
 
     def deployment_suffix(self) -> str:
         """The model id made safe for a Serve deployment name."""

@@ -6,7 +6,7 @@ for globals. API keys are read here, at replica start, from the config and the e
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from ray import serve
 
@@ -21,10 +21,11 @@ from .server import OpenAIServer
 @serve.deployment
 @serve.ingress()
 class OpenAIIngress:
-    def __init__(self, settings: ServerSettings, models: dict[str, tuple[Any, Any]]) -> None:
-        clients = {model: HandleClient(batcher, replica)
-                   for model, (batcher, replica) in models.items()}
-        self.server = OpenAIServer(settings, clients)
+    def __init__(self, settings: ServerSettings, models: dict[str, tuple[Any, Any, bool]],
+                 limits: Optional[dict[str, int]] = None) -> None:
+        clients = {model: HandleClient(batcher, replica, bypass)
+                   for model, (batcher, replica, bypass) in models.items()}
+        self.server = OpenAIServer(settings, clients, limits)
         metrics = IngressMetrics()
         self.server.on_first_block = metrics.first_block
         keys = ApiKeys(load_api_keys(settings.api_keys, settings.api_keys_env))

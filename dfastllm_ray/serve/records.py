@@ -43,7 +43,8 @@ class BlockOutput:
     finish_reason: Optional[str] = None  # "stop" | "length" | "abort" | None
     text: Optional[str] = None          # the full text, on the final output only
     num_prompt_tokens: int = 0
-    error: Optional[str] = None         # the engine refused the request (a ValueError's text)
+    error: Optional[str] = None         # the request was refused: the reason, for the client
+    error_status: int = 400             # 400: the engine refused it; 503: at capacity
 
 
 @dataclass

@@ -19,6 +19,7 @@ from typing import Any, AsyncIterator, Callable, Optional, Union
 from ray.serve.exceptions import BackPressureError
 
 from . import prompts
+from .admission import Admission
 from .clients import ModelClient
 from .config import ServerSettings
 from .errors import APIError, from_value_error, model_not_found, overloaded, timed_out
@@ -67,14 +68,17 @@ def map_downstream_error(exc: BaseException) -> APIError:
 
 
 class OpenAIServer:
-    def __init__(self, settings: ServerSettings, clients: dict[str, ModelClient]) -> None:
+    def __init__(self, settings: ServerSettings, clients: dict[str, ModelClient],
+                 limits: Optional[dict[str, Optional[int]]] = None) -> None:
         self.settings = settings
         self.clients = clients
         self.cards: dict[str, ModelCard] = {}
         self.health = ModelHealth(list(clients), settings.health_poll_s,
                                   settings.health_timeout_s, settings.unavailable_wait_s)
         self.healthy = self.health.healthy
-        self.inflight = 0
+        # per model: engine requests admitted at once (None: only max_concurrent_requests)
+        self.admission = Admission({m: (limits or {}).get(m) for m in clients},
+                                   settings.max_concurrent_requests)
         self._watcher: Optional[asyncio.Task] = None
         # (model, seconds from arrival to the first committed block) -> metrics
         self.on_first_block: Optional[Callable[[str, float], None]] = None
@@ -150,11 +154,6 @@ class OpenAIServer:
         meta = ResponseMeta(request_id, body.model, chat)
         return Prepared(meta, reqs, body.stream, body.include_usage())
 
-    def admit(self) -> None:
-        """Ingress-level backpressure: refuse at once rather than queue without bound."""
-        if self.inflight >= self.settings.max_concurrent_requests:
-            raise overloaded("Too many requests in flight; retry shortly.")
-
     def _fanin(self, prep: Prepared) -> Fanin:
         client = self.clients[prep.meta.model]
         fan = Fanin([client.generate(r) for r in prep.requests], self.settings.request_timeout_s,
@@ -180,8 +179,11 @@ class OpenAIServer:
             raise map_downstream_error(exc) from None
         if item is not None:
             self.health.progress(fan.model)
-            if item[1].error is not None:   # refused by the engine: 400
-                raise from_value_error(ValueError(item[1].error))
+            out = item[1]
+            if out.error is not None and out.error_status == 503:   # the batcher shed it
+                raise overloaded(out.error, retry_after_s=self.admission.retry_after())
+            if out.error is not None:                               # the engine refused it
+                raise from_value_error(ValueError(out.error))
         return item
 
     # ---- running -----------------------------------------------------------------------------

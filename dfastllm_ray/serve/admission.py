@@ -1,0 +1,62 @@
+"""Load shedding at the ingress: refuse early and cheaply, so the engine stays full but the
+Serve path (proxy, ingress, batcher, replica queues) never fills with requests that can only wait.
+
+Each model admits at most `limit` engine requests (choices) per ingress replica: its replicas'
+decoding slots plus an equal queue in the engines, by default. Past it a request is refused
+with 503 + Retry-After before it is tokenized or sent anywhere; Retry-After is the recent mean
+latency of a finished request (a slot frees about that often per admitted request), so
+well-behaved clients come back when they have a chance. While draining (SIGTERM, `drain()`),
+nothing new is admitted and the ingress waits for the admitted requests to finish.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from .errors import APIError, overloaded
+
+EWMA_WEIGHT = 0.1            # weight of the newest request latency in the running mean
+MAX_RETRY_AFTER_S = 10
+
+
+class Admission:
+    def __init__(self, limits: dict[str, Optional[int]], max_total: int) -> None:
+        self.limits = limits                          # model -> engine requests; None: no cap
+        self.max_total = max_total                    # HTTP requests in flight, all models
+        self.inflight: dict[str, int] = {m: 0 for m in limits}   # engine requests per model
+        self.requests = 0                             # HTTP requests in flight
+        self.latency_s = 1.0                          # EWMA of finished requests' latency
+        self.refused = 0
+        self.draining = False
+
+    def retry_after(self) -> int:
+        return max(1, min(MAX_RETRY_AFTER_S, math.ceil(self.latency_s)))
+
+    def _refuse(self, message: str) -> APIError:
+        self.refused += 1
+        return overloaded(message, retry_after_s=self.retry_after())
+
+    def check(self, model: Optional[str] = None) -> None:
+        """Before any work: refuse while draining or full (503 + Retry-After)."""
+        if self.draining:
+            raise self._refuse("The server is shutting down; retry on another replica.")
+        if self.requests >= self.max_total:
+            raise self._refuse("Too many requests in flight; retry shortly.")
+        self.check_model(model)
+
+    def check_model(self, model: Optional[str], more: int = 0) -> None:
+        """The model's own cap; `more` > 0: would `more` extra engine requests still fit?"""
+        limit = self.limits.get(model) if model else None
+        if limit is not None and self.inflight.get(model, 0) + more >= limit + (more > 0):
+            raise self._refuse(f"Model {model!r} is at capacity ({limit} requests admitted); "
+                               "retry shortly.")
+
+    def enter(self, model: str, choices: int) -> None:
+        self.inflight[model] = self.inflight.get(model, 0) + choices
+
+    def leave(self, model: str, choices: int, latency_s: Optional[float]) -> None:
+        self.inflight[model] -= choices
+        if self.inflight[model] <= 0 and model not in self.limits:
+            del self.inflight[model]          # an unknown model (404): keep no entry
+        if latency_s is not None:
+            self.latency_s += EWMA_WEIGHT * (latency_s - self.latency_s)
