@@ -21,7 +21,9 @@ from .errors import APIError, error_body, validation_error
 from .guards import ApiKeys, RateLimiter
 from .metrics import IngressMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest
+from .schema import api_schema
 from .server import OpenAIServer
+from .tokenizer_api import add_tokenizer_routes
 
 log = logging.getLogger("ray.serve.dfastllm")
 OUTCOMES = {200: "ok", 400: "bad_request", 401: "unauthorized", 404: "not_found",
@@ -41,7 +43,7 @@ class RequestContext:
         headers = dict(scope.get("headers") or [])
         rid = headers.get(b"x-request-id", b"").decode() or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
-        status, t0 = [499], time.perf_counter()
+        status, t0, complete = [499], time.perf_counter(), [False]
 
         async def send_with_id(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -49,6 +51,8 @@ class RequestContext:
                 if self.add_header:   # behind Serve's proxy, the proxy adds it
                     message.setdefault("headers", [])
                     message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                complete[0] = True
             await send(message)
 
         try:
@@ -56,7 +60,11 @@ class RequestContext:
         except Exception:
             status[0] = 500 if status[0] == 499 else status[0]
             raise
-        finally:   # 499 (nginx's "client closed request") when cancelled before any response
+        finally:
+            # 499 (nginx's "client closed request"): cancelled before any response, or a
+            # response (a stream) the client left before its last byte
+            if not complete[0] and status[0] < 400:
+                status[0] = 499
             self._record(scope, rid, status[0], time.perf_counter() - t0)
 
     def _record(self, scope: dict, rid: str, status: int, seconds: float) -> None:
@@ -99,7 +107,9 @@ def build_api(server: OpenAIServer, keys: ApiKeys, limiter: Optional[RateLimiter
         yield
         await server.stop()
 
-    app = FastAPI(title="dfastllm-ray", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # The schema is served by a route below, behind the API key when auth is on.
+    app = FastAPI(title="dfastllm-ray", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
     app.add_middleware(RequestContext, metrics=metrics, add_header=add_request_id_header)
     _install_error_handlers(app)
 
@@ -112,13 +122,19 @@ def build_api(server: OpenAIServer, keys: ApiKeys, limiter: Optional[RateLimiter
     _add_health_routes(app, server)
     _add_model_routes(app, server, guard)
     _add_generation_routes(app, server, guard)
+    add_tokenizer_routes(app, server, guard)
+
+    @app.get("/openapi.json", dependencies=[Depends(guard)], include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(api_schema(app))
     return app
 
 
 def _add_health_routes(app: FastAPI, server: OpenAIServer) -> None:
     def readiness() -> JSONResponse:
-        ok = server.ready()
-        body = {"status": "ready" if ok else "not_ready",
+        ok = server.ready() and not server.admission.draining
+        body = {"status": "ready" if ok else ("draining" if server.admission.draining
+                                               else "not_ready"),
                 "models": {m: ("ready" if h else "not_ready") for m, h in server.healthy.items()}}
         return JSONResponse(body, status_code=200 if ok else 503)
 
@@ -138,6 +154,8 @@ def _add_health_routes(app: FastAPI, server: OpenAIServer) -> None:
 def _add_model_routes(app: FastAPI, server: OpenAIServer, guard: Any) -> None:
     @app.get("/v1/models", dependencies=[Depends(guard)])
     async def models() -> dict[str, Any]:
+        for model in server.clients:   # each entry complete (created, max_model_len) or a 503
+            await server.card(model)
         return server.model_list()
 
     @app.get("/v1/models/{model}", dependencies=[Depends(guard)])

@@ -66,6 +66,12 @@ class ModelHealth:
     def lost(self, model: str) -> Exception:
         return unavailable(f"Model {model!r} lost its replica mid-request; retry shortly.")
 
+    def fail_all(self, exc: Exception) -> None:
+        """Fail every open request of every model with `exc` (shutdown past its grace)."""
+        for fans in self._open.values():
+            for fan in list(fans):
+                fan.fail(exc)
+
     async def admit(self, model: str) -> None:
         """A new request for a model that is down waits (bounded) for it, then gets 503."""
         if model not in self.down:

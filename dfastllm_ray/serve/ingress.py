@@ -37,3 +37,9 @@ class OpenAIIngress:
 
     def __serve_build_asgi_app__(self) -> Any:
         return self._app
+
+    async def drain(self, timeout_s: float) -> dict[str, Any]:
+        """Called by the launcher on SIGTERM (`python -m dfastllm_ray.serve run`)."""
+        import ray
+        out = await self.server.drain(timeout_s)
+        return {**out, "replica": ray.get_runtime_context().get_actor_name()}

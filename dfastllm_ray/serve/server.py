@@ -239,6 +239,26 @@ class OpenAIServer:
             await self._close(fan)
         yield DONE
 
+    async def drain(self, timeout_s: float) -> dict[str, int]:
+        """Graceful shutdown: admit nothing new, let admitted requests finish for up to
+        `timeout_s`, then fail the rest cleanly (503 / an in-band error event and [DONE])."""
+        adm = self.admission
+        adm.draining = True
+        admitted = adm.requests
+        deadline = time.monotonic() + timeout_s
+        while adm.requests and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        cut = adm.requests
+        if cut:
+            err = APIError(503, "The server shut down before this request finished; retry.",
+                           code="shutting_down", headers={"Retry-After": "1"})
+            self.health.fail_all(err)
+            flush = time.monotonic() + 2.0          # let the handlers write their error
+            while adm.requests and time.monotonic() < flush:
+                await asyncio.sleep(0.05)
+        log.info("drained: %d admitted, %d finished, %d cut", admitted, admitted - cut, cut)
+        return {"admitted": admitted, "finished": admitted - cut, "cut": cut}
+
     async def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for model, client in self.clients.items():

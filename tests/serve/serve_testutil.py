@@ -46,6 +46,8 @@ def fake_args() -> dict:
     return {
         "api_keys_env": None, "api_keys": ["k-backpressure", "k-rate", "k-timeout"],
         "request_timeout_s": 1.5,
+        # rare pings: with one replica slot (max_ongoing_requests 1), a ping takes that slot
+        "health_poll_s": 5,
         "rate_limit": {"requests_per_second": 0.2, "burst": 10},
         "ingress": {**FAST_SHUTDOWN, "ray_actor_options": {"num_cpus": 0}},
         "models": [{

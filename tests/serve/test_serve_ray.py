@@ -350,3 +350,76 @@ def test_serve_run_answers_and_exits_on_sigterm(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_launcher_drains_on_sigterm(tmp_path):
+    """`python -m dfastllm_ray.serve run configs/tiny.yaml`, SIGTERM under load: nothing new is
+    admitted, the admitted stream and unary requests finish ([DONE] / 200), then it exits 0
+    without a traceback."""
+    import yaml
+    from serve_testutil import ROOT, free_port, tiny_config
+    cfg = tiny_config()
+    port = cfg["http_options"]["port"] = free_port()
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "0"}
+    log = open(tmp_path / "launcher.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "dfastllm_ray.serve", "run", str(path)],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 128, "block_length": 8,
+            "steps": 128, "early_exit": False}
+    results: dict = {}
+
+    def stream() -> None:
+        with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True},
+                          timeout=60) as r:
+            results["stream"] = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+
+    def unary(i: int) -> None:
+        results[f"unary{i}"] = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+
+    try:
+        deadline = time.time() + 150
+        while True:
+            assert proc.poll() is None, "the launcher exited early"
+            assert time.time() < deadline, "the launcher never became ready"
+            try:
+                if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        threads = [threading.Thread(target=stream)] + \
+            [threading.Thread(target=unary, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        deadline = time.time() + 30
+        while httpx.get(f"{url}/v1/engine/stats").json()["ingress"]["inflight"] < 5:
+            assert time.time() < deadline, "the requests were never admitted"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.time() + 30
+        late = None
+        while time.time() < deadline:                     # draining: new requests refused
+            try:
+                late = httpx.post(f"{url}/v1/completions", json=body, timeout=10)
+            except httpx.TransportError:
+                late = None
+            if late is not None and late.status_code == 503:
+                break
+            time.sleep(0.05)
+        assert late is not None and late.status_code == 503 and late.headers["retry-after"]
+        for t in threads:
+            t.join(60)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert results["stream"][-1] == "data: [DONE]" and len(results["stream"]) >= 17
+    assert all(results[f"unary{i}"].status_code == 200 for i in range(4))
+    log.seek(0)
+    text = log.read()
+    assert "Traceback" not in text and "drained: 5 admitted, 5 finished, 0 cut" in text, text[-3000:]

@@ -85,3 +85,38 @@ def test_draining_admits_nothing_new():
     r = TestClient(app).post("/v1/completions", json=BODY)
     assert r.status_code == 503 and r.headers["retry-after"]
     assert "shutting down" in r.json()["error"]["message"] and not engine.seen
+
+
+def test_tokenizer_routes_follow_vllm():
+    app, _ = make_limited(10, FakeEngine())
+    c = TestClient(app)
+    info = c.get("/tokenizer_info").json()
+    assert info["tokenizer_class"] == "CharTokenizer" and info["model_max_length"] == 256
+    t = c.post("/tokenize", json={"prompt": "hi"}).json()
+    assert t == {"count": 3, "max_model_len": 256, "tokens": [256, 104, 105], "token_strs": None}
+    assert c.post("/tokenize", json={"prompt": "hi", "add_special_tokens": False}
+                  ).json()["tokens"] == [104, 105]
+    chat = c.post("/v1/tokenize", json={"messages": [{"role": "user", "content": "yo"}]}).json()
+    assert chat["count"] == len("<user>yo<assistant>") + 1
+    assert c.post("/detokenize", json={"tokens": [104, 105]}).json() == {"prompt": "hi"}
+    bad = c.post("/detokenize", json={"tokens": [99999]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
+def test_openapi_behind_auth_and_documents_real_statuses():
+    core = ReplicaCore(ModelConfig(model_id="fake"), FakeEngine(), fake_card())
+    server = OpenAIServer(ServerSettings(api_keys_env=None), {"fake": LocalClient(core)})
+    c = TestClient(build_api(server, ApiKeys(["sk-1"])))
+    assert c.get("/openapi.json").status_code == 401
+    doc = c.get("/openapi.json", headers={"Authorization": "Bearer sk-1"}).json()
+    op = doc["paths"]["/v1/completions"]["post"]["responses"]
+    assert {"200", "400", "401", "404", "429", "503", "504"} <= set(op) and "422" not in op
+    assert "text/event-stream" in op["200"]["content"]
+    assert "Retry-After" in op["503"]["headers"]
+
+
+def test_models_list_is_complete():
+    app, _ = make_limited(10, FakeEngine())
+    data = TestClient(app).get("/v1/models").json()["data"]
+    assert data[0]["id"] == "fake" and data[0]["max_model_len"] == 256
+    assert "created" in data[0]

@@ -1,0 +1,100 @@
+"""vLLM-compatible tokenizer routes: `GET /tokenizer_info`, `POST /tokenize`, `POST /detokenize`.
+
+Clients that count tokens with the server's own tokenizer (lm-eval-harness's
+`local-completions` / `local-chat-completions` probe `/tokenizer_info` and then tokenize
+remotely) need these; the shapes follow vLLM's (`count`, `max_model_len`, `tokens`,
+`token_strs`; `prompt`). `model` may be left out when the app serves one model. The ingress
+holds each model's tokenizer (the model card), so no replica is called.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+from fastapi import Depends, FastAPI
+from pydantic import BaseModel, ConfigDict
+
+from .errors import bad_request
+from .prompts import encode_chat
+from .protocol import ChatMessage
+from .records import ModelCard
+from .server import OpenAIServer
+
+INFO_FIELDS = ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token",
+               "chat_template", "add_bos_token", "add_eos_token", "padding_side")
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[list[ChatMessage]] = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: Optional[str] = None
+    tokens: list[int]
+
+
+def tokenizer_info(card: ModelCard) -> dict[str, Any]:
+    tok = card.tokenizer
+    out: dict[str, Any] = {"tokenizer_class": type(tok).__name__,
+                           "model_max_length": card.context_length, "vocab_size": card.vocab_size}
+    for name in INFO_FIELDS:
+        value = getattr(tok, name, None)
+        if value is not None and isinstance(value, (str, int, bool)):
+            out[name] = value
+    return out
+
+
+def _tokens(card: ModelCard, body: TokenizeRequest) -> list[int]:
+    if (body.prompt is None) == (body.messages is None):
+        raise bad_request("send exactly one of prompt (text) or messages (chat).",
+                          param="prompt")
+    if body.prompt is not None:
+        return list(card.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)
+                    ["input_ids"])
+    if getattr(card.tokenizer, "chat_template", None) is None:
+        raise bad_request(f"model {card.model_id!r} has no chat template.", param="messages")
+    messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in body.messages]
+    if not body.add_generation_prompt:
+        text = card.tokenizer.apply_chat_template(messages, tokenize=False)
+        return list(card.tokenizer(text)["input_ids"])
+    return encode_chat(card.tokenizer, messages)
+
+
+def add_tokenizer_routes(app: FastAPI, server: OpenAIServer, guard: Any) -> None:
+    async def card_for(model: Optional[str]) -> ModelCard:
+        if model is None:
+            if len(server.clients) != 1:
+                raise bad_request(f"model is required: this server serves "
+                                  f"{sorted(server.clients)}.", param="model")
+            model = next(iter(server.clients))
+        return await server.card(model)
+
+    for prefix in ("", "/v1"):       # vLLM serves them at the root; some clients add /v1
+        @app.get(f"{prefix}/tokenizer_info", dependencies=[Depends(guard)])
+        async def info(model: Optional[str] = None) -> dict[str, Any]:
+            return tokenizer_info(await card_for(model))
+
+        @app.post(f"{prefix}/tokenize", dependencies=[Depends(guard)])
+        async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+            card = await card_for(body.model)
+            ids = _tokens(card, body)
+            strs: Union[list[str], None] = None
+            if body.return_token_strs:
+                strs = list(card.tokenizer.convert_ids_to_tokens(ids))
+            return {"count": len(ids), "max_model_len": card.context_length, "tokens": ids,
+                    "token_strs": strs}
+
+        @app.post(f"{prefix}/detokenize", dependencies=[Depends(guard)])
+        async def detokenize(body: DetokenizeRequest) -> dict[str, str]:
+            card = await card_for(body.model)
+            bad = [t for t in body.tokens if not 0 <= t < card.vocab_size]
+            if bad:
+                raise bad_request(f"token id {bad[0]} is outside the vocabulary "
+                                  f"[0, {card.vocab_size}).", param="tokens")
+            return {"prompt": card.tokenizer.decode(body.tokens)}
