@@ -33,7 +33,9 @@ KWARGS = {"max_new_tokens": "max_new_tokens", "apd_mixture_weight": "apd_mixture
           "kv_window": "kv_window", "max_lookahead": "max_lookahead",
           "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
           "tokens_per_step": "tokens_per_step", "alg": None, "output_history": None,
-          "return_dict_in_generate": None}
+          "return_dict_in_generate": None,
+          # read by diffusion_generate but never by apd_sample (the time schedule of _sample)
+          "steps": None, "eps": None, "alg_temp": None}
 ALGS = {"apd_diffusion_generate": "apd", "leftright": "leftright"}
 
 
@@ -54,6 +56,7 @@ class Pair:
     tensors: dict                  # T in the manifest's calls
     dream: LoadedModel
     verifier: LoadedModel
+    dream_config: dict             # dream/config.json
 
     def case(self, name: str) -> dict:
         matches = [c for c in self.manifest["cases"] if c["name"] == name]
@@ -65,7 +68,8 @@ class Pair:
 def load_pair(folder: Path) -> Pair:
     m = json.loads((folder / "manifest.json").read_text())
     load = lambda sub: load_model(folder / sub, dtype="float32", device="cpu")  # noqa: E731
-    return Pair(m, load_file(str(folder / "fixtures.safetensors")), load("dream"), load("verifier"))
+    return Pair(m, load_file(str(folder / "fixtures.safetensors")), load("dream"), load("verifier"),
+                json.loads((folder / "dream" / "config.json").read_text()))
 
 
 class Counting:
@@ -92,17 +96,19 @@ def run_causal_forward(case: dict, pair: Pair) -> None:
     assert err <= LOGITS_RTOL, f"{case['name']}: relative logits error {float(err):.3g}"
 
 
-def case_params(case: dict) -> APDParams:
+def case_params(case: dict, use_cache: bool) -> APDParams:
     kw = case["kwargs"]
     unknown = set(kw) - set(KWARGS)
     assert not unknown, f"{case['name']}: call arguments {sorted(unknown)} have no mapping"
     assert kw.get("alg") == ALGS[case["kind"]], f"{case['name']}: alg={kw.get('alg')!r}"
     args = {KWARGS[k]: v for k, v in kw.items() if KWARGS[k] is not None}
-    return APDParams(**args, diffusion_cache=bool(case["config_use_cache"]))
+    return APDParams(**args, diffusion_cache=bool(use_cache))
 
 
 def run_apd_generate(case: dict, pair: Pair) -> None:
-    params = case_params(case)
+    # the Dream config's use_cache decides whether kv_window has any effect (section 8, step 1)
+    use_cache = case.get("config_use_cache", pair.dream_config.get("use_cache", False))
+    params = case_params(case, use_cache)
     dream, verifier = Counting(pair.dream.model), Counting(pair.verifier.model)
     torch.manual_seed(case["seed"])
     out = apd_generate(dream, pair.dream.spec, verifier, pair.tensors[case["prompt"]], params)

@@ -46,11 +46,11 @@ def test_unknown_kind_fails_and_the_root_comes_from_the_environment(tmp_path, mo
 def test_unknown_call_argument_and_a_wrong_count_fail(tmp_path):
     def edit(cs):
         apd = next(c for c in cs if c["kind"] == "apd_diffusion_generate")
-        odd = dict(apd, name="odd", kwargs=dict(apd["kwargs"], alg_temp=0.5))
+        odd = dict(apd, name="odd", kwargs=dict(apd["kwargs"], cfg_scale=0.5))
         wrong = dict(apd, name="wrong", nfe_diffusion=apd["nfe_diffusion"] + 1)
         return [odd, wrong]
     dst = _copy_pair(tmp_path, edit)
-    with pytest.raises(AssertionError, match=r"call arguments \['alg_temp'\] have no mapping"):
+    with pytest.raises(AssertionError, match=r"call arguments \['cfg_scale'\] have no mapping"):
         run_case(dst, "odd")
     with pytest.raises(AssertionError, match="dLLM forwards"):
         run_case(dst, "wrong")
