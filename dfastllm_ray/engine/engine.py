@@ -15,6 +15,7 @@ from dataclasses import replace
 import torch
 
 from ..models.loader import LoadedModel
+from ..sampling.dream import transfer_probs
 from ..sampling.params import DEFAULT_MAX_TOKENS, SamplingParams
 from ..sampling.rng import seed_to_int64
 from .config import EngineConfig
@@ -73,6 +74,8 @@ class Engine:
         seed = p.seed if p.seed is not None else self._seeds.getrandbits(63)
         req = Request(request_id, list(prompt_token_ids), p, self.spec.mask_token_id,
                       next(self._arrivals), seed=seed_to_int64(seed))
+        if p.alg is not None:           # Dream's time schedule: computed here, not inside a step
+            transfer_probs(req.steps_per_block, p.eps)
         self.scheduler.add(req)
         self._stops[request_id] = p.stop
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..sampling.dream import ThresholdCarry, dream_quota, dream_transfer_prob
+from ..sampling.dream import ThresholdCarry, transfer_probs, dream_quota
 from ..sampling.schedule import transfer_counts
 from .outputs import CACHED, FULL, REFRESH, ScheduledRequest
 from .request import Request
@@ -115,7 +115,7 @@ def quota(req: Request, mode: str, masked: int) -> float:
         if p.threshold is not None:
             return req.carry.quota()
         if p.alg == "origin":
-            return float(dream_transfer_prob(i, spb, p.eps))
+            return float(transfer_probs(spb, p.eps)[min(i, spb - 1)])
         return dream_quota(masked, i, spb, p.eps)
     if p.threshold is not None:          # cached confidence_threshold: offer every block mask
         return masked

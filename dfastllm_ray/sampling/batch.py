@@ -23,11 +23,12 @@ class RowKnobs:
     """Per-row decoding inputs of one group, all on the device. B rows, n candidate slots."""
     positions: Tensor          # (B, n) int64 canvas positions of the candidates (padding: any)
     valid: Tensor              # (B, n) bool: a real candidate (masked, in the row's range)
-    seed: Tensor               # (B,) int64 counter-RNG key of the request
-    step: Tensor               # (B,) int64 the request's forward index (a fresh draw per step)
+    rng_keys: Tensor           # (B, n) int64 counter-RNG keys: (request seed, its step, position)
     k: Tensor                  # (B,) int64 commit count of top-k style policies (0: commit none)
     prob: Tensor               # (B,) float Dream origin's per-position unmask probability
     temperature: Tensor        # (B,) float, 0 = greedy
+    temp_div: Tensor           # (B, 1, 1) float: temperature where > 0, else 1 (logits divisor)
+    hot: Tensor                # (B, 1) bool: temperature > 0 (the row samples its tokens)
     threshold: Tensor          # (B,) float (NaN where unset)
     factor: Tensor             # (B,) float
     entropy_bound: Tensor      # (B,) float, nats

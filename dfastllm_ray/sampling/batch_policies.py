@@ -105,15 +105,14 @@ def entropy_bound(conf: Tensor, knobs: RowKnobs, ranked: Ranked) -> Tensor:
 def dream_threshold(conf: Tensor, knobs: RowKnobs, ranked: Ranked) -> Tensor:
     """Fast-dLLM Dream `confidence_threshold`: of the k most confident, the first and every one
     not below threshold (float32 comparison, as the official `float32 < python float`)."""
-    keep = ~(conf.to(torch.float32) < knobs.threshold[:, None].to(torch.float32))
-    top = top_k(ranked, knobs.k)
+    keep = conf.to(torch.float32) >= knobs.threshold[:, None].to(torch.float32)   # conf is never NaN
     first = ranked.rank == 0           # the argmax: the first of equal maxima, as topk's first value
-    return top & (keep | first) & knobs.valid
+    return top_k(ranked, knobs.k) & (keep | first)
 
 
 def dream_origin(conf: Tensor, knobs: RowKnobs, ranked: Ranked) -> Tensor:
     """Dream `origin`: each candidate unmasks with probability `prob` (float32 coin)."""
-    u = rng.uniform(knobs.seed, knobs.step, knobs.positions, rng.COIN, torch.float32)
+    u = rng.uniform(knobs.rng_keys, rng.COIN, torch.float32)
     return (u < knobs.prob[:, None].to(torch.float32)) & knobs.valid
 
 
@@ -122,7 +121,7 @@ def dream_alg_temp(conf: Tensor, knobs: RowKnobs, ranked: Ranked) -> Tensor:
     Gumbel-top-k trick (the same law as sequential `torch.multinomial` without replacement)."""
     t = knobs.alg_temp[:, None].to(torch.float32).clamp(min=1e-12)
     logp = F.log_softmax(conf.to(torch.float32) / t, dim=-1)
-    u = rng.uniform(knobs.seed, knobs.step, knobs.positions, rng.POSITION, torch.float64)
+    u = rng.uniform(knobs.rng_keys, rng.POSITION, torch.float64)
     g = (logp.to(torch.float64) - torch.log(-torch.log(u))).masked_fill(~knobs.valid, float("-inf"))
     order = torch.sort(g, dim=-1, descending=True, stable=True).indices
     return (ranks_of(order) < knobs.k[:, None]) & knobs.valid

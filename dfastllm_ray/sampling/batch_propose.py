@@ -34,7 +34,7 @@ def propose_batch(logits: Tensor, knobs: RowKnobs, facts: GroupFacts, eos_id: in
         tokens, conf, entropy = _propose_dream(logits, knobs, facts)
     else:
         tokens, conf, entropy = _propose_llada(logits, knobs, facts, eos_id, eot_id)
-    return tokens, conf.masked_fill(~knobs.valid, NEG_INF), entropy
+    return tokens, torch.where(knobs.valid, conf, NEG_INF), entropy
 
 
 def _propose_llada(logits: Tensor, knobs: RowKnobs, facts: GroupFacts, eos_id, eot_id):
@@ -44,7 +44,8 @@ def _propose_llada(logits: Tensor, knobs: RowKnobs, facts: GroupFacts, eos_id, e
         lg = _mask_vocab(lg, knobs.logits_eos_inf, [eos_id])
     tokens = lg.argmax(dim=-1)
     if facts.sampled:
-        tokens = torch.where(knobs.temperature[:, None] > 0, _draw(lg, knobs, facts), tokens)
+        tokens = torch.where(knobs.hot, _draw_probs(F.softmax(lg / knobs.temp_div, dim=-1), knobs),
+                             tokens)
     conf_logits = lg
     if facts.conf_eos_eot_inf:
         # ML-GSAI's chained `= -inf` hits EOT always, EOS only at T == 0 (propose.py explains)
@@ -53,7 +54,7 @@ def _propose_llada(logits: Tensor, knobs: RowKnobs, facts: GroupFacts, eos_id, e
         conf_logits = _mask_vocab(conf_logits, greedy_flag, [eos_id])
     conf = F.softmax(conf_logits, dim=-1).gather(-1, tokens[..., None])[..., 0]
     if facts.random_remask:
-        u = rng.uniform(knobs.seed, knobs.step, knobs.positions, rng.CONFIDENCE, conf.dtype)
+        u = rng.uniform(knobs.rng_keys, rng.CONFIDENCE, conf.dtype)
         conf = torch.where(knobs.random_remask[:, None], u, conf)
     return tokens, conf, lambda: _entropy(lg)
 
@@ -62,18 +63,17 @@ def _propose_dream(logits: Tensor, knobs: RowKnobs, facts: GroupFacts):
     """hub `sample_tokens` (temperature, top_p, top_k, margin, neg-entropy), every row at once."""
     lg = logits.to(facts.conf_dtype)
     if facts.sampled:
-        t = knobs.temperature
-        lg = lg / torch.where(t > 0, t, torch.ones_like(t))[:, None, None]
+        lg = lg / knobs.temp_div
     if facts.top_p:
         lg = _top_p(lg, knobs.top_p)
     if facts.top_k:
         lg = _top_k(lg, knobs.top_k)
     probs = F.softmax(lg, dim=-1)
-    conf, tokens = probs.max(dim=-1)
     if facts.sampled:
-        hot = knobs.temperature[:, None] > 0
-        tokens = torch.where(hot, _draw_probs(probs, knobs), tokens)
-        conf = torch.where(hot, probs.gather(-1, tokens[..., None])[..., 0], conf)
+        tokens = torch.where(knobs.hot, _draw_probs(probs, knobs), probs.argmax(dim=-1))
+        conf = probs.gather(-1, tokens[..., None])[..., 0]
+    else:
+        conf, tokens = probs.max(dim=-1)
     neg_ent = None
     if CONF_MARGIN in facts.conf_algs:
         top2 = probs.topk(2, dim=-1).values
@@ -85,16 +85,10 @@ def _propose_dream(logits: Tensor, knobs: RowKnobs, facts: GroupFacts):
     return tokens, conf, lambda: -neg_ent if neg_ent is not None else _entropy(lg)
 
 
-def _draw(lg: Tensor, knobs: RowKnobs, facts: GroupFacts) -> Tensor:
-    t = knobs.temperature
-    scaled = lg / torch.where(t > 0, t, torch.ones_like(t))[:, None, None]
-    return _draw_probs(F.softmax(scaled, dim=-1), knobs)
-
-
 def _draw_probs(probs: Tensor, knobs: RowKnobs) -> Tensor:
     """Inverse CDF: (B, n, V) probabilities -> (B, n) int64 tokens, one uniform per position."""
     cdf = probs.cumsum(dim=-1)
-    u = rng.uniform(knobs.seed, knobs.step, knobs.positions, rng.TOKEN, cdf.dtype)
+    u = rng.uniform(knobs.rng_keys, rng.TOKEN, cdf.dtype)
     target = (u * cdf[..., -1])[..., None]                                # (B, n, 1)
     return torch.searchsorted(cdf, target).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 

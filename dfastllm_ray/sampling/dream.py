@@ -16,8 +16,10 @@ Draws take an optional `torch.Generator`; None draws from the global RNG, in the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -144,22 +146,29 @@ def propose_dream(logits: Tensor, params: SamplingParams,
 def dream_transfer_prob(step: int, steps: int, eps: float) -> Tensor:
     """Fraction of the remaining masks step `step` unmasks: 1 - t[i+1]/t[i] (float32, 0-d) with
     t = linspace(1, eps, steps + 1); exactly 1 on the last step."""
-    if step >= steps - 1:
-        return torch.tensor(1.0)
+    return torch.tensor(transfer_probs(steps, eps)[min(step, steps - 1)])
+
+
+@lru_cache(maxsize=256)
+def transfer_probs(steps: int, eps: float) -> tuple[np.float32, ...]:
+    """Every step's 1 - t[i+1]/t[i] of one schedule, computed once with torch's float32
+    linspace (the engine plans each step on the host with no torch op)."""
     t = torch.linspace(1, eps, steps + 1)
-    return 1 - t[step + 1] / t[step]
+    probs = (1 - t[1:steps] / t[:steps - 1]).tolist()        # float32 values, exact in float
+    return tuple(np.float32(v) for v in probs) + (np.float32(1.0),)
 
 
 def dream_quota(masked_count: Number, step: int, steps: int, eps: float) -> int:
     """int(m * (1 - t[i+1]/t[i])), int(m) on the last step (hub `_sample`).
 
     m may be fractional: the hub uses the batch MEAN of the masked counts, the same k for every
-    row. Float32 product, then truncation: 32 masks over 32 steps commit 0 at step 0, 2 at the end.
+    row. Float32 product (numpy's float32 is the same IEEE operation), then truncation: 32 masks
+    over 32 steps commit 0 at step 0, 2 at the end.
     """
-    m = torch.as_tensor(masked_count, dtype=torch.float32)
+    m = np.float32(float(masked_count))
     if step >= steps - 1:
         return int(m)
-    return int(m * dream_transfer_prob(step, steps, eps))
+    return int(m * transfer_probs(steps, eps)[step])
 
 
 def _none(cand: Candidates) -> Tensor:

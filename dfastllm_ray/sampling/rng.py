@@ -23,7 +23,6 @@ _M2 = -7723592293110705685              # 0x94D049BB133111EB
 _STEP = 0x632BE59BD9B4E019
 _POS = 0x2545F4914F6CDD1D
 _STREAM = 0x1B873593
-_LOW53 = (1 << 53) - 1
 
 
 def _shr(x: Tensor, n: int) -> Tensor:
@@ -38,15 +37,23 @@ def mix64(x: Tensor) -> Tensor:
     return x ^ _shr(x, 31)
 
 
-def uniform(seed: Tensor, step: Tensor, position: Tensor, stream: int,
-            dtype: torch.dtype = torch.float64) -> Tensor:
-    """seed (B,), step (B,) int64 and position (B, n) int64 -> U(0, 1) of shape (B, n).
+def row_key(seed: Tensor, step: Tensor) -> Tensor:
+    """seed (B,), step (B,) int64 -> (B, 1) int64: the part of the counter fixed per row and step."""
+    return (seed * _GOLDEN + step * _STEP)[:, None]
+
+
+def position_keys(key: Tensor, position: Tensor) -> Tensor:
+    """(B, 1) row keys, (B, n) positions -> (B, n) int64 keys, one per draw site."""
+    return key + position * _POS
+
+
+def uniform(keys: Tensor, stream: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    """(B, n) keys from `position_keys` -> U(0, 1) of the same shape, from stream `stream`.
 
     Open at both ends ((k + 0.5) / 2**53), so `log(u)` is always finite."""
-    key = (seed[:, None] * _GOLDEN + step[:, None] * _STEP + position * _POS
-           + stream * _STREAM)
-    bits = _shr(mix64(key), 11) & _LOW53                              # 53 random bits
-    return ((bits.to(torch.float64) + 0.5) * (1.0 / (1 << 53))).to(dtype)
+    bits = torch.bitwise_right_shift(mix64(keys + stream * _STREAM), 11)   # 53 bits, signed
+    u = bits.to(torch.float64) * (1.0 / (1 << 53)) + (((1 << 52) + 0.5) / (1 << 53))
+    return u if dtype == torch.float64 else u.to(dtype)
 
 
 def seed_to_int64(seed: int) -> int:
