@@ -87,7 +87,9 @@ def run_causal_forward(case: dict, pair: Pair) -> None:
     names = case["tensors"]
     ids = [n for n in names if n.endswith("input_ids")]
     outs = [n for n in names if n.endswith("logits")]
-    assert len(ids) == 1 and len(outs) == 1, f"{case['name']}: tensors {names} name no input/logits"
+    assert len(names) == 2 and len(ids) == 1 and len(outs) == 1, (
+        f"{case['name']}: tensors {names} are not one '*input_ids' and one '*logits'; a causal "
+        "forward with other inputs (masks, positions) has no recipe here")
     with torch.no_grad():
         ours = pair.verifier.model(pair.tensors[ids[0]])
     ref = pair.tensors[outs[0]]
