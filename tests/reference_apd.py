@@ -93,7 +93,7 @@ def run_causal_forward(case: dict, pair: Pair) -> None:
     with torch.no_grad():
         ours = pair.verifier.model(pair.tensors[ids[0]])
     ref = pair.tensors[outs[0]]
-    assert ours.shape == ref.shape, f"{case['name']}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
+    assert ours.shape == ref.shape, f"{case['name']}: {tuple(ours.shape)} != {tuple(ref.shape)}"
     err = (ours.double() - ref.double()).abs().max() / ref.double().abs().max()
     assert err <= LOGITS_RTOL, f"{case['name']}: relative logits error {float(err):.3g}"
 
@@ -115,11 +115,12 @@ def run_apd_generate(case: dict, pair: Pair) -> None:
     torch.manual_seed(case["seed"])
     out = apd_generate(dream, pair.dream.spec, verifier, pair.tensors[case["prompt"]], params)
     name, ref = case["name"], pair.tensors[case["sequences"]]
-    assert out.sequences.shape == ref.shape, f"{name}: {tuple(out.sequences.shape)} != {tuple(ref.shape)}"
+    assert out.sequences.shape == ref.shape, f"{name}: shape {tuple(out.sequences.shape)}"
     diff = (out.sequences != ref).nonzero()
     assert diff.numel() == 0, f"{name}: first differing canvas position {diff[0].tolist()}"
     assert out.acceptance_counts == case["acceptance_counts"], f"{name}: acceptance counts"
-    assert (dream.calls, out.dream_forwards) == (case["nfe_diffusion"],) * 2, f"{name}: dLLM forwards"
+    assert (dream.calls, out.dream_forwards) == (case["nfe_diffusion"],) * 2, (
+        f"{name}: dLLM forwards")
     assert (verifier.calls, out.verifier_forwards) == (case["verifier_forwards"],) * 2, (
         f"{name}: verifier forwards")
     assert out.tokens_generated == case["tokens_generated"], f"{name}: tokens generated"

@@ -50,7 +50,7 @@ def test_window_rule():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(apd_mixture_weight=1.5), r"apd_mixture_weight=1.5 is invalid: it must be a float in \[0, 1\]"),
+    (dict(apd_mixture_weight=1.5), r"apd_mixture_weight=1.5 is invalid: it must be a float in"),
     (dict(apd_mixture_weight=0.5, kv_window=0), r"kv_window=0 is invalid"),
     (dict(), r"tokens_per_step=None is invalid: it must be an int >= 1 when apd_mixture_weight"),
     (dict(tokens_per_step=4, max_lookahead=2), r"tokens_per_step=4 is invalid: it must be at most"),

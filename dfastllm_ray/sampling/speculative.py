@@ -140,7 +140,8 @@ def speculative_generate(drafter, drafter_spec: ModelSpec, verifier, verifier_sp
         new = torch.cat([draft[:, :n], nxt[:, None]], dim=1)
         kv.truncate(committed.shape[1] + n)                                 # all but the last
         committed = torch.cat([committed, new], dim=1)
-        out.drafter_forwards, out.verifier_forwards = out.drafter_forwards + 1, out.verifier_forwards + 1
+        out.drafter_forwards += 1
+        out.verifier_forwards += 1
         out.accepted.append(n)
         out.draft_lengths.append(k)
         if commit_tokens(out, new[0].tolist(), params.max_new_tokens, verifier_spec.stop_token_ids):
