@@ -21,6 +21,7 @@ from collections import Counter
 from typing import Any, AsyncIterator, Optional
 
 from ray import serve
+from ray.exceptions import RayActorError
 
 from .records import BlockOutput, GenerateRequest
 from .streams import relay
@@ -60,7 +61,7 @@ class Batcher:
             self._shed += 1
             yield BlockOutput(req.request_id, "", 0, 0, finished=True, finish_reason="error",
                               error=f"The model is at capacity ({self._limit} requests); "
-                              "retry shortly.", error_status=503)
+                              "retry shortly.", error_status=503, error_code="overloaded")
             return
         self._inflight += 1
         try:
@@ -71,6 +72,10 @@ class Batcher:
             # Serve context: the same request id in the replica's logs, and cancellation.
             async for out in relay(self._replica.generate.remote(req)):
                 yield out
+        except RayActorError as exc:     # the replica died: a record, so Serve logs no
+            yield BlockOutput(req.request_id, "", 0, 0, finished=True,   # traceback here
+                              finish_reason="error", error=f"replica lost: {type(exc).__name__}",
+                              error_status=503, error_code="model_unavailable")
         finally:
             self._inflight -= 1
 

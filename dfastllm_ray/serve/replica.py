@@ -12,6 +12,7 @@ import asyncio
 import importlib
 import inspect
 import logging
+import os
 import time
 from dataclasses import asdict
 from typing import Any, AsyncIterator, Callable, Optional
@@ -193,7 +194,8 @@ class ModelReplica:
     def stats(self) -> dict[str, Any]:
         import ray
         # which replica answered: its Ray actor name (operators kill or inspect it by name)
-        return {**self.core.stats(), "actor_name": ray.get_runtime_context().get_actor_name()}
+        return {**self.core.stats(), "actor_name": ray.get_runtime_context().get_actor_name(),
+                "pid": os.getpid()}
 
     async def ping(self) -> None:
         await self.core.check_health()

@@ -181,3 +181,29 @@ def test_replica_killed_under_load(fault_url):
     assert after.status_code == 200, after.text
     new = httpx.get(f"{fault_url}/v1/engine/stats", headers=auth).json()["models"]["fault"]
     assert new["actor_name"] != stats["actor_name"]                # a new replica, same app
+
+
+def test_batcher_replica_loss_record_marks_the_model_down():
+    from dfastllm_ray.serve.clients import LocalClient
+    from dfastllm_ray.serve.records import BlockOutput
+
+    class LostClient(LocalClient):
+        async def _lost(self, req):
+            yield BlockOutput(req.request_id, "", 0, 0, finished=True, finish_reason="error",
+                              error="replica lost: ActorDiedError", error_status=503,
+                              error_code="model_unavailable")
+
+        def generate(self, req):
+            return self._lost(req)
+
+    from dfastllm_ray.serve.api import build_api
+    from dfastllm_ray.serve.config import ModelConfig, ServerSettings
+    from dfastllm_ray.serve.guards import ApiKeys
+    from dfastllm_ray.serve.replica import ReplicaCore
+    from dfastllm_ray.serve.server import OpenAIServer
+    from serve_fakes import fake_card
+    core = ReplicaCore(ModelConfig(model_id="fake"), FakeEngine(), fake_card())
+    server = OpenAIServer(ServerSettings(api_keys_env=None), {"fake": LostClient(core)})
+    r = TestClient(build_api(server, ApiKeys([]))).post("/v1/completions", json=BODY)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "model_unavailable"
+    assert r.headers["retry-after"] and "fake" in server.health.down

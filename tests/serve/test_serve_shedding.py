@@ -64,7 +64,7 @@ class SheddingClient(LocalClient):
     async def _refuse(self, req):
         yield BlockOutput(req.request_id, "", 0, 0, finished=True, finish_reason="error",
                           error="The model is at capacity (4 requests); retry shortly.",
-                          error_status=503)
+                          error_status=503, error_code="overloaded")
 
     def generate(self, req):
         return self._refuse(req)
