@@ -27,16 +27,20 @@ def _has_bool_index(args) -> bool:
 
 
 class OpCounter(TorchDispatchMode):
-    """ops: aten op name -> calls; syncs: the data-dependent ones (names, or 'bool_index:<op>')."""
+    """ops: aten op name -> calls; views: calls of view ops (select, unsqueeze, expand, ...:
+    metadata only, no kernel on a GPU); syncs: the data-dependent ones (names, or
+    'bool_index:<op>')."""
 
     def __init__(self):
         super().__init__()
         self.ops: Counter = Counter()
+        self.views = 0
         self.syncs: Counter = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         self.ops[name] += 1
+        self.views += bool(func.is_view)
         if name in SYNC_OPS:
             self.syncs[name] += 1
         elif name in ("index", "index_put", "index_put_") and _has_bool_index(args[1:2]):
@@ -46,6 +50,11 @@ class OpCounter(TorchDispatchMode):
     @property
     def total(self) -> int:
         return sum(self.ops.values())
+
+    @property
+    def kernels(self) -> int:
+        """Ops that would launch work on a GPU: every op but the views."""
+        return self.total - self.views
 
 
 @contextmanager

@@ -15,7 +15,6 @@ import torch
 from torch import Tensor
 
 from ..models.spec import ModelSpec
-from ..sampling import rng
 from ..sampling.batch import GroupFacts, RowKnobs
 from .input_batch import COL, CONF_ALGS, InputBatch
 from .kv_pool import KVPool, to_device
@@ -142,18 +141,7 @@ def _candidates(g: GroupPlan, batch: InputBatch, base: Tensor, start: Tensor, en
 
 def _knobs(batch: InputBatch, slot: Tensor, m: Tensor, im: Tensor, cand_pos: Tensor,
            valid: Tensor) -> RowKnobs:
-    kn = batch.knobs[slot]                                            # (B, K) float64
-    k = lambda name: kn[:, COL[name]]                                 # noqa: E731
-    conf_alg = im[:, M["conf_alg"]]
-    temp = k("temperature")
-    keys = rng.position_keys(rng.row_key(batch.seeds[slot], im[:, M["step"]]), cand_pos)
-    return RowKnobs(
-        positions=cand_pos, valid=valid, rng_keys=keys, k=im[:, M["k"]], prob=m[:, M["quota"]],
-        temperature=temp, temp_div=torch.where(temp > 0, temp, 1.0).view(-1, 1, 1),
-        hot=(temp > 0)[:, None],
-        threshold=k("threshold"), factor=k("factor"), entropy_bound=k("entropy_bound"),
-        alg_temp=k("alg_temp"), top_p=k("top_p"), top_k=k("top_k").long(),
-        random_remask=k("random_remask") > 0, logits_eos_inf=k("logits_eos_inf") > 0,
-        conf_eos_eot_inf=k("conf_eos_eot_inf") > 0,
-        conf_alg=torch.where(conf_alg >= 0, conf_alg, k("conf_alg").long()),
-        policy=im[:, M["policy"]])
+    """The rows' knobs: the slot table's rows, columns sliced lazily (a greedy threshold step
+    reads one column; every other slice would be an op for nothing)."""
+    return RowKnobs(table=batch.knobs[slot], col=COL, meta=m, imeta=im, meta_col=M,
+                    seeds=batch.seeds[slot], positions=cand_pos, valid=valid)

@@ -18,28 +18,73 @@ from torch import Tensor
 CONF_PROB, CONF_MARGIN, CONF_NEG_ENTROPY = 0, 1, 2
 
 
-@dataclass
 class RowKnobs:
-    """Per-row decoding inputs of one group, all on the device. B rows, n candidate slots."""
-    positions: Tensor          # (B, n) int64 canvas positions of the candidates (padding: any)
-    valid: Tensor              # (B, n) bool: a real candidate (masked, in the row's range)
-    rng_keys: Tensor           # (B, n) int64 counter-RNG keys: (request seed, its step, position)
-    k: Tensor                  # (B,) int64 commit count of top-k style policies (0: commit none)
-    prob: Tensor               # (B,) float Dream origin's per-position unmask probability
-    temperature: Tensor        # (B,) float, 0 = greedy
-    temp_div: Tensor           # (B, 1, 1) float: temperature where > 0, else 1 (logits divisor)
-    hot: Tensor                # (B, 1) bool: temperature > 0 (the row samples its tokens)
-    threshold: Tensor          # (B,) float (NaN where unset)
-    factor: Tensor             # (B,) float
-    entropy_bound: Tensor      # (B,) float, nats
-    alg_temp: Tensor           # (B,) float
-    top_p: Tensor              # (B,) float, 1 = off
-    top_k: Tensor              # (B,) int64, 0 = off
-    random_remask: Tensor      # (B,) bool LLaDA remasking="random"
-    logits_eos_inf: Tensor     # (B,) bool
-    conf_eos_eot_inf: Tensor   # (B,) bool
-    conf_alg: Tensor           # (B,) int64 CONF_* (Dream)
-    policy: Tensor             # (B,) int64 index into the group's `GroupFacts.policies`
+    """Per-row decoding inputs of one group, all on the device. B rows, n candidate slots.
+
+    Built from the engine's slot table rows (B, K) and the step's packed metadata; each knob is
+    a column sliced on first use and kept, so a step dispatches ops only for what its policies
+    read. Shapes: every knob (B,) unless said; positions / valid / rng_keys (B, n)."""
+
+    def __init__(self, table: Tensor, col: dict, meta: Tensor, imeta: Tensor, meta_col: dict,
+                 seeds: Tensor, positions: Tensor, valid: Tensor):
+        self._table, self._col, self._meta, self._imeta, self._mcol = table, col, meta, imeta, meta_col
+        self._seeds = seeds
+        self.positions = positions        # (B, n) int64 canvas positions of the candidates
+        self.valid = valid                # (B, n) bool: a real candidate
+        self._cache: dict[str, Tensor] = {}
+
+    def _get(self, name: str, make) -> Tensor:
+        if name not in self._cache:
+            self._cache[name] = make()
+        return self._cache[name]
+
+    def _knob(self, name: str) -> Tensor:
+        return self._get(name, lambda: self._table[:, self._col[name]])
+
+    # knobs of the request (slot table): NaN where unset
+    temperature = property(lambda self: self._knob("temperature"))
+    threshold = property(lambda self: self._knob("threshold"))
+    factor = property(lambda self: self._knob("factor"))
+    entropy_bound = property(lambda self: self._knob("entropy_bound"))
+    alg_temp = property(lambda self: self._knob("alg_temp"))
+    top_p = property(lambda self: self._knob("top_p"))                       # 1 = off
+    top_k = property(lambda self: self._get("top_k_i", lambda: self._knob("top_k").long()))  # 0 = off
+    random_remask = property(lambda self: self._get("rr", lambda: self._knob("random_remask") > 0))
+    logits_eos_inf = property(lambda self: self._get("lei", lambda: self._knob("logits_eos_inf") > 0))
+    conf_eos_eot_inf = property(lambda self: self._get("ceei", lambda: self._knob("conf_eos_eot_inf") > 0))
+
+    # per-step values (packed metadata)
+    k = property(lambda self: self._imeta[:, self._mcol["k"]])              # commit count (0: none)
+    prob = property(lambda self: self._meta[:, self._mcol["quota"]])        # Dream origin probability
+    policy = property(lambda self: self._imeta[:, self._mcol["policy"]])    # index into facts.policies
+
+    @property
+    def conf_alg(self) -> Tensor:
+        """(B,) int64 CONF_*: the step's Dream confidence, else the request's."""
+        def make():
+            step_alg = self._imeta[:, self._mcol["conf_alg"]]
+            return torch.where(step_alg >= 0, step_alg, self._knob("conf_alg").long())
+        return self._get("conf_alg", make)
+
+    @property
+    def temp_div(self) -> Tensor:
+        """(B, 1, 1): temperature where > 0, else 1 (the logits divisor)."""
+        t = self.temperature
+        return self._get("temp_div", lambda: torch.where(t > 0, t, 1.0).view(-1, 1, 1))
+
+    @property
+    def hot(self) -> Tensor:
+        """(B, 1) bool: the row samples its tokens (temperature > 0)."""
+        return self._get("hot", lambda: (self.temperature > 0)[:, None])
+
+    @property
+    def rng_keys(self) -> Tensor:
+        """(B, n) int64 counter-RNG keys: (request seed, its step, candidate position)."""
+        def make():
+            from . import rng
+            step = self._imeta[:, self._mcol["step"]]
+            return rng.position_keys(rng.row_key(self._seeds, step), self.positions)
+        return self._get("rng_keys", make)
 
 
 @dataclass

@@ -2,7 +2,8 @@
 sampling phase dispatches the same, small number of ops whatever the batch size.
 
 Counted with a TorchDispatchMode (engine/op_count.py) on CPU, where every aten op the step
-dispatches would be a kernel launch on a GPU. The step's single device -> host copy is a plain
+dispatches, but the views (select, unsqueeze, ...: metadata only), would be a kernel launch
+on a GPU. The step's single device -> host copy is a plain
 `.cpu()` (a no-op on CPU); everything else counted here would also run on the device."""
 from __future__ import annotations
 
@@ -46,13 +47,13 @@ def _sampling_ops(eng, steps: int, monkeypatch) -> tuple[dict, dict]:
     def sample(logits, plan, *a, **k):
         with count_ops() as c:
             out = orig_sample(logits, plan, *a, **k)
-        box["kind"], box["n"] = plan.kind, c.total
+        box["kind"], box["n"] = plan.kind, c.kernels
         return out
 
     def commit(*a, **k):
         with count_ops() as c:
             out = orig_commit(*a, **k)
-        per_kind.setdefault(box["kind"], set()).add(box["n"] + c.total)
+        per_kind.setdefault(box["kind"], set()).add(box["n"] + c.kernels)
         return out
 
     monkeypatch.setattr(sampler, "sample", sample)
