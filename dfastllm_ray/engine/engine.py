@@ -35,6 +35,10 @@ class Engine:
         self.config = config or EngineConfig()
         self.loaded = loaded
         self.spec = loaded.spec
+        if self.spec.causal or self.spec.mask_token_id is None:
+            raise ValueError(f"model {loaded.name!r} ({self.spec.arch}) is a causal LM with no mask "
+                             "token: the diffusion engine cannot decode it; use it as a `verifier` "
+                             "of a diffusion model, or sampling.ar_generate")
         self.device, self.dtype = loaded.device, loaded.dtype
         self.max_model_len = min(self.config.max_model_len or self.spec.max_position,
                                  self.spec.max_position)
