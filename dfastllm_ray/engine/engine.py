@@ -22,7 +22,7 @@ from .config import EngineConfig
 from .detokenizer import Detokenizer
 from .input_batch import InputBatch
 from .kv_pool import GIB, KVPool, bytes_per_page, num_pages_for_budget
-from .memory import plan_num_pages
+from .memory import MemoryPlan, measure_and_plan
 from .model_runner import ModelRunner
 from .outputs import RequestOutput, RunnerOutput, SchedulerOutput
 from .page_allocator import PageAllocator
@@ -147,6 +147,7 @@ class Engine:
     # ---- memory -------------------------------------------------------------------------------
     def _build_pool(self) -> KVPool | None:
         c, s = self.config, self.spec
+        self.memory_plan: MemoryPlan | None = None          # set when measured (CUDA)
         if not c.uses_kv_cache:
             return None
         page = bytes_per_page(s.num_layers, c.page_size, s.num_kv_heads, s.head_dim, self.dtype)
@@ -157,11 +158,12 @@ class Engine:
             num = c.num_pages
         elif c.kv_cache_memory_gb is not None:
             num = num_pages_for_budget(int(c.kv_cache_memory_gb * GIB), page)
-        elif self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            num = min(plan_num_pages(s, self.dtype, c.page_size, total, total - free,
-                                     c.gpu_memory_utilization, c.max_num_batched_tokens,
-                                     c.max_num_seqs), useful)
+        elif self.device.type == "cuda":        # warm-up step measures the activation peak
+            self.memory_plan = measure_and_plan(
+                self.loaded.model, s, self.dtype, self.device, c.page_size,
+                c.gpu_memory_utilization, c.max_num_seqs, c.max_num_batched_tokens,
+                self.max_model_len, getattr(torch, c.sampler_dtype))
+            num = min(self.memory_plan.num_pages, useful)
         else:
             num = min(num_pages_for_budget(int(c.cpu_kv_cache_gb * GIB), page), useful)
         if num < 1:

@@ -13,7 +13,16 @@ LLADA_8B = ModelSpec(arch="llada", vocab_size=126464, hidden_size=4096, num_laye
                      mask_token_id=126336, eos_token_id=126081, pad_token_id=126081,
                      bos_token_id=126080, eot_token_id=126348)
 
-KNOWN_SHAPES = {"llada-8b": LLADA_8B}
+# Dream-org/Dream-v0-Instruct-7B (Qwen2.5-7B layout): hidden 3584, 28 layers, 28 query heads,
+# 4 key/value heads (GQA), mlp 18944, vocab 152064, q/k/v biases; ids of its Qwen2 tokenizer
+# (<|endoftext|> 151643 is bos/eos/pad, <|im_end|> 151645 ends a turn, <|mask|> 151666)
+DREAM_7B = ModelSpec(arch="dream", vocab_size=152064, hidden_size=3584, num_layers=28,
+                     num_heads=28, num_kv_heads=4, head_dim=128, intermediate_size=18944,
+                     rope_theta=1000000.0, rms_norm_eps=1e-6, max_position=131072, qkv_bias=True,
+                     mask_token_id=151666, eos_token_id=151643, pad_token_id=151643,
+                     bos_token_id=151643, eot_token_id=151645, logits_shift=True)
+
+KNOWN_SHAPES = {"llada-8b": LLADA_8B, "dream-7b": DREAM_7B}
 
 
 def num_parameters(spec: ModelSpec, tied_embeddings: bool = False) -> int:
