@@ -27,7 +27,17 @@ MAX_STOP_CHARS = 256          # characters per stop string (each is searched in 
 # A request setting one of them to anything else on the other family is refused (never ignored).
 DREAM_ONLY = {"alg": None, "alg_temp": None, "top_p": None, "top_k": None, "eps": 1e-3}
 LLADA_ONLY = {"remasking": "low_confidence", "cfg_scale": 0.0, "factor": None,
-              "entropy_bound": None, "logits_eos_inf": False, "confidence_eos_eot_inf": False}
+              "entropy_bound": None, "logits_eos_inf": False, "confidence_eos_eot_inf": False,
+              "pc_lambda": None, "exit_high": None, "exit_low": None, "kl_threshold": None,
+              "kl_history": None, "revoke_threshold": None}
+
+# Policy knobs (docs/policies.md): each selects its policy; the papers' defaults fill the rest.
+POLICY_KNOBS = ("factor", "entropy_bound", "pc_lambda", "exit_high", "kl_threshold",
+                "revoke_threshold")
+SCHED_EXIT_LOW = 0.6          # SchED: tau at the end of the block when only exit_high is set
+KLASS_CONF = 0.6              # KLASS / WINO confidence threshold when `threshold` is unset
+KLASS_HISTORY = 2             # KLASS: consecutive small-KL steps (the official LLaDA scripts)
+WINO_THRESHOLD = 0.6          # WINO wide-in threshold (official `decoding_wino` default)
 NEUTRAL = {"top_p": (1.0,)}   # values OpenAI clients send by default that change nothing
 
 
@@ -70,6 +80,12 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)  # stop strings: text is cut before the first one
     logits_eos_inf: bool = False           # LLaDA: never predict EOS
     confidence_eos_eot_inf: bool = False   # LLaDA: never commit EOS/EOT early by confidence
+    pc_lambda: float | None = None         # PC-Sampler: position decay exp(-pc_lambda * offset in block)
+    exit_high: float | None = None         # SchED: block exit threshold at progress 0 (mean confidence)
+    exit_low: float | None = None          # SchED: ... at progress 1 (default SCHED_EXIT_LOW)
+    kl_threshold: float | None = None      # KLASS: commit conf > threshold with KL(step||step-1) < this
+    kl_history: int | None = None          # KLASS: consecutive steps the KL must stay small (default 2)
+    revoke_threshold: float | None = None  # WINO: re-mask committed tokens whose re-check prob < this
     early_exit: bool = True                # stop once a committed block holds EOS/EOT (or a stop string)
     output_limit: int | None = None        # tokens returned at most (None: max_tokens); set by
                                            # resolve() when max_tokens is rounded up to whole blocks
@@ -96,6 +112,7 @@ class SamplingParams:
         _check(self.factor is None or self.factor > 0, "factor", self.factor, "must be > 0")
         _check(self.entropy_bound is None or self.entropy_bound > 0, "entropy_bound",
                self.entropy_bound, "must be > 0")
+        self._validate_policy_knobs()
         _check(self.alg is None or self.alg in DREAM_ALGS, "alg", self.alg, f"must be one of {DREAM_ALGS}")
         _check(self.alg_temp is None or self.alg_temp >= 0, "alg_temp", self.alg_temp, "must be >= 0")
         _check(0 < self.eps < 1, "eps", self.eps, "must be in (0, 1)")
@@ -111,6 +128,36 @@ class SamplingParams:
             _check(self.steps % nb == 0, "steps", self.steps,
                    f"must be a multiple of the number of blocks ({nb} = max_tokens "
                    f"{self.max_tokens} / block_length {self.block_length}, rounded up)")
+
+    def _validate_policy_knobs(self) -> None:
+        set_ = [k for k in POLICY_KNOBS if getattr(self, k) is not None]
+        if len(set_) > 1:
+            _check(False, set_[-1], getattr(self, set_[-1]), f"selects a decoding policy, and so "
+                   f"does {set_[0]}: set only one of {POLICY_KNOBS}")
+        _check(self.pc_lambda is None or self.pc_lambda >= 0, "pc_lambda", self.pc_lambda,
+               "must be >= 0")
+        for name in ("exit_high", "exit_low", "revoke_threshold"):
+            v = getattr(self, name)
+            _check(v is None or 0 < v <= 1, name, v, "must be in (0, 1]")
+        _check(self.exit_low is None or self.exit_high is not None, "exit_low", self.exit_low,
+               "needs exit_high (SchED's threshold at progress 0)")
+        if self.exit_high is not None:
+            _check(self.exit_low_or_default <= self.exit_high, "exit_low",
+                   self.exit_low_or_default, f"must be <= exit_high={self.exit_high}")
+        _check(self.kl_threshold is None or self.kl_threshold > 0, "kl_threshold",
+               self.kl_threshold, "must be > 0")
+        _check(self.kl_history is None or (isinstance(self.kl_history, int) and
+                                           1 <= self.kl_history <= 8),
+               "kl_history", self.kl_history, "must be an integer in [1, 8]")
+        _check(self.kl_history is None or self.kl_threshold is not None, "kl_history",
+               self.kl_history, "needs kl_threshold (KLASS)")
+        if self.threshold is not None and (self.pc_lambda is not None or self.exit_high is not None):
+            _check(False, "threshold", self.threshold, "would override pc_lambda / exit_high: "
+                   "set one policy")
+
+    @property
+    def exit_low_or_default(self) -> float:
+        return SCHED_EXIT_LOW if self.exit_low is None else min(self.exit_low, 1.0)
 
     def _validate_stop(self) -> None:
         _check(len(self.stop) <= MAX_STOP, "stop", list(self.stop),
@@ -155,10 +202,18 @@ class SamplingParams:
         if self.alg is not None:
             from .dream import dream_policy      # dream.py imports this module: no cycle at call time
             return dream_policy(self)
+        if self.revoke_threshold is not None:
+            return "wino"
+        if self.kl_threshold is not None:
+            return "klass"
         if self.factor is not None:
             return "factor"
         if self.threshold is not None:
             return "threshold"
         if self.entropy_bound is not None:
             return "entropy_bound"
+        if self.pc_lambda is not None:
+            return "pc_sampler"
+        if self.exit_high is not None:
+            return "sched_exit"
         return "fixed"
