@@ -137,6 +137,32 @@ def _classify(r: httpx.Response, raw: Optional[str], stream: bool, elapsed: floa
     return 0.0
 
 
+def _load_in_process(args: tuple, out: Any) -> None:
+    out.put(asyncio.run(load(*args)))
+
+
+async def load_with_probe(url: str, model: str, clients: int, seconds: float,
+                          hang_s: float) -> tuple[Tally, Tally]:
+    """The load in a child process, and a light client here sending one request every 100 ms:
+    its refusals show what a refusal costs when the client itself is not the one overloaded."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    child = ctx.Process(target=_load_in_process, args=((url, model, clients, seconds, hang_s),
+                                                       out))
+    child.start()
+    probe = Tally()
+    end = time.monotonic() + seconds
+    async with httpx.AsyncClient(base_url=url, timeout=hang_s) as c:
+        await asyncio.sleep(min(3.0, seconds / 4))          # let the load fill the model
+        while time.monotonic() < end:
+            await one(c, model, probe, hang_s, stream=True)
+            await asyncio.sleep(0.1)
+    tally = await asyncio.to_thread(out.get)
+    child.join()
+    return tally, probe
+
+
 async def load(url: str, model: str, clients: int, seconds: float, hang_s: float,
                stream: bool = True, extra: Optional[dict] = None) -> Tally:
     tally = Tally()
@@ -322,9 +348,15 @@ async def measure(args: argparse.Namespace) -> list[tuple[str, str]]:
     try:
         d = args.duration
         low = await load(url, model, args.low, d, args.hang_s)
-        high = await load(url, model, args.high, d, args.hang_s)
+        high, probe = await load_with_probe(url, model, args.high, d, args.hang_s)
         rows += goodput_rows(f"{args.low} clients", low, d)
         rows += goodput_rows(f"{args.high} clients", high, d)
+        rows.append((f"probe beside {args.high} clients: refusals / p99",
+                     f"{probe.refused} / {ms(p99(probe.refusal_s))}"))
+        ingress = httpx.get(f"{url}/v1/engine/stats", timeout=30).json()["ingress"]
+        rows.append(("refusal time inside the ingress p99 (arrival -> response)",
+                     "-" if ingress["refusal_ms_p99"] is None
+                     else f"{ingress['refusal_ms_p99']:.1f} ms"))
         ratio = (high.tokens / low.tokens) if low.tokens else float("nan")
         rows.append((f"tok/s {args.high} clients / {args.low} clients", f"{ratio:.2f}"))
         if not args.skip_bounds:

@@ -11,6 +11,7 @@ nothing new is admitted and the ingress waits for the admitted requests to finis
 from __future__ import annotations
 
 import math
+from collections import deque
 from typing import Optional
 
 from .errors import APIError, overloaded
@@ -27,7 +28,15 @@ class Admission:
         self.requests = 0                             # HTTP requests in flight
         self.latency_s = 1.0                          # EWMA of finished requests' latency
         self.refused = 0
+        self.refusal_s: deque[float] = deque(maxlen=4096)   # ingress-side time of each 429/503
         self.draining = False
+
+    def refusal_p99_ms(self) -> Optional[float]:
+        """p99 of the time refusals spent in this ingress (arrival -> response start)."""
+        if not self.refusal_s:
+            return None
+        xs = sorted(self.refusal_s)
+        return round(1000 * xs[min(len(xs) - 1, round(0.99 * (len(xs) - 1)))], 2)
 
     def retry_after(self) -> int:
         return max(1, min(MAX_RETRY_AFTER_S, math.ceil(self.latency_s)))

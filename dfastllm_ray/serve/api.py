@@ -34,8 +34,10 @@ class RequestContext:
     """Pure ASGI middleware (BaseHTTPMiddleware breaks streaming cancellation): a request id
     on every request, response and log line, one JSON access log line and outcome metrics."""
 
-    def __init__(self, app: Any, metrics: Optional[IngressMetrics], add_header: bool) -> None:
+    def __init__(self, app: Any, metrics: Optional[IngressMetrics], add_header: bool,
+                 refusals: Optional[Any] = None) -> None:
         self.app, self.metrics, self.add_header = app, metrics, add_header
+        self.refusals = refusals      # a deque: seconds each 429/503 spent in this ingress
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -73,6 +75,8 @@ class RequestContext:
         log.info("%s %s %d", scope.get("method"), path, status,
                  extra={"request_id": rid, "route": path, "status": status, "model": model,
                         "latency_ms": round(seconds * 1000, 2)})
+        if self.refusals is not None and status in (429, 503):
+            self.refusals.append(seconds)
         if self.metrics is not None and path.startswith("/v1/"):
             self.metrics.request(model, path, OUTCOMES.get(status, "error"), seconds)
 
@@ -110,7 +114,8 @@ def build_api(server: OpenAIServer, keys: ApiKeys, limiter: Optional[RateLimiter
     # The schema is served by a route below, behind the API key when auth is on.
     app = FastAPI(title="dfastllm-ray", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
-    app.add_middleware(RequestContext, metrics=metrics, add_header=add_request_id_header)
+    app.add_middleware(RequestContext, metrics=metrics, add_header=add_request_id_header,
+                       refusals=server.admission.refusal_s)
     _install_error_handlers(app)
 
     def guard(request: Request) -> None:
@@ -169,6 +174,7 @@ def _add_model_routes(app: FastAPI, server: OpenAIServer, guard: Any) -> None:
         return {"models": await server.stats(),
                 "ingress": {"inflight": adm.requests, "admitted": dict(adm.inflight),
                             "limits": dict(adm.limits), "refused": adm.refused,
+                            "refusal_ms_p99": adm.refusal_p99_ms(),
                             "draining": adm.draining}}
 
 

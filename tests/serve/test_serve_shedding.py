@@ -41,6 +41,7 @@ def test_model_at_capacity_refuses_before_the_engine():
     assert len(engine.seen) == 2                           # the refused never reached it
     assert server.admission.inflight == {"fake": 0} and server.admission.requests == 0
     assert server.admission.refused == 3
+    assert len(server.admission.refusal_s) == 3 and server.admission.refusal_p99_ms() >= 0
 
 
 def test_n_choices_count_against_capacity():
