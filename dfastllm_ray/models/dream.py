@@ -11,7 +11,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from .layers import (KVHook, RMSNorm, apply_rope, attention, default_positions, gather_rows,
+from .layers import (KVHook, RMSNorm, apply_rope, default_positions, gather_rows, hooked_attention,
                      merge_heads, rope_cos_sin, split_heads, swiglu)
 from .spec import ModelSpec
 
@@ -59,9 +59,7 @@ class DreamAttention(nn.Module):
         q = apply_rope(split_heads(self.q_proj(x), self.n_heads), cos, sin)   # (B, H, Lq, D)
         k = apply_rope(split_heads(self.k_proj(x), self.n_kv), cos, sin)      # (B, H_kv, Lq, D)
         v = split_heads(self.v_proj(x), self.n_kv)
-        if kv is not None:
-            k, v = kv(layer, k, v)
-        return self.o_proj(merge_heads(attention(q, k, v, bias)))
+        return self.o_proj(merge_heads(hooked_attention(q, k, v, bias, kv, layer)))
 
 
 class DreamMLP(nn.Module):

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 # kv(layer, k, v) -> (k_all, v_all): see models/kv_hooks.py. k, v: (B, H_kv, Lq, D) after RoPE.
+# A hook may instead compute the attention itself: kv.attend(layer, q, k, v, bias) -> (B, H, Lq, D)
+# (the engine's paged FlexAttention reads the pool in place); see `hooked_attention`.
 KVHook = Callable[[int, Tensor, Tensor], "tuple[Tensor, Tensor]"]
 
 
@@ -62,6 +64,18 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor]) -> Tensor
         bias = bias.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=False,
                                           enable_gqa=q.shape[1] != k.shape[1])
+
+
+def hooked_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
+                     kv: Optional[KVHook], layer: int) -> Tensor:
+    """A block's attention with its KV hook: the hook's own `attend` when it has one, else the
+    hook's keys/values (B, H_kv, Lk, D) through `attention`. q (B, H, Lq, D) -> (B, H, Lq, D)."""
+    if kv is None:
+        return attention(q, k, v, bias)
+    if hasattr(kv, "attend"):
+        return kv.attend(layer, q, k, v, bias)
+    k, v = kv(layer, k, v)
+    return attention(q, k, v, bias)
 
 
 def key_padding_bias(key_mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:

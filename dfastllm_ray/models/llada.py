@@ -11,7 +11,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from .layers import (KVHook, RMSNorm, apply_rope, attention, default_positions, gather_rows,
+from .layers import (KVHook, RMSNorm, apply_rope, default_positions, gather_rows, hooked_attention,
                      merge_heads, rope_cos_sin, split_heads, swiglu)
 from .spec import ModelSpec
 
@@ -68,9 +68,7 @@ class LLaDABlock(nn.Module):
         q = apply_rope(split_heads(self.q_proj(a), self.n_heads), cos, sin)   # (B, H, Lq, D)
         k = apply_rope(split_heads(self.k_proj(a), self.n_kv), cos, sin)      # (B, H_kv, Lq, D)
         v = split_heads(self.v_proj(a), self.n_kv)
-        if kv is not None:
-            k, v = kv(layer, k, v)                                            # (B, H_kv, Lk, D)
-        h = h + self.attn_out(merge_heads(attention(q, k, v, bias)))
+        h = h + self.attn_out(merge_heads(hooked_attention(q, k, v, bias, kv, layer)))
         return h + swiglu(self.ff_norm(h), self.ff_proj, self.up_proj, self.ff_out)
 
 
