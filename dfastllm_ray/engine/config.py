@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 KV_CACHE_MODES = ("none", "prefix", "dual")
+REFRESH_MODES = ("full", "incremental")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SAMPLER_DTYPES = ("float32", "float64")
+ATTENTION_BACKENDS = ("sdpa", "flex")
 
 
 def _check(cond: bool, name: str, value, fix: str) -> None:
@@ -34,6 +36,20 @@ class EngineConfig:
     of the canvas into the request's pages; the block's later steps attend to the cached prefix
     (prefix: queries = block and everything after it) or to the cached prefix and suffix (dual:
     queries = the block only)."""
+
+    refresh: str = "full"
+    """What a block's first (refresh) forward recomputes with a KV cache. "full": the whole
+    canvas from the first non-frozen position (Fast-dLLM). "incremental": only the block that
+    just finished and everything after it; earlier pages (the prompt, older blocks) keep their
+    K/V, and only the new block's masks compete. Cheaper refreshes, an approximation: its
+    accuracy cost is measured by benchmarks/quality.py."""
+
+    chunked_refresh: bool = False
+    """Split a refresh forward that does not fit the step's remaining token budget into chunks
+    over several steps (as chunked prefill does), so cached requests keep stepping: each chunk
+    writes the K/V of part of the canvas before the active block, attending to what is cached;
+    the last step decodes as usual. Only the block's masks compete in a chunked refresh. Off:
+    such a refresh waits for a step with budget (exact)."""
 
     page_size: int = 16
     """Token positions per KV page."""
@@ -84,6 +100,14 @@ class EngineConfig:
     token has margin exactly 1.0 (fixture `dream.topk_margin.s32.topp0.9.topk20`). Costs one
     topk per distinct quota in the step; off on the fast path."""
 
+    attention_backend: str = "sdpa"
+    """How a cached or refresh forward attends to the paged KV cache. "sdpa": each layer
+    gathers the canvas K/V from the pages into a dense tensor for SDPA (the CPU and reference
+    path). "flex": FlexAttention reads the pages in place through a block mask built from the
+    page tables (engine/paged_attention.py): eager and slow on CPU, compiled on CUDA, where
+    page_size must be a power of two >= 16. Same results (tests/engine/test_paged_attention.py);
+    the default stays "sdpa" until a GPU measurement says which is faster."""
+
     def __post_init__(self) -> None:
         _check(isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1, "max_num_seqs",
                self.max_num_seqs, "use an integer >= 1")
@@ -91,6 +115,10 @@ class EngineConfig:
                "max_num_batched_tokens", self.max_num_batched_tokens, "use an integer >= 1")
         _check(self.kv_cache_mode in KV_CACHE_MODES, "kv_cache_mode", self.kv_cache_mode,
                f"use one of {KV_CACHE_MODES}")
+        _check(self.refresh in REFRESH_MODES, "refresh", self.refresh,
+               f"use one of {REFRESH_MODES}")
+        _check(not self.chunked_refresh or self.kv_cache_mode != "none", "chunked_refresh",
+               self.chunked_refresh, 'chunked refresh needs a KV cache: kv_cache_mode "prefix" or "dual"')
         _check(isinstance(self.page_size, int) and self.page_size >= 1, "page_size",
                self.page_size, "use an integer >= 1 (16 is a good default)")
         _check(self.kv_cache_memory_gb is None or self.kv_cache_memory_gb > 0, "kv_cache_memory_gb",
@@ -110,6 +138,11 @@ class EngineConfig:
         _check(self.dtype in DTYPES, "dtype", self.dtype, f"use one of {DTYPES}")
         _check(self.sampler_dtype in SAMPLER_DTYPES, "sampler_dtype", self.sampler_dtype,
                f"use one of {SAMPLER_DTYPES}")
+        _check(self.attention_backend in ATTENTION_BACKENDS, "attention_backend",
+               self.attention_backend, f"use one of {ATTENTION_BACKENDS}")
+        _check(self.attention_backend == "sdpa" or self.kv_cache_mode != "none",
+               "attention_backend", self.attention_backend,
+               'it reads the paged KV cache: use kv_cache_mode "prefix" or "dual", or "sdpa"')
         _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "device",
                self.device, 'use "auto", "cpu", "cuda" or "cuda:N"')
 

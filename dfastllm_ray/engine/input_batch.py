@@ -21,7 +21,8 @@ from .kv_pool import to_device
 
 # Columns of the float64 knob table, one row per slot.
 KNOBS = ("temperature", "threshold", "factor", "entropy_bound", "alg_temp", "top_p", "top_k",
-         "random_remask", "logits_eos_inf", "conf_eos_eot_inf", "conf_alg")
+         "random_remask", "logits_eos_inf", "conf_eos_eot_inf", "conf_alg", "pc_lambda",
+         "exit_high", "exit_low", "block_length")
 COL = {name: i for i, name in enumerate(KNOBS)}
 CONF_ALGS = {None: CONF_PROB, "origin": CONF_PROB, "maskgit_plus": CONF_PROB,
              "topk_margin": CONF_MARGIN, "entropy": CONF_NEG_ENTROPY}
@@ -36,7 +37,11 @@ def knob_row(p: SamplingParams) -> list[float]:
             nan if p.entropy_bound is None else p.entropy_bound, p.alg_temp or 0.0,
             1.0 if p.top_p is None else p.top_p, float(p.top_k or 0),
             float(p.remasking == "random"), float(p.logits_eos_inf),
-            float(p.confidence_eos_eot_inf), float(CONF_ALGS[alg])]
+            float(p.confidence_eos_eot_inf), float(CONF_ALGS[alg]),
+            nan if p.pc_lambda is None else p.pc_lambda,
+            nan if p.exit_high is None else p.exit_high,
+            nan if p.exit_high is None else p.exit_low_or_default,
+            float(p.block_length or 0)]
 
 
 class InputBatch:

@@ -19,7 +19,7 @@ from ..models.spec import ModelSpec
 from . import sampler
 from .input_batch import InputBatch
 from .kv_pool import KVPool
-from .outputs import RunnerOutput, ScheduledRequest, SchedulerOutput, StepCommit
+from .outputs import PREFILL, RunnerOutput, ScheduledRequest, SchedulerOutput, StepCommit
 from .request import Request
 from .step_inputs import GroupPlan, expand_group, pack_group
 
@@ -78,6 +78,8 @@ class ModelRunner:
                             attn_bias=inputs.attn_mask, kv=inputs.kv,
                             logits_index=inputs.logits_index)               # (B, n_max, V)
         t.lap("forward")
+        if plan.kind == PREFILL:                 # a refresh chunk decodes nothing
+            return sampler.snapshot(self.batch, inputs)
         commit_mask, tokens = sampler.sample(logits, plan, inputs, self.spec, self.exact_ties)
         t.lap("sample")
         packed = sampler.commit(self.batch, inputs, commit_mask, tokens)

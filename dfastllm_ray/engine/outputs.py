@@ -12,6 +12,7 @@ from typing import Sequence
 FULL = "full"        # no KV cache: the whole canvas is the query window (exact reference)
 REFRESH = "refresh"  # first forward of a block: canvas from q_start on, K/V written to the pages
 CACHED = "cached"    # later forwards of a block: the window attends to the cached K/V
+PREFILL = "prefill"  # a chunk of a refresh too large for the step's budget: K/V written, nothing decoded
 
 
 @dataclass

@@ -52,6 +52,8 @@ class Request:
     masked_before: int = 0            # masks in canvas [0, block_start): prompt masks, leftovers
     masked_block: int = 0             # masks in the active block
     generated: Sequence[int] | None = None   # generation positions at the last sync (None: all masks)
+    refresh_from: int = 0             # chunked refresh: canvas position the block's refresh resumes at
+    kv_written: int = 0               # canvas positions [0, kv_written) hold K/V in the pages
 
     def __post_init__(self) -> None:
         self.masked_before = sum(1 for t in self.prompt_token_ids if t == self.mask_token_id)

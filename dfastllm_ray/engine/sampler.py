@@ -70,3 +70,9 @@ def commit(batch: InputBatch, inputs: GroupInputs, commit_mask: Tensor, tokens: 
     flat.index_copy_(0, inputs.cand_flat.reshape(-1), new.reshape(-1))
     counts = torch.stack((commit_mask.sum(1), (commit_mask & inputs.in_block).sum(1)), dim=1)
     return torch.cat((counts, flat[inputs.gen_flat]), dim=1)
+
+
+def snapshot(batch: InputBatch, inputs: GroupInputs) -> Tensor:
+    """The packed result of a forward that commits nothing: zero counts and the generation."""
+    gen = batch.flat_canvas[inputs.gen_flat]
+    return torch.cat((torch.zeros(gen.shape[0], 2, dtype=gen.dtype, device=gen.device), gen), dim=1)

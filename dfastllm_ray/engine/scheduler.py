@@ -13,7 +13,8 @@ from typing import Callable, Optional
 
 from . import step_plan
 from .config import EngineConfig
-from .outputs import REFRESH, RequestOutput, RunnerOutput, ScheduledRequest, SchedulerOutput
+from .outputs import (CACHED, FULL, PREFILL, REFRESH, RequestOutput, RunnerOutput, ScheduledRequest,
+                      SchedulerOutput)
 from .page_allocator import PageAllocator, page_hash_chain
 from .request import Request, RequestStatus
 
@@ -70,9 +71,13 @@ class Scheduler:
             raise ValueError(f"prompt ({req.prompt_len} tokens) + max_tokens ({req.params.max_tokens})"
                              f" = {req.canvas_len} exceeds max_model_len={self.max_model_len}: "
                              "shorten the prompt or lower max_tokens")
-        if req.canvas_len > self.config.max_num_batched_tokens:
-            raise ValueError(f"canvas of {req.canvas_len} tokens exceeds EngineConfig.max_num_batched_"
-                             f"tokens={self.config.max_num_batched_tokens}: raise the budget")
+        # the widest window that cannot be split: the canvas, or with chunked refreshes the
+        # generation (a refresh's last piece runs from the active block to the canvas end)
+        widest = req.params.max_tokens if self.config.chunked_refresh else req.canvas_len
+        if widest > self.config.max_num_batched_tokens:
+            raise ValueError(f"a window of {widest} tokens exceeds EngineConfig.max_num_batched_"
+                             f"tokens={self.config.max_num_batched_tokens}: raise the budget"
+                             + ("" if self.config.chunked_refresh else " or set chunked_refresh"))
         if self.pages_needed(req) > self.allocator.num_pages:
             raise ValueError(f"canvas of {req.canvas_len} tokens needs {self.pages_needed(req)} KV pages,"
                              f" the pool has {self.allocator.num_pages}: raise kv_cache_memory_gb")
@@ -100,17 +105,19 @@ class Scheduler:
         commits at least one position per block (a fixed schedule's zero quota excepted); a block
         with no masks left (or at the end of its bounded schedule) is committed and the next
         opens, or the request finishes and frees its pages in the same update. Running requests
-        are served least-recently-scheduled first while their windows fit the token budget
-        (`num_batched_tokens` <= max_num_batched_tokens); then waiting requests are admitted in
-        arrival order while `len(running)` < max_num_seqs, their first window fits the budget
-        left and their pages are free. The head of the queue blocks the rest (strict FIFO)."""
+        are served least-recently-scheduled first, cached windows before refreshes, while their
+        windows fit the token budget (`num_batched_tokens` <= max_num_batched_tokens); a refresh
+        that does not fit runs a PREFILL chunk of what is left when `chunked_refresh` is on.
+        Then waiting requests are admitted in arrival order while `len(running)` < max_num_seqs,
+        their first window (or, chunked, a first chunk) fits the budget left and their pages are
+        free. The head of the queue blocks the rest (strict FIFO)."""
         self.step_count += 1
         out = SchedulerOutput(step=self.step_count)
         budget = self.config.max_num_batched_tokens
-        for req in sorted(self.running.values(), key=lambda r: (r.last_scheduled, r.arrival)):
-            item = step_plan.plan(req, self.config.kv_cache_mode)
-            if item.q_len <= budget:
-                budget -= self._take(out, req, item)
+        order = sorted(self.running.values(), key=lambda r: (r.last_scheduled, r.arrival))
+        items = [(req, self._plan(req)) for req in order]
+        for req, item in sorted(items, key=lambda ri: ri[1].kind != CACHED):   # stable
+            budget -= self._fit(out, req, item, budget)
         while self.waiting and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             if not self._can_admit(req, budget):
@@ -118,8 +125,21 @@ class Scheduler:
             self.waiting.popleft()
             self._admit(req)
             out.admitted.append(req.request_id)
-            budget -= self._take(out, req, step_plan.plan(req, self.config.kv_cache_mode))
+            budget -= self._fit(out, req, self._plan(req), budget)
         return out
+
+    def _plan(self, req: Request) -> ScheduledRequest:
+        return step_plan.plan(req, self.config.kv_cache_mode, self.config.refresh)
+
+    def _fit(self, out: SchedulerOutput, req: Request, item: ScheduledRequest, budget: int) -> int:
+        """Schedule `item` if it fits the budget (or a chunk of it); returns the tokens taken."""
+        if item.q_len <= budget:
+            return self._take(out, req, item)
+        if self.config.chunked_refresh and item.kind == REFRESH:
+            chunk = step_plan.refresh_chunk(req, item, budget, self.config.page_size)
+            if chunk is not None:
+                return self._take(out, req, chunk)
+        return 0
 
     def _take(self, out: SchedulerOutput, req: Request, item: ScheduledRequest) -> int:
         out.scheduled.append(item)
@@ -130,6 +150,8 @@ class Scheduler:
     def _can_admit(self, req: Request, budget: int) -> bool:
         hit = len(self.allocator.match(req.prefix_keys)) * self.config.page_size
         first_window = req.canvas_len - (hit if self.config.uses_kv_cache else 0)
+        if self.config.chunked_refresh and req.block_start - hit >= self.config.page_size:
+            first_window = min(first_window, self.config.page_size)       # a first chunk
         return (first_window <= budget
                 and self.allocator.can_allocate(self.pages_needed(req), req.prefix_keys))
 
@@ -159,6 +181,12 @@ class Scheduler:
                 req.generated = c.generated
             req.nfe += 1
             self.total_nfe += 1
+            if item.kind == PREFILL:           # a refresh chunk: K/V written, nothing decoded
+                req.refresh_from = item.q_start + item.q_len
+                req.kv_written = max(req.kv_written, req.refresh_from)
+                continue
+            if item.kind in (REFRESH, FULL):
+                req.kv_written = req.canvas_len
             if item.kind == REFRESH and not req.prefix_published:
                 self._publish(req)
             if step_plan.after_step(req, item, n_committed, self.config.kv_cache_mode):

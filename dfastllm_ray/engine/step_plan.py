@@ -24,11 +24,15 @@ from dataclasses import replace
 
 from ..sampling.dream import ThresholdCarry, transfer_probs, dream_quota
 from ..sampling.schedule import transfer_counts
-from .outputs import CACHED, FULL, REFRESH, ScheduledRequest
+from .outputs import CACHED, FULL, PREFILL, REFRESH, ScheduledRequest
 from .request import Request
 
 # Policies whose quota is a count the schedule may set to 0: that step's forward commits nothing.
-QUOTA_POLICIES = ("fixed", "dream_topk", "dream_alg_temp", "dream_threshold")
+QUOTA_POLICIES = ("fixed", "dream_topk", "dream_alg_temp", "dream_threshold", "pc_sampler",
+                  "sched_exit")
+# LLaDA policies on the fixed schedule: a block ends after steps_per_block forwards, as `fixed`
+# (PC-Sampler reorders the schedule's commits; SchED's exit only ends a block sooner).
+SCHEDULED_POLICIES = ("fixed", "pc_sampler", "sched_exit")
 
 
 def is_dream(req: Request) -> bool:
@@ -40,6 +44,7 @@ def open_block(req: Request, mode: str) -> None:
     """Reset the per-block counters of the newly active block (its positions are all masked:
     no step ever commits past the active block's end)."""
     req.block_step = 0
+    req.refresh_from = 0
     p = req.params
     if not is_dream(req):    # LLaDA: the linear schedule over the block's masks
         req.block_quota = transfer_counts(req.masked_block, req.steps_per_block)
@@ -54,14 +59,14 @@ def next_block(req: Request) -> None:
     req.masked_block = req.params.block_length
 
 
-def plan(req: Request, mode: str) -> ScheduledRequest:
+def plan(req: Request, mode: str, refresh: str = "full") -> ScheduledRequest:
     """The forward window, candidates and quota of `req`'s next step."""
     length, s, e = req.canvas_len, req.block_start, req.block_end
     if mode == "none":
         kind, q_start, q_len = FULL, 0, length
     elif req.block_step == 0:
-        q_start = req.num_frozen_tokens if req.prefix_published else req.num_cached_tokens
-        kind, q_len = REFRESH, length - q_start
+        kind, q_start = REFRESH, refresh_start(req, refresh)
+        q_len = length - q_start
     else:
         kind, q_start = CACHED, s
         q_len = length - s if mode == "prefix" else e - s
@@ -74,16 +79,44 @@ def plan(req: Request, mode: str) -> ScheduledRequest:
         item.policy, item.conf_alg = "force", req.params.alg
         return item
     # full / refresh forwards: every mask from the window start to the block end competes
-    # (prompt masks, leftovers of earlier blocks; frozen prompt pages hold none); cached steps:
-    # the block's masks only
-    if kind != CACHED:
-        item.cand_start, item.num_candidates = q_start, req.masked_upto_block_end
-    else:
+    # (prompt masks, leftovers of earlier blocks; frozen prompt pages hold none); cached steps,
+    # incremental and chunked refreshes: the block's masks only
+    if kind == CACHED or q_start > frozen_start(req):
         item.num_candidates = req.masked_block
+    else:
+        item.cand_start, item.num_candidates = q_start, req.masked_upto_block_end
     item.quota = quota(req, mode, item.num_candidates)
     item.policy, item.conf_alg = step_policy(req, kind)
     item.k = commit_count(item.policy, item.quota, item.num_candidates)
     return item
+
+
+def frozen_start(req: Request) -> int:
+    """First canvas position a refresh must recompute: past the frozen / prefix-cached pages."""
+    return req.num_frozen_tokens if req.prefix_published else req.num_cached_tokens
+
+
+def refresh_start(req: Request, refresh: str) -> int:
+    """Where the active block's refresh window starts: the frozen prefix's end (full), or the
+    start of the block that just finished (incremental), or where its chunks stopped."""
+    start = frozen_start(req)
+    if refresh == "incremental" and req.block_idx > 0:
+        start = max(start, req.block_start - req.params.block_length)
+    return max(start, req.refresh_from)
+
+
+def refresh_chunk(req: Request, item: ScheduledRequest, budget: int, min_chunk: int
+                  ) -> ScheduledRequest | None:
+    """A PREFILL piece of `item` (a refresh too big for `budget`): K/V of [q_start, q_start + c)
+    with c <= budget, never reaching the active block (the refresh's last step decodes it).
+    Its queries see the keys written so far: [0, max(chunk end, kv_written))."""
+    c = min(budget, req.block_start - item.q_start)
+    if c < min_chunk:
+        return None
+    end = item.q_start + c
+    return replace(item, kind=PREFILL, q_len=c, kv_len=max(end, req.kv_written), cand_start=end,
+                   cand_end=end, num_candidates=0, quota=0, k=0, policy="fixed",
+                   force_position=None)
 
 
 def step_policy(req: Request, kind: str) -> tuple[str, str | None]:
@@ -137,4 +170,4 @@ def after_step(req: Request, item: ScheduledRequest, num_committed: int, mode: s
         return True
     if is_dream(req):
         return req.block_step >= (req.carry.steps if req.carry is not None else spb)
-    return (p.policy == "fixed" or mode == "dual") and req.block_step >= spb
+    return (p.policy in SCHEDULED_POLICIES or mode == "dual") and req.block_step >= spb
