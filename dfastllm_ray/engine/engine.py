@@ -25,6 +25,7 @@ from .kv_pool import GIB, KVPool, bytes_per_page, num_pages_for_budget
 from .memory import MemoryPlan, measure_and_plan
 from .model_runner import ModelRunner
 from .outputs import RequestOutput, RunnerOutput, SchedulerOutput
+from .paged_attention import PageMap
 from .page_allocator import PageAllocator
 from .request import Request
 from .scheduler import Scheduler
@@ -46,8 +47,10 @@ class Engine:
         allocator = PageAllocator(self.pool.num_pages if self.pool else 0, self.config.page_size,
                                   self.config.enable_prefix_caching)
         self.detokenizer = Detokenizer(loaded.tokenizer)
+        page_map = (PageMap(self.pool.num_pages, self.device)
+                    if self.config.attention_backend == "flex" else None)
         self.batch = InputBatch(self.config.max_num_seqs, self.max_model_len, self.config.page_size,
-                                self.spec.mask_token_id, self.device)
+                                self.spec.mask_token_id, self.device, page_map)
         self.scheduler = Scheduler(self.config, allocator, self.max_model_len,
                                    self.spec.stop_token_ids, self.detokenizer.stop_cut,
                                    slots=(self._take_slot, self._release_slot))

@@ -18,6 +18,7 @@ import torch
 from ..sampling.batch import CONF_MARGIN, CONF_NEG_ENTROPY, CONF_PROB
 from ..sampling.params import SamplingParams
 from .kv_pool import to_device
+from .paged_attention import PageMap
 
 # Columns of the float64 knob table, one row per slot.
 KNOBS = ("temperature", "threshold", "factor", "entropy_bound", "alg_temp", "top_p", "top_k",
@@ -46,7 +47,7 @@ def knob_row(p: SamplingParams) -> list[float]:
 
 class InputBatch:
     def __init__(self, max_num_seqs: int, max_model_len: int, page_size: int, mask_id: int,
-                 device: torch.device):
+                 device: torch.device, page_map: PageMap | None = None):
         self.num_slots, self.max_len, self.page_size = max_num_seqs, max_model_len, page_size
         self.mask_id, self.device = mask_id, device
         self.row_len = max_model_len + 1                             # + the dump column
@@ -56,6 +57,7 @@ class InputBatch:
                                       dtype=torch.long, device=device)   # (S, max pages)
         self.knobs = torch.zeros(max_num_seqs, len(KNOBS), dtype=torch.float64, device=device)
         self.seeds = torch.zeros(max_num_seqs, dtype=torch.long, device=device)
+        self.page_map = page_map        # inverse page tables, for attention_backend="flex"
         self.free = list(range(max_num_seqs - 1, -1, -1))            # a stack: low slots first
 
     def add(self, prompt: list[int], canvas_len: int, page_ids: list[int], p: SamplingParams,
@@ -71,6 +73,8 @@ class InputBatch:
         if page_ids:
             pages = torch.tensor(page_ids, dtype=torch.long)
             self.page_table[slot, :len(page_ids)] = to_device(pages, self.device)
+            if self.page_map is not None:
+                self.page_map.admit(page_ids)
         self.knobs[slot] = to_device(torch.tensor(knob_row(p), dtype=torch.float64), self.device)
         self.seeds[slot] = seed
         return slot

@@ -19,6 +19,7 @@ from ..sampling.batch import GroupFacts, RowKnobs
 from .input_batch import COL, CONF_ALGS, InputBatch
 from .kv_pool import KVPool, to_device
 from .outputs import FULL, REFRESH, ScheduledRequest
+from .paged_attention import build_paged_attention
 from .paged_kv import build_paged_kv
 from .request import Request
 
@@ -83,7 +84,7 @@ class GroupInputs:
     input_ids: Tensor         # (B, Lq) int64
     positions: Tensor         # (B, Lq) int64 absolute RoPE positions
     attn_mask: Tensor | None  # (B, 1, 1, Lk) bool, True = attend; None when every row is full
-    kv: object                # PagedKV | None
+    kv: object                # PagedKV | PagedAttention | None
     logits_index: Tensor      # (B, n) int64 query rows whose output is decoded
     cand_offset: Tensor       # (B, n) int64 candidate position - q_start (its window column)
     cand_flat: Tensor         # (B, n) int64 flat canvas index of each candidate (padding: dump)
@@ -108,9 +109,12 @@ def expand_group(g: GroupPlan, batch: InputBatch, pool: KVPool | None, spec: Mod
     if g.needs_mask:
         attn_mask = (ar[:g.lk] < col("kv_len")[:, None])[:, None, None, :]
     kv = None
-    if g.kind != FULL:
+    if g.kind != FULL and batch.page_map is None:
         kv = build_paged_kv(pool, batch.page_table[slot], q_start, col("q_len"), g.lq, g.lk,
                             g.passthrough)
+    elif g.kind != FULL:                     # attention_backend="flex": pages read in place
+        kv = build_paged_attention(pool, batch.page_map, batch.page_table[slot], q_start,
+                                   col("q_len"), col("kv_len"), g.lq, g.lk, g.passthrough)
     cand_pos, valid = _candidates(g, batch, base, col("cand_start"), col("cand_end"), ar)
     rows = offset = cand_pos - q_start[:, None]
     if spec.logits_shift:                    # Dream: row r - 1 predicts position r (r > 0)
