@@ -76,3 +76,4 @@ class RequestOutput:
     num_prompt_tokens: int
     nfe_saved: int = 0            # forwards skipped by early exit (fixed-schedule count)
     num_cached_tokens: int = 0    # prompt tokens served from the prefix cache
+    num_masks_left: int = 0       # returned positions still masked (dropped from token_ids)

@@ -99,9 +99,18 @@ class Request:
             return [self.mask_token_id] * end
         return [int(t) for t in self.generated[:end]]
 
-    def generated_ids(self) -> list[int]:
-        """Generated positions returned to the user: cut at `output_len`, masks dropped
-        (a bounded dual-cache block may leave masks, as in Fast-dLLM)."""
+    def returned_span(self) -> list[int]:
+        """The generation positions returned so far: cut at `output_len`, masks included."""
         end = (self.output_len if self.output_len is not None
                else self.block_idx * self.params.block_length)
-        return [t for t in self.generated_tokens(end) if t != self.mask_token_id]
+        return self.generated_tokens(end)
+
+    def generated_ids(self) -> list[int]:
+        """Generated positions returned to the user: the returned span with masks dropped
+        (a bounded dual-cache block may leave masks, as in Fast-dLLM)."""
+        return [t for t in self.returned_span() if t != self.mask_token_id]
+
+    @property
+    def num_masks_left(self) -> int:
+        """Positions of the returned span left masked (Fast-dLLM's bounded dual-cache blocks)."""
+        return sum(1 for t in self.returned_span() if t == self.mask_token_id)

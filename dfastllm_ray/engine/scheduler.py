@@ -261,7 +261,7 @@ class Scheduler:
             request_id=req.request_id, text="", delta_text="", token_ids=ids, delta_token_ids=delta,
             finished=req.is_finished, finish_reason=req.finish_reason, nfe=req.nfe,
             num_prompt_tokens=req.prompt_len, nfe_saved=req.nfe_saved,
-            num_cached_tokens=req.num_cached_tokens)
+            num_cached_tokens=req.num_cached_tokens, num_masks_left=req.num_masks_left)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)

@@ -71,17 +71,60 @@ def case_mode(case: dict) -> str:
     return "prefix" if ".prefix." in name else "dual" if ".dual." in name else "none"
 
 
-def engine_cases(name: str) -> list[str]:
-    """Cases an engine request reproduces: deterministic (no seed), no CFG, no padding."""
+# Deterministic fixture cases the engine does not run, each with the reason (nothing is dropped
+# silently: test_engine_reference checks that every deterministic case is run or listed here).
+REFUSED = {
+    "cfg": "classifier-free guidance (cfg_scale > 0) doubles every forward; the engine refuses it "
+           "with a ValueError and sampling.llada_generate runs it",
+    "llada_padding": "LLaDA keeps absolute RoPE positions under left padding, so a padded row is a "
+                     "different canvas from its unpadded prompt; the engine never pads a request",
+}
+
+
+def refusal(case: dict) -> str | None:
+    """Why the engine does not reproduce this deterministic case (None: it does)."""
+    kw = case["kwargs"]
+    if kw.get("cfg_scale"):
+        return "cfg"
+    if kw.get("attention_mask") and "padded" in kw["attention_mask"] and \
+            case["kind"] in ("llada_generate", "fastdllm_llada"):
+        return "llada_padding"
+    return None
+
+
+def deterministic_cases(name: str) -> list[dict]:
     manifest, _ = fixture(name)
-    return [c["name"] for c in manifest["cases"][1:]
-            if not c.get("seed") and not c["kwargs"].get("cfg_scale")
-            and not c["kwargs"].get("attention_mask")]
+    return [c for c in manifest["cases"][1:] if not c.get("seed")]
+
+
+def engine_cases(name: str) -> list[str]:
+    """Deterministic cases an engine request reproduces: no seed, not refused (Dream's padded
+    rows are run unpadded: Dream's positions follow the mask, so padded == unpadded)."""
+    return [c["name"] for c in deterministic_cases(name) if refusal(c) is None]
+
+
+def unpadded_prompts(case: dict, T: dict) -> list[list[int]]:
+    """The case's prompt rows, left pads (attention mask 0) removed."""
+    kw = case["kwargs"]
+    prompt = T[kw["prompt"]]
+    if "rows" in kw:
+        prompt = prompt[kw["rows"][0]:kw["rows"][1]]
+    mask = T[kw["attention_mask"]] if kw.get("attention_mask") else None
+    rows = []
+    for r in range(prompt.shape[0]):
+        ids = prompt[r].tolist()
+        rows.append([t for t, m in zip(ids, mask[r].tolist()) if m] if mask is not None else ids)
+    return rows
 
 
 def expected_tokens(seq: list[int], prompt_len: int, stop_ids, mask_id: int) -> list[int]:
     """The reference's generated ids as the engine returns them: cut before the first EOS/EOT,
     masks dropped."""
+    return [t for t in expected_span(seq, prompt_len, stop_ids) if t != mask_id]
+
+
+def expected_span(seq: list[int], prompt_len: int, stop_ids) -> list[int]:
+    """The reference's generated positions up to the first EOS/EOT, masks included."""
     gen = seq[prompt_len:]
     cut = next((i for i, t in enumerate(gen) if t in stop_ids), len(gen))
-    return [t for t in gen[:cut] if t != mask_id]
+    return gen[:cut]
