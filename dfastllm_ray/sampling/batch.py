@@ -52,11 +52,16 @@ class RowKnobs:
     random_remask = property(lambda self: self._get("rr", lambda: self._knob("random_remask") > 0))
     logits_eos_inf = property(lambda self: self._get("lei", lambda: self._knob("logits_eos_inf") > 0))
     conf_eos_eot_inf = property(lambda self: self._get("ceei", lambda: self._knob("conf_eos_eot_inf") > 0))
+    pc_lambda = property(lambda self: self._knob("pc_lambda"))               # PC-Sampler decay
+    exit_high = property(lambda self: self._knob("exit_high"))               # SchED tau at progress 0
+    exit_low = property(lambda self: self._knob("exit_low"))                 # SchED tau at progress 1
+    block_length = property(lambda self: self._knob("block_length"))
 
     # per-step values (packed metadata)
     k = property(lambda self: self._imeta[:, self._mcol["k"]])              # commit count (0: none)
     prob = property(lambda self: self._meta[:, self._mcol["quota"]])        # Dream origin probability
     policy = property(lambda self: self._imeta[:, self._mcol["policy"]])    # index into facts.policies
+    block_start = property(lambda self: self._imeta[:, self._mcol["block_start"]])  # canvas position
 
     @property
     def conf_alg(self) -> Tensor:

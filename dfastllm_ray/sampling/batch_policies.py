@@ -132,6 +132,37 @@ def force(conf: Tensor, knobs: RowKnobs, ranked: Ranked) -> Tensor:
     return knobs.valid
 
 
+def pc_sampler(conf: Tensor, knobs: RowKnobs, ranked: Ranked) -> Tensor:
+    """PC-Sampler (Huang et al. 2025, arXiv 2508.13021), position-aware weighting: the k most
+    confident after scaling each confidence by exp(-pc_lambda * i), i = the candidate's offset in
+    the active block (the official `pc_sampler_function` over the block slice; lambda 0.25).
+    The paper's content calibration (-p log f_bg(token), clipped at alpha) needs a per-model
+    corpus frequency table; with a uniform background it is the constant log V, which rescales
+    every score alike and leaves the order unchanged (below the alpha clip), so it is left out."""
+    rel = (knobs.positions - knobs.block_start[:, None]).clamp(min=0).to(conf.dtype)
+    score = conf * torch.exp(-knobs.pc_lambda[:, None].to(conf.dtype) * rel)   # -inf stays -inf
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices
+    return (ranks_of(order) < knobs.k[:, None]) & knobs.valid
+
+
+def sched_exit(conf: Tensor, knobs: RowKnobs, ranked: Ranked) -> Tensor:
+    """SchED (Mohamed et al. 2025, arXiv 2512.02892): progress-aware early exit. When the block's
+    aggregate confidence reaches a threshold that falls smoothly with progress, every remaining
+    candidate commits at once; before that the fixed schedule's k most confident do.
+
+    Aggregate: the mean top-1 probability of the block's remaining candidates (the paper averages
+    logit margins; the proposal computes no runner-up, so probability stands in). Progress: the
+    share of the block already committed, p = 1 - n / block_length. Threshold, linear schedule:
+    tau(p) = exit_high - (exit_high - exit_low) * p."""
+    valid = knobs.valid
+    n = valid.sum(-1)                                                          # (B,)
+    mean = torch.where(valid, conf, 0.0).sum(-1) / n.clamp(min=1).to(conf.dtype)
+    progress = (1.0 - n.to(conf.dtype) / knobs.block_length.to(conf.dtype)).clamp(0.0, 1.0)
+    hi, lo = knobs.exit_high.to(conf.dtype), knobs.exit_low.to(conf.dtype)
+    leave = (mean >= hi - (hi - lo) * progress)[:, None]                       # (B, 1)
+    return torch.where(leave, valid, top_k(ranked, knobs.k))
+
+
 BatchPolicy = Callable[[Tensor, RowKnobs, Ranked], Tensor]
 
 BATCH_POLICIES: dict[str, BatchPolicy] = {
@@ -144,4 +175,6 @@ BATCH_POLICIES: dict[str, BatchPolicy] = {
     "dream_origin": dream_origin,
     "dream_alg_temp": dream_alg_temp,
     "force": force,
+    "pc_sampler": pc_sampler,
+    "sched_exit": sched_exit,
 }

@@ -1,0 +1,157 @@
+"""Accuracy against tokens per forward for every decoding policy, with the Pareto frontier marked.
+
+Each setting decodes the held-out prompts of the task suite with the plain reference loop of its
+policy (`dfastllm_ray.sampling.policy_generate`: full-canvas forwards, no KV cache, greedy),
+the same batched policy functions the engine runs. Prints a markdown table (frontier rows marked
+`*`), writes JSON, and names the settings that satisfy the `speed` dial's rules:
+`balanced` = the fastest setting with TPF >= 4 within 1 point of the reference, `fast` = the
+fastest with TPF >= 8 within 2 points.
+
+    python benchmarks/policy_frontier.py --per-task 80 --out benchmarks/results/policy_frontier
+
+Definitions (as benchmarks/quality.py): accuracy = the reply cut at EOT/EOS equals the answer;
+NFE = forwards per request (WINO's forward also carries the block's shadow copy); TPF = decoded
+generation positions / NFE (early exit: blocks after the one holding EOT/EOS are not decoded).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch                                                          # noqa: E402
+
+from dfastllm_ray.models.loader import load_model                    # noqa: E402
+from dfastllm_ray.sampling.params import SamplingParams               # noqa: E402
+from dfastllm_ray.sampling.policy_generate import policy_generate     # noqa: E402
+from dfastllm_ray.train import tasks                                  # noqa: E402
+from dfastllm_ray.train.evaluate import prompt_ids, reply_text        # noqa: E402
+
+
+def settings(gen: int) -> dict[str, dict]:
+    """name -> SamplingParams knobs (steps = forwards of the fixed schedule)."""
+    out: dict[str, dict] = {"reference": {"steps": gen}}
+    for k in (2, 4, 8):
+        out[f"fixed {k}/step"] = {"steps": max(gen // k, 1)}
+    for t in (0.9, 0.7, 0.5, 0.3):
+        out[f"threshold={t}"] = {"threshold": t}
+    for k in (1, 2, 4, 8):
+        out[f"pc_sampler l=0.25 {k}/step"] = {"pc_lambda": 0.25, "steps": max(gen // k, 1)}
+    for hi, lo in ((0.9, 0.6), (0.8, 0.5), (0.7, 0.4)):
+        out[f"sched_exit {hi}->{lo}"] = {"exit_high": hi, "exit_low": lo, "steps": gen}
+    out["sched_exit 0.8->0.5 2/step"] = {"exit_high": 0.8, "exit_low": 0.5, "steps": gen // 2}
+    for conf, kl in ((0.6, 0.015), (0.6, 0.05), (0.4, 0.05)):
+        out[f"klass c={conf} kl={kl}"] = {"threshold": conf, "kl_threshold": kl}
+    for wide, back in ((0.6, 0.9), (0.5, 0.8), (0.3, 0.7)):
+        out[f"wino {wide}/{back}"] = {"threshold": wide, "revoke_threshold": back}
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(ROOT / "dfastllm_ray" / "assets" / "tiny-llada"))
+    p.add_argument("--per-task", type=int, default=80, help="held-out examples per task")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, default=16,
+                   help="16: the checkpoint's max_new_tokens, so one block of 16 is a request "
+                        "with no knob")
+    p.add_argument("--block-length", type=int, default=16)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--only", nargs="*", help="setting names to run (default: all)")
+    p.add_argument("--out", default="benchmarks/results/policy_frontier")
+    return p.parse_args(argv)
+
+
+def run(loaded, examples, knobs: dict, args) -> dict:
+    params = SamplingParams(max_tokens=args.max_tokens, block_length=args.block_length,
+                            **{"steps": args.max_tokens, **knobs})
+    groups: dict[int, list] = defaultdict(list)
+    for ex in examples:
+        ids = prompt_ids(loaded.tokenizer, ex.prompt)
+        groups[len(ids)].append((ex, ids))
+    right: dict[str, list[bool]] = defaultdict(list)
+    nfe = decoded = 0
+    stop = set(loaded.spec.stop_token_ids)
+    start = time.perf_counter()
+    for group in groups.values():
+        for i in range(0, len(group), args.batch):
+            chunk = group[i:i + args.batch]
+            prompt = torch.tensor([ids for _, ids in chunk])
+            r = policy_generate(loaded.model, prompt, params, spec=loaded.spec)
+            nfe, decoded = nfe + sum(r.nfe), decoded + sum(r.decoded)
+            for (ex, _), row in zip(chunk, r.x[:, prompt.shape[1]:].tolist()):
+                right[ex.task].append(reply_text(loaded.tokenizer, row, stop) == ex.answer)
+    acc = {t: sum(v) / len(v) for t, v in right.items()}
+    acc["mean"] = sum(acc.values()) / len(acc)
+    return {"knobs": knobs, "accuracy": acc, "nfe": nfe / len(examples), "tpf": decoded / nfe,
+            "seconds": time.perf_counter() - start}
+
+
+def frontier(results: dict[str, dict]) -> set[str]:
+    """Names of the settings no other setting beats on both accuracy and TPF."""
+    def beats(a, b):
+        return (a["accuracy"]["mean"] >= b["accuracy"]["mean"] and a["tpf"] >= b["tpf"]
+                and (a["accuracy"]["mean"] > b["accuracy"]["mean"] or a["tpf"] > b["tpf"]))
+    return {n for n, r in results.items() if not any(beats(o, r) for o in results.values())}
+
+
+def dial(results: dict[str, dict]) -> dict[str, str | None]:
+    """The speed dial's picks: the fastest setting within the rule, or None."""
+    ref = results["reference"]["accuracy"]["mean"]
+    def pick(min_tpf, points):
+        ok = [(r["tpf"], r["accuracy"]["mean"], n) for n, r in results.items()
+              if r["tpf"] >= min_tpf and r["accuracy"]["mean"] >= ref - points / 100 - 1e-9]
+        return max(ok)[2] if ok else None
+    return {"exact": "reference", "balanced": pick(4, 1), "fast": pick(8, 2)}
+
+
+def table(results: dict[str, dict]) -> str:
+    names = [t for t in tasks.TASKS if t in next(iter(results.values()))["accuracy"]] + ["mean"]
+    front = frontier(results)
+    lines = ["| | setting | " + " | ".join(names) + " | NFE | TPF |",
+             "|---|---|" + "---|" * (len(names) + 2)]
+    for n, r in sorted(results.items(), key=lambda kv: kv[1]["tpf"]):
+        cells = " | ".join(f"{100 * r['accuracy'][t]:.1f}" for t in names)
+        lines.append(f"| {'*' if n in front else ''} | {n} | {cells} | {r['nfe']:.2f} | "
+                     f"{r['tpf']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    loaded = load_model(args.model, dtype="float32", device="cpu")
+    examples = tasks.heldout_set(args.per_task, args.seed)
+    results = {}
+    for name, knobs in settings(args.max_tokens).items():
+        if args.only and name not in args.only and name != "reference":
+            continue
+        results[name] = run(loaded, examples, knobs, args)
+        r = results[name]
+        print(f"{name}: mean {100 * r['accuracy']['mean']:.1f}%  NFE {r['nfe']:.2f}  "
+              f"TPF {r['tpf']:.2f}  ({r['seconds']:.1f} s)", flush=True)
+    print("\n" + table(results) + "\n\n* = on the Pareto frontier (accuracy vs TPF)")
+    picks = dial(results)
+    print("speed dial picks:", picks)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model = Path(args.model).resolve()
+    meta = {k: v for k, v in vars(args).items() if k not in ("out", "model")}
+    meta["model"] = str(model.relative_to(ROOT)) if model.is_relative_to(ROOT) else args.model
+    meta["examples"] = len(examples)
+    out.with_suffix(".json").write_text(json.dumps(
+        {"args": meta, "results": results, "frontier": sorted(frontier(results)),
+         "dial": picks}, indent=2) + "\n")
+    print(f"wrote {out.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
