@@ -88,6 +88,12 @@ class EngineConfig:
     compile: bool = False
     """CUDA only: `torch.compile` the model forward (dynamic shapes)."""
 
+    cuda_graphs: bool = False
+    """Run cached-window forwards on static buffers padded to batch / key buckets, captured
+    as CUDA graphs on first use and replayed (engine/graph_runner.py). On CPU the same
+    static-buffer path runs eagerly (no graphs), for tests. Applies to the SDPA + gather path
+    (attention_backend="sdpa"); other forwards run eagerly."""
+
     sampler_dtype: str = "float32"
     """Precision of the batched sampler's softmax and confidences. "float32": the fast path.
     "float64": Fast-dLLM's float64 softmax, for bit-exact ties with the official LLaDA code

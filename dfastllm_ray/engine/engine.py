@@ -20,6 +20,7 @@ from ..sampling.params import DEFAULT_MAX_TOKENS, SamplingParams
 from ..sampling.rng import seed_to_int64
 from .config import EngineConfig
 from .detokenizer import Detokenizer
+from .graph_runner import GraphRunner
 from .input_batch import InputBatch
 from .kv_pool import GIB, KVPool, bytes_per_page, num_pages_for_budget
 from .memory import MemoryPlan, measure_and_plan
@@ -60,6 +61,8 @@ class Engine:
         self.runner = ModelRunner(model, self.spec, self.pool, self.batch,
                                   getattr(torch, self.config.sampler_dtype),
                                   self.config.exact_ties)
+        if self.config.cuda_graphs and self.pool is not None:
+            self.runner.graphs = GraphRunner(model, self.pool, self.spec.mask_token_id, self.device)
         self._seeds = random.Random()              # keys of unseeded requests
         self._arrivals = itertools.count()
         self._stops: dict[str, tuple[str, ...]] = {}

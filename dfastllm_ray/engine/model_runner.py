@@ -19,7 +19,8 @@ from ..models.spec import ModelSpec
 from . import sampler
 from .input_batch import InputBatch
 from .kv_pool import KVPool
-from .outputs import PREFILL, RunnerOutput, ScheduledRequest, SchedulerOutput, StepCommit
+from .graph_runner import GraphRunner
+from .outputs import CACHED, PREFILL, RunnerOutput, ScheduledRequest, SchedulerOutput, StepCommit
 from .request import Request
 from .step_inputs import GroupPlan, expand_group, pack_group
 
@@ -46,6 +47,7 @@ class ModelRunner:
                  batch: InputBatch, conf_dtype: torch.dtype, exact_ties: bool = False):
         self.model, self.spec, self.pool, self.batch = model, spec, pool, batch
         self.conf_dtype, self.exact_ties = conf_dtype, exact_ties
+        self.graphs: GraphRunner | None = None       # set by the engine (EngineConfig.cuda_graphs)
         self.family = "dream" if spec.arch == "dream" else "llada"
         self.timer = PhaseTimer()
 
@@ -74,9 +76,12 @@ class ModelRunner:
         t.start()
         inputs = expand_group(plan, self.batch, self.pool, self.spec)
         t.lap("inputs")
-        logits = self.model(inputs.input_ids, positions=inputs.positions,
-                            attn_bias=inputs.attn_mask, kv=inputs.kv,
-                            logits_index=inputs.logits_index)               # (B, n_max, V)
+        if self.graphs is not None and plan.kind == CACHED and self.graphs.accepts(plan, inputs):
+            logits = self.graphs.forward(plan, inputs)                      # static / CUDA graph
+        else:
+            logits = self.model(inputs.input_ids, positions=inputs.positions,
+                                attn_bias=inputs.attn_mask, kv=inputs.kv,
+                                logits_index=inputs.logits_index)           # (B, n_max, V)
         t.lap("forward")
         if plan.kind == PREFILL:                 # a refresh chunk decodes nothing
             return sampler.snapshot(self.batch, inputs)
