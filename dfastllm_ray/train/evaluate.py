@@ -16,8 +16,9 @@ from . import tasks
 
 @torch.no_grad()
 def decode(model: torch.nn.Module, prompt: torch.Tensor, gen_length: int, block_length: int,
-           mask_id: int) -> torch.Tensor:
-    """prompt (B, Lp) int64, same length in every row -> generated ids (B, gen_length)."""
+           mask_id: int, logits_shift: bool = False) -> torch.Tensor:
+    """prompt (B, Lp) int64, same length in every row -> generated ids (B, gen_length).
+    logits_shift: logits[:, p-1] score position p (Dream's `diffusion_generate` shift)."""
     if gen_length % block_length:
         raise ValueError(f"block_length={block_length} must divide gen_length={gen_length}")
     b, lp = prompt.shape
@@ -25,13 +26,25 @@ def decode(model: torch.nn.Module, prompt: torch.Tensor, gen_length: int, block_
     rows = torch.arange(b)
     for end in range(lp + block_length, lp + gen_length + 1, block_length):
         for _ in range(block_length):                            # one commit per step
-            probs = torch.softmax(model(x).float(), -1)          # (B, L, V)
+            logits = model(x).float()                            # (B, L, V)
+            if logits_shift:
+                logits = torch.cat([logits[:, :1], logits[:, :-1]], 1)
+            probs = torch.softmax(logits, -1)
             conf, tokens = probs.max(-1)                         # (B, L) each
             open_ = x == mask_id
             open_[:, end:] = False                               # nothing after the block
             pick = torch.where(open_, conf, -torch.inf).argmax(1)   # (B,)
             x[rows, pick] = tokens[rows, pick]
     return x[:, lp:]
+
+
+@torch.no_grad()
+def ar_decode(model: torch.nn.Module, prompt: torch.Tensor, gen_length: int) -> torch.Tensor:
+    """Greedy next-token decoding of a causal model: prompt (B, Lp) -> (B, gen_length)."""
+    x = prompt
+    for _ in range(gen_length):
+        x = torch.cat([x, model(x)[:, -1].argmax(-1, keepdim=True)], 1)
+    return x[:, prompt.shape[1]:]
 
 
 def reply_text(tokenizer, ids: list[int], stop_ids: set[int]) -> str:
@@ -48,9 +61,10 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
 
 def evaluate(model: torch.nn.Module, tokenizer, examples: list[tasks.Example], gen_length: int,
              block_length: int, mask_id: int, stop_ids: set[int],
-             batch_size: int = 64) -> dict[str, float]:
+             batch_size: int = 64, logits_shift: bool = False,
+             causal: bool = False) -> dict[str, float]:
     """Exact-match accuracy per task (and "mean" over tasks); batches rows of equal prompt length
-    so no padding is needed."""
+    so no padding is needed. causal: a next-token model, decoded greedily (`ar_decode`)."""
     groups: dict[int, list[tuple[tasks.Example, list[int]]]] = defaultdict(list)
     for ex in examples:
         ids = prompt_ids(tokenizer, ex.prompt)
@@ -59,8 +73,9 @@ def evaluate(model: torch.nn.Module, tokenizer, examples: list[tasks.Example], g
     for group in groups.values():
         for i in range(0, len(group), batch_size):
             chunk = group[i:i + batch_size]
-            out = decode(model, torch.tensor([ids for _, ids in chunk]), gen_length,
-                         block_length, mask_id)
+            prompt = torch.tensor([ids for _, ids in chunk])
+            out = ar_decode(model, prompt, gen_length) if causal else \
+                decode(model, prompt, gen_length, block_length, mask_id, logits_shift)
             for (ex, _), gen in zip(chunk, out.tolist()):
                 right[ex.task].append(reply_text(tokenizer, gen, stop_ids) == ex.answer)
     acc = {t: sum(v) / len(v) for t, v in sorted(right.items(), key=lambda kv: list(tasks.TASKS).index(kv[0]))}

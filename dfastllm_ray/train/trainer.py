@@ -1,15 +1,19 @@
-"""Train a tiny LLaDA on the task suite with LLaDA's masked-diffusion SFT objective.
+"""Train a tiny LLaDA, Dream or AR model on the task suite (one trainer, the family is data).
 
-Each training row is `chat prompt + answer + <|eot_id|> + <|endoftext|> ...` up to the batch's
-canvas length, as in LLaDA-Instruct SFT: the model learns to fill the tail of a generation with
-EOS, which lets the engine exit early. The row's generation positions (answer, EOT, EOS padding)
-are masked independently with probability t ~ U(eps, 1] per row; the loss is the cross-entropy on
-masked positions weighted 1/t (LLaDA paper Eq. 5), self-normalised over the batch (see
-`diffusion_loss`). The prompt is never masked and never scored.
+Each training row is `chat prompt + answer + EOT + <|endoftext|> ...` up to the batch's canvas
+length, as in LLaDA-Instruct SFT: a diffusion model learns to fill the tail of a generation with
+EOS, which lets the engine exit early. Diffusion families mask the row's generation positions
+(answer, EOT, EOS padding) independently with probability t ~ U(eps, 1] per row; the loss is the
+cross-entropy on masked positions weighted 1/t (LLaDA paper Eq. 5), self-normalised over the batch
+(see `diffusion_loss`). The AR family scores the next-token guess of every answer token and the
+EOT. The prompt is never masked and never scored.
+
+Long runs are resumable: `state_dir/state.pt` is rewritten every `save_every_s` seconds (see
+checkpoint.py), `state_dir/log.jsonl` gets the loss and, every `eval_every` steps, held-out
+accuracy per task; `out` always holds the best model so far by held-out mean accuracy.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -19,114 +23,107 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..models.llada import LLaDAModel, spec_from_config
-from . import tasks
+from . import checkpoint, tasks
+from .evaluate import evaluate
+from .families import Family, build_model, family
 from .tokenizer import save_tokenizer
 
-SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+EVAL_SEED = 1           # held-out draw used to pick the best checkpoint (reports use seed 0)
 
 
 @dataclass
 class TrainConfig:
-    out: str                      # checkpoint folder to write (created)
+    out: str                      # model folder to write (created): the best model so far
+    family: str = "llada"         # llada | dream | ar (families.FAMILIES)
     seed: int = 0                 # model init, data stream and masking all derive from it
-    steps: int = 4000             # optimizer steps
-    batch_size: int = 64          # rows per step, tasks mixed round-robin
-    lr: float = 1e-3              # peak AdamW learning rate
-    min_lr_ratio: float = 0.1     # cosine floor as a fraction of lr
-    warmup: int = 200             # linear warmup steps
-    weight_decay: float = 0.1     # on matrices only (not norms)
+    steps: int = 4000             # optimizer steps (the cosine schedule's length)
+    batch_size: int = 32          # rows per step, tasks drawn by tasks.WEIGHTS
+    lr: float = 2e-3              # peak AdamW learning rate
+    min_lr_ratio: float = 0.05    # cosine floor as a fraction of lr
+    warmup: int = 100             # linear warmup steps
+    weight_decay: float = 0.1     # on matrices only (not norms, not biases)
     grad_clip: float = 1.0        # global grad-norm clip
-    d_model: int = 192            # hidden size
+    d_model: int = 128            # hidden size
     n_layers: int = 4
-    n_heads: int = 6              # head_dim = d_model / n_heads
-    mlp_hidden: int = 512         # SwiGLU width
+    n_heads: int = 4              # head_dim = d_model / n_heads
+    n_kv_heads: int = 2           # Qwen2 families only (GQA); LLaDA uses n_heads
+    mlp_hidden: int = 384         # SwiGLU width
     rope_theta: float = 10000.0   # LLaDA-8B uses 5e5 for 4k contexts; short canvases need faster
                                   # rotations to tell neighbouring positions apart
-    gen_min: int = 16             # generation positions per row: at least this many ...
-    gen_max: int = 32             # ... at most this many beyond the batch's longest prompt
+    gen_min: int = 4              # generation positions per row: at least this many ...
+    gen_max: int = 40             # ... at most this many beyond the batch's longest prompt
     eps: float = 1e-3             # smallest mask ratio t
     max_seq: int = 256            # context length written to config.json
-    threads: int = 2              # torch CPU threads (fixed: the result depends on it)
+    threads: int = 1              # torch CPU threads (fixed: the result depends on it)
     save_dtype: str = "float32"   # dtype of model.safetensors
     device: str = "cpu"
-    init_from: str = ""           # a checkpoint folder of the same shape to continue from ("": random init)
-
-
-def model_config(cfg: TrainConfig, ids: dict[str, int]) -> dict:
-    """config.json in the official LLaDAConfig format (the fields LLaDA-8B's file has), minus
-    `auto_map`: no remote modeling code ships with this folder, and naming some would make
-    transformers ask whether to trust it."""
-    return {
-        "activation_type": "silu", "alibi": False, "alibi_bias_max": 8.0,
-        "architectures": ["LLaDAModelLM"], "attention_dropout": 0.0,
-        "attention_layer_norm": False, "attention_layer_norm_with_affine": True,
-        "bias_for_layer_norm": False, "block_group_size": 1, "block_type": "llama",
-        "d_model": cfg.d_model, "embedding_dropout": 0.0, "embedding_size": ids["vocab_size"],
-        "eos_token_id": ids["eos"], "flash_attention": False, "include_bias": False,
-        "include_qkv_bias": False, "init_cutoff_factor": None, "init_device": "meta",
-        "init_fn": "mitchell", "init_std": 0.02, "input_emb_norm": False,
-        "layer_norm_type": "rms", "layer_norm_with_affine": True,
-        "mask_token_id": ids["mask"], "max_sequence_length": cfg.max_seq,
-        "mlp_hidden_size": cfg.mlp_hidden, "mlp_ratio": 4, "model_type": "llada",
-        "multi_query_attention": None, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_heads,
-        "n_layers": cfg.n_layers, "pad_token_id": ids["eos"], "precision": "amp_bf16",
-        "residual_dropout": 0.0, "rms_norm_eps": 1e-5, "rope": True, "rope_full_precision": True,
-        "rope_theta": cfg.rope_theta, "scale_logits": False, "torch_dtype": cfg.save_dtype,
-        "use_cache": False, "vocab_size": ids["vocab_size"], "weight_tying": False,
-    }
-
-
-def build_model(config: dict, ids: dict[str, int], seed: int) -> LLaDAModel:
-    """The project's own LLaDAModel from config.json, initialised N(0, 0.02) (residual outputs
-    scaled by 1/sqrt(2 * n_layers), GPT-2 style) from `seed`."""
-    spec, tied = spec_from_config(config, {"bos_token_id": ids["bos"], "eot_token_id": ids["eot"]})
-    model = LLaDAModel(spec, tied)
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if p.dim() < 2:
-            continue                                           # RMSNorm weights stay 1
-        residual = ".blocks." in name and name.endswith(("attn_out.weight", "ff_out.weight"))
-        std = 0.02 / math.sqrt(2 * spec.num_layers) if residual else 0.02
-        with torch.no_grad():
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
-    return model
+    init_from: str = ""           # a model folder of the same shape to start from ("": random init)
+    state_dir: str = ""           # resume state + log ("": runs/<name of out>)
+    resume: bool = False          # continue from state_dir/state.pt
+    stop_at: int = 0              # stop (state saved) after this step, 0: run to `steps`
+    save_every_s: float = 300.0   # wall seconds between resume-state writes
+    eval_every: int = 0           # steps between held-out evaluations (0: none; out = final)
+    eval_per_task: int = 40       # held-out examples per task in those evaluations
+    log_every: int = 50           # steps between loss lines in log.jsonl
+    focus: float = 0.1            # after each evaluation, task weights become tasks.WEIGHTS x
+                                  # (focus + held-out error): compute goes where answers are
+                                  # still wrong (0: fixed weights)
 
 
 class Batcher:
-    """Examples -> (input_ids (B, T) int64, gen (B, T) bool: the scored generation positions)."""
+    """Examples -> row groups, each (input_ids (B, T) int64, gen (B, T) bool generation positions,
+    answer (B, T) bool answer + EOT positions).
+
+    A step draws `gen_len` ~ U[gen_min, gen_max] generation positions beyond the longest prompt.
+    Rows whose answer does not fit in that (the greeting) go to a second group whose canvas is its
+    longest prompt + answer + 0..8 EOS: one 32-token reply in a batch would otherwise widen every
+    row of it (the step cost is rows x width)."""
 
     def __init__(self, tokenizer, ids: dict[str, int], cfg: TrainConfig):
         self.tok, self.ids, self.cfg = tokenizer, ids, cfg
         self.rng = random.Random(f"lengths:{cfg.seed}")
+        self.cache: dict[str, list[int]] = {}          # prompt text -> chat-template ids
 
     def prompt_ids(self, prompt: str) -> list[int]:
-        out = self.tok.apply_chat_template([{"role": "user", "content": prompt}],
-                                           add_generation_prompt=True, tokenize=True)
-        return list(out["input_ids"] if hasattr(out, "keys") else out)
+        if prompt not in self.cache:
+            out = self.tok.apply_chat_template([{"role": "user", "content": prompt}],
+                                               add_generation_prompt=True, tokenize=True)
+            self.cache[prompt] = list(out["input_ids"] if hasattr(out, "keys") else out)
+        return self.cache[prompt]
 
-    def __call__(self, examples: list[tasks.Example]) -> tuple[torch.Tensor, torch.Tensor]:
-        prompts = [self.prompt_ids(e.prompt) for e in examples]
-        answers = [self.tok.encode(e.answer, add_special_tokens=False) + [self.ids["eot"]]
-                   for e in examples]
+    def __call__(self, examples: list[tasks.Example]) -> list[tuple[torch.Tensor, ...]]:
+        pairs = [(self.prompt_ids(e.prompt),
+                  self.tok.encode(e.answer, add_special_tokens=False) + [self.ids["eot"]])
+                 for e in examples]
         gen_len = self.rng.randint(self.cfg.gen_min, self.cfg.gen_max)
-        width = max(len(p) for p in prompts) + gen_len
-        rows, gen = [], torch.zeros(len(examples), width, dtype=torch.bool)
-        for i, (p, a) in enumerate(zip(prompts, answers)):
-            if len(a) > width - len(p):
-                raise ValueError(f"answer of {examples[i]} needs {len(a)} positions; "
-                                 f"gen_min={self.cfg.gen_min} is too small")
+        fits = [pa for pa in pairs if len(pa[1]) <= gen_len]
+        long = [pa for pa in pairs if len(pa[1]) > gen_len]
+        groups = []
+        if fits:
+            groups.append(self.rows(fits, max(len(p) for p, _ in fits) + gen_len))
+        if long:
+            groups.append(self.rows(long, max(len(p) + len(a) for p, a in long)
+                                    + self.rng.randint(0, 8)))
+        return groups
+
+    def rows(self, pairs: list[tuple[list[int], list[int]]], width: int):
+        rows = []
+        gen = torch.zeros(len(pairs), width, dtype=torch.bool)
+        ans = torch.zeros(len(pairs), width, dtype=torch.bool)
+        for i, (p, a) in enumerate(pairs):
             rows.append(p + a + [self.ids["eos"]] * (width - len(p) - len(a)))
             gen[i, len(p):] = True
-        return torch.tensor(rows), gen
+            ans[i, len(p):len(p) + len(a)] = True
+        return torch.tensor(rows), gen, ans
 
 
 def diffusion_loss(model: torch.nn.Module, x: torch.Tensor, gen: torch.Tensor, mask_id: int,
-                   eps: float, g: torch.Generator) -> torch.Tensor:
-    """LLaDA SFT loss. x (B, T) clean rows, gen (B, T) generation positions -> scalar."""
+                   eps: float, g: torch.Generator, shift: bool = False):
+    """LLaDA SFT loss. x (B, T) clean rows, gen (B, T) generation positions -> (sum of weighted
+    CE, sum of weights): the loss is their ratio, summed over row groups first.
+    shift: the model's logits[:, p-1] score token p (Dream)."""
     b = x.shape[0]
     # stratified t: one draw per stratum [i/B, (i+1)/B) (MDLM's low-discrepancy sampler), so every
     # batch covers the noise levels evenly; each row's t is still marginally U(eps, 1]
@@ -134,12 +131,23 @@ def diffusion_loss(model: torch.nn.Module, x: torch.Tensor, gen: torch.Tensor, m
     t = ((1 - eps) * u + eps)[:, None]                                    # (B, 1) mask ratio
     masked = (torch.rand(x.shape, generator=g) < t) & gen                 # (B, T)
     logits = model(torch.where(masked, mask_id, x))                       # (B, T, V)
+    if shift:                                     # Dream: position p read from hidden p-1
+        logits = torch.cat([logits[:, :1], logits[:, :-1]], 1)
     ce = F.cross_entropy(logits[masked], x[masked], reduction="none")     # (n_masked,)
     weight = (1.0 / t).expand_as(x)[masked]                               # (n_masked,) 1/t
     # Self-normalised: sum(ce / t) / sum(1 / t). LLaDA's per-row form sum(ce / t) / len lets a
     # few rows with t near eps dominate every (clipped) step; on this suite it stalled near
     # chance while the self-normalised weights learned copy in ~250 steps (same seed and model).
-    return (ce * weight).sum() / weight.sum().clamp_min(1e-12)
+    return (ce * weight).sum(), weight.sum()
+
+
+def next_token_loss(model: torch.nn.Module, x: torch.Tensor, answer: torch.Tensor):
+    """AR SFT loss: CE of the guesses for answer + EOT tokens (logits[:, p-1] -> token p), as
+    (sum, count) like `diffusion_loss`."""
+    logits = model(x)[:, :-1]                                             # (B, T-1, V)
+    target = answer[:, 1:]
+    ce = F.cross_entropy(logits[target], x[:, 1:][target], reduction="sum")
+    return ce, target.sum().to(ce.dtype)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -158,66 +166,165 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
                              lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
 
 
+def state_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.state_dir) if cfg.state_dir else Path("runs") / Path(cfg.out).name
+
+
 def prepare(cfg: TrainConfig):
     """Seed everything; write the tokenizer; return (tokenizer, ids, config dict, model)."""
     from transformers import AutoTokenizer
+    fam = family(cfg.family)
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     torch.use_deterministic_algorithms(True)
     out = Path(cfg.out)
-    ids = save_tokenizer(out, cfg.max_seq)
+    ids = save_tokenizer(out, cfg.max_seq, fam.tokenizer_flavor)
     tokenizer = AutoTokenizer.from_pretrained(str(out), trust_remote_code=False)
-    config = model_config(cfg, ids)
-    model = build_model(config, ids, cfg.seed)
+    config = fam.config(cfg, ids)
+    model = build_model(fam, config, ids, cfg.seed)
     if cfg.init_from:                 # continue training: same shapes, weights from the folder
-        from safetensors.torch import load_file
-        model.load_state_dict(load_file(str(Path(cfg.init_from) / "model.safetensors")), strict=True)
+        init_weights(model, Path(cfg.init_from) / "model.safetensors")
     return tokenizer, ids, config, model
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run the training loop and write the checkpoint folder; returns a summary dict."""
-    tokenizer, ids, config, model = prepare(cfg)
-    model.to(cfg.device).train()
-    opt = make_optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
-    batcher, data = Batcher(tokenizer, ids, cfg), tasks.stream("train", cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed + 1)
-    start, ema = time.time(), None
-    bar = tqdm(range(cfg.steps), desc="train", unit="step")
-    for step in bar:
-        x, gen = batcher([next(data) for _ in range(cfg.batch_size)])
-        loss = diffusion_loss(model, x.to(cfg.device), gen.to(cfg.device), ids["mask"], cfg.eps, g)
-        opt.zero_grad(set_to_none=True)
+def init_weights(model: torch.nn.Module, path: Path) -> None:
+    """Start from a checkpoint of the same architecture. A smaller vocabulary is grown: tokens
+    are only ever appended to the character vocabulary (tokenizer.SPECIALS), so rows 0..V_old-1
+    of the embedding and output matrices keep their meaning and new rows keep their fresh init."""
+    from safetensors.torch import load_file
+    old, own = load_file(str(path)), model.state_dict()
+    if set(old) != set(own):
+        raise ValueError(f"init_from={path.parent}: parameter names differ from this "
+                         f"{type(model).__name__} ({sorted(set(old) ^ set(own))[:4]} ...)")
+    for name, w in old.items():
+        ok = w.shape == own[name].shape or (w.shape[1:] == own[name].shape[1:]
+                                            and w.shape[0] < own[name].shape[0])
+        if not ok:
+            raise ValueError(f"init_from={path.parent}: {name} has shape {tuple(w.shape)}, this "
+                             f"model {tuple(own[name].shape)}; pass the same --d-model/--n-layers/"
+                             "--n-heads/--mlp-hidden")
+        own[name][: w.shape[0]] = w
+    model.load_state_dict(own)
+
+
+class Run:
+    """One training run's mutable state: model, optimizer, schedule, random streams, counters."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg, self.fam = cfg, family(cfg.family)
+        self.tokenizer, self.ids, self.config, self.model = prepare(cfg)
+        self.model.to(cfg.device).train()
+        self.opt = make_optimizer(self.model, cfg)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
+        self.batcher = Batcher(self.tokenizer, self.ids, cfg)
+        self.data = tasks.stream("train", cfg.seed, weights=tasks.WEIGHTS)
+        self.g = torch.Generator().manual_seed(cfg.seed + 1)
+        self.step, self.ema, self.best, self.seconds = 0, None, -1.0, 0.0
+        self.dir = state_dir(cfg)
+
+    def train_step(self) -> float:
+        cfg = self.cfg
+        num = den = 0.0
+        for x, gen, ans in self.batcher([next(self.data) for _ in range(cfg.batch_size)]):
+            x, gen, ans = x.to(cfg.device), gen.to(cfg.device), ans.to(cfg.device)
+            if self.fam.objective == "diffusion":
+                n, d = diffusion_loss(self.model, x, gen, self.ids["mask"], cfg.eps, self.g,
+                                      self.fam.logits_shift)
+            else:
+                n, d = next_token_loss(self.model, x, ans)
+            num, den = num + n, den + d
+        loss = num / den.clamp_min(1e-12)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        if step % 10 == 0 or step == cfg.steps - 1:
-            bar.set_postfix(loss=f"{ema:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
-    summary = {"train_seconds": round(time.time() - start, 1), "final_loss_ema": round(ema, 5)}
-    summary["sha256"] = save_checkpoint(model.eval(), config, ids, cfg)
-    return summary
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.step += 1
+        v = loss.item()
+        self.ema = v if self.ema is None else 0.98 * self.ema + 0.02 * v
+        return v
+
+    def state(self) -> dict:
+        return {"config": asdict(self.cfg), "step": self.step, "ema": self.ema,
+                "best": self.best, "seconds": self.seconds,
+                "model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                "sched": self.sched.state_dict(), "data": self.data.state(),
+                "weights": self.data.weights,
+                "lengths": self.batcher.rng.getstate(), "mask_rng": self.g.get_state(),
+                "torch_rng": torch.get_rng_state()}
+
+    def restore(self, s: dict) -> None:
+        self.model.load_state_dict(s["model"])
+        self.opt.load_state_dict(s["opt"])
+        self.sched.load_state_dict(s["sched"])
+        self.data.restore(s["data"])
+        self.data.weights = s["weights"]
+        self.batcher.rng.setstate(tasks._as_tuples(s["lengths"]))
+        self.g.set_state(s["mask_rng"])
+        torch.set_rng_state(s["torch_rng"])
+        self.step, self.ema, self.best, self.seconds = s["step"], s["ema"], s["best"], s["seconds"]
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out accuracy per task with the reference schedule (32 positions, one block)."""
+        spec = self.model.spec
+        self.model.eval()
+        acc = evaluate(self.model, self.tokenizer,
+                       tasks.heldout_set(self.cfg.eval_per_task, EVAL_SEED), 32, 32,
+                       spec.mask_token_id, set(spec.stop_token_ids),
+                       logits_shift=self.fam.logits_shift,
+                       causal=self.fam.objective == "next_token")
+        self.model.train()
+        return acc
+
+    def log(self, record: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def checkpoint_if_best(self) -> None:
+        acc = self.evaluate()
+        if self.cfg.focus:
+            self.data.weights = [tasks.WEIGHTS[n] * (self.cfg.focus + 1 - acc[n])
+                                 for n in self.data.names]
+        self.log({"step": self.step, "seconds": round(self.seconds, 1), "heldout": acc,
+                  "weights": [round(w, 3) for w in self.data.weights]})
+        if acc["mean"] > self.best:
+            self.best = acc["mean"]
+            sha = checkpoint.save_folder(self.model, self.config, self.ids, self.cfg)
+            checkpoint.write_json(Path(self.cfg.out) / "heldout.json",
+                                  {"step": self.step, "eval_seed": EVAL_SEED,
+                                   "per_task": self.cfg.eval_per_task, "accuracy": acc,
+                                   "sha256": sha})
 
 
-def save_checkpoint(model: torch.nn.Module, config: dict, ids: dict[str, int],
-                    cfg: TrainConfig) -> str:
-    """Write config.json, generation_config.json, model.safetensors, training_args.json; return
-    the sha256 of model.safetensors (the reproducibility fingerprint)."""
-    out = Path(cfg.out)
-    dtype = SAVE_DTYPES[cfg.save_dtype]
-    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    _write_json(out / "config.json", config)
-    _write_json(out / "generation_config.json", {
-        "_from_model_config": True, "bos_token_id": ids["bos"], "eos_token_id": ids["eos"],
-        "pad_token_id": ids["eos"], "mask_token_id": ids["mask"], "max_new_tokens": cfg.gen_min})
-    args = {k: v for k, v in asdict(cfg).items() if k not in ("out", "device")}
-    args["init_from"] = Path(cfg.init_from).name if cfg.init_from else ""   # no machine paths
-    _write_json(out / "training_args.json", args)
-    return hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) the training loop; write the model folder; returns a summary dict."""
+    run = Run(cfg)
+    state_path = run.dir / "state.pt"
+    if cfg.resume:
+        run.restore(checkpoint.load_state(state_path, cfg))
+    last = cfg.stop_at or cfg.steps
+    saved_at = time.time()
+    bar = tqdm(range(run.step, last), desc=f"train {cfg.family}", unit="step")
+    for _ in bar:
+        t0 = time.time()
+        loss = run.train_step()
+        run.seconds += time.time() - t0
+        if run.step % cfg.log_every == 0:
+            run.log({"step": run.step, "loss": round(loss, 5), "loss_ema": round(run.ema, 5),
+                     "lr": run.sched.get_last_lr()[0], "seconds": round(run.seconds, 1)})
+            bar.set_postfix(loss=f"{run.ema:.4f}", lr=f"{run.sched.get_last_lr()[0]:.2e}")
+        if cfg.eval_every and run.step % cfg.eval_every == 0:
+            run.checkpoint_if_best()
+        if time.time() - saved_at > cfg.save_every_s:
+            checkpoint.save_state(state_path, run.state())
+            saved_at = time.time()
+    checkpoint.save_state(state_path, run.state())
+    final_sha = checkpoint.weights_sha256(run.model, cfg.save_dtype)
+    if not cfg.eval_every:               # no held-out selection: the final model is the output
+        checkpoint.save_folder(run.model.eval(), run.config, run.ids, cfg)
+    elif run.step % cfg.eval_every:
+        run.checkpoint_if_best()
+    return {"step": run.step, "train_seconds": round(run.seconds, 1),
+            "final_loss_ema": round(run.ema, 5), "sha256": final_sha,
+            "best_heldout_mean": run.best if cfg.eval_every else None}
