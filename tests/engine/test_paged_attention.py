@@ -115,13 +115,10 @@ def ragged_requests(n: int, seed: int, **knobs) -> dict:
     return out
 
 
-@pytest.mark.parametrize("mode", ["prefix", "dual"])
-@pytest.mark.parametrize("model,knobs", [("llada-tiny", {}), ("dream-tiny", {"alg": "entropy"})],
-                         ids=["llada", "dream"])
-def test_engine_flex_equals_sdpa_gather(model, knobs, mode):
-    requests = ragged_requests(3, seed=len(mode), **knobs)
-    ref_eng, ref_log = logged_engine(model, mode)
-    flex_eng, flex_log = logged_engine(model, mode, attention_backend="flex")
+def assert_flex_equals_sdpa(model: str, mode: str, requests: dict, **cfg) -> None:
+    """Same tokens, NFE and forward sequence; every forward's logits within float32 tolerance."""
+    ref_eng, ref_log = logged_engine(model, mode, **cfg)
+    flex_eng, flex_log = logged_engine(model, mode, attention_backend="flex", **cfg)
     ref, out = run_all(ref_eng, requests), run_all(flex_eng, requests)
     assert {r: o.token_ids for r, o in out.items()} == {r: o.token_ids for r, o in ref.items()}
     assert {r: o.nfe for r, o in out.items()} == {r: o.nfe for r, o in ref.items()}
@@ -132,6 +129,23 @@ def test_engine_flex_equals_sdpa_gather(model, knobs, mode):
     in_place = [kv for kv, _ in flex_log if kv is not None and not kv.passthrough]
     assert in_place                                       # the cached steps read pages in place
     assert flex_eng.scheduler.allocator.num_free_pages == flex_eng.pool.num_pages
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+@pytest.mark.parametrize("model,knobs", [("llada-tiny", {}), ("dream-tiny", {"alg": "entropy"})],
+                         ids=["llada", "dream"])
+def test_engine_flex_equals_sdpa_gather(model, knobs, mode):
+    assert_flex_equals_sdpa(model, mode, ragged_requests(3, seed=len(mode), **knobs))
+
+
+@pytest.mark.parametrize("cfg", [dict(refresh="incremental"),
+                                 dict(chunked_refresh=True, max_num_batched_tokens=24)],
+                         ids=["incremental", "chunked"])
+def test_engine_flex_equals_sdpa_gather_in_partial_refreshes(cfg):
+    """Refresh windows that start past 0 (and prefill chunks) attend to pages written before."""
+    requests = ragged_requests(2, seed=5)
+    requests["long"] = (list(range(5, 35)), SamplingParams(max_tokens=8, block_length=4, steps=4))
+    assert_flex_equals_sdpa("llada-tiny", "dual", requests, **cfg)
 
 
 def test_dream_fixture_exercises_gqa():
