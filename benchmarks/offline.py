@@ -1,33 +1,44 @@
 """Offline throughput of the reference loop and of each engine mode, on one machine.
 
-For each path it prints tokens/s, NFE per request, tokens per forward (TPF), ms per engine step
-and peak memory, one line each, plus the hardware / model / command header that goes with them
-in the README:
-
-    python benchmarks/offline.py                                   # the shipped tiny LLaDA, CPU
+    python benchmarks/offline.py --model tests/fixtures/reference/llada-tiny --batch 16
     python benchmarks/offline.py --random-weights llada-8b --prompt-len 512 --gen-len 256 \
-        --block-len 32 --batch 1 --tokens-per-step 1               # an H100, batch 1
-    python benchmarks/offline.py --random-weights llada-8b --prompt-len 512 --gen-len 256 \
-        --block-len 32 --batch 64 --tokens-per-step 4 --modes dual --skip-reference
+        --block-len 32 --batch 64 --scripted-tpf 4 --modes dual --skip-reference --json out.json
 
-Definitions: tokens = generated positions (batch x gen_len, or fewer after an early exit);
-tokens/s divides by the wall time of the whole run (all requests submitted at once); NFE = model
-forwards per request; TPF = tokens / NFE; ms/step = wall time / engine steps (the reference loop:
-/ its forwards); peak memory = `torch.cuda.max_memory_allocated` on CUDA, the process's peak RSS
-on CPU. "reference" is `sampling.llada_generate` variant "llada" (ML-GSAI `generate`: no cache,
-the whole batch in one call) with one token per step.
-`--random-weights llada-8b` builds the LLaDA-8B-Instruct shape with random bfloat16 weights (no
-download); random weights make a threshold policy commit one token per step.
+Per path (the reference loop, then each `--modes` cache mode) one table line: tokens/s, NFE per
+request, TPF, ms per step, time to first block and request latency (p50 / p90 / p99 over the
+requests, all submitted at once), peak memory; then per kind of step (refresh, cached, full, and
+mixed steps as "refresh+cached"; from the step's `SchedulerOutput`): steps, ms per step split
+into phases (benchmarks/step_probe.py: schedule | inputs | forward | sample | commit | copy |
+update | other) and kernels / syncs per step (engine/op_count.py, views excluded, counted in the
+warm-up, which runs the timed shapes: the same requests for one block and more, then aborted).
+
+Definitions: tokens = generated positions returned (batch x gen_len, or fewer after an early
+exit); tokens/s = tokens / wall time of the whole run; NFE = model forwards per request; TPF =
+tokens / NFE, *measured*; ms/step = wall time / engine steps (the reference: / its forwards);
+time to first block = submission to the request's first output (its first block closed);
+peak = `torch.cuda.max_memory_allocated` during the mode (weights + KV pool + activations; reset
+between modes); on CPU "n/a". On CUDA the phases are host times (kernels queue asynchronously:
+the device's time lands in "copy", where the host waits) unless `--phase-sync`.
+How many tokens a step commits:
+- `--tokens-per-step N`: the fixed schedule, steps = gen_len / N (a quota, not a measurement);
+- `--threshold T`: the confidence-threshold policy (random weights: about one token per step);
+- `--scripted-tpf K`: the threshold policy (T = 0.9 unless given) over `ScriptedTPF`
+  (benchmarks/scripted_model.py), a wrapper whose logits put a confident peak on the first K
+  masked positions of each window, so the real threshold path commits K tokens per forward.
+`--random-weights llada-8b | dream-7b` builds the published shape with random weights (no
+download). "reference" is `sampling.llada_generate` variant "llada" (ML-GSAI `generate`: no
+cache, the whole batch in one call), one token per step; LLaDA models only.
 """
 from __future__ import annotations
 
 import argparse
+import gc
+import json
+import math
 import platform
-import resource
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,50 +47,22 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.scripted_model import ScriptedTPF  # noqa: E402
+from benchmarks.step_probe import PHASES, StepProbe  # noqa: E402
 from dfastllm_ray.engine.config import EngineConfig  # noqa: E402
 from dfastllm_ray.engine.engine import Engine  # noqa: E402
-from dfastllm_ray.models.llada import LLaDAModel  # noqa: E402
-from dfastllm_ray.models.loader import LoadedModel, load_model, resolve_device, resolve_dtype  # noqa: E402
-from dfastllm_ray.models.shapes import LLADA_8B  # noqa: E402
-from dfastllm_ray.models.spec import ModelSpec  # noqa: E402
+from dfastllm_ray.models.loader import LoadedModel, load_model  # noqa: E402
+from dfastllm_ray.models.random_weights import random_model  # noqa: E402
+from dfastllm_ray.models.shapes import KNOWN_SHAPES  # noqa: E402
 from dfastllm_ray.sampling.llada_generate import llada_generate as reference_generate  # noqa: E402
 from dfastllm_ray.sampling.params import SamplingParams  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "dfastllm_ray" / "assets" / "tiny-llada"
-@dataclass
-class Result:
-    path: str
-    tokens: int
-    seconds: float
-    nfe: float              # forwards per request
-    steps: int              # engine steps (reference: forwards)
-    peak_gb: float
-
-    def line(self, batch: int) -> str:
-        tps = self.tokens / self.seconds
-        tpf = self.tokens / batch / max(self.nfe, 1e-9)
-        return (f"{self.path:<10} batch {batch:>3} | {tps:9.1f} tokens/s | NFE {self.nfe:7.1f} | "
-                f"TPF {tpf:5.2f} | {1e3 * self.seconds / max(self.steps, 1):8.1f} ms/step | "
-                f"peak {self.peak_gb:6.2f} GB")
+PERCENTILES = (50, 90, 99)
+SCRIPTED_THRESHOLD = 0.9
 
 
-def random_llada_8b(device: str, dtype: str) -> LoadedModel:
-    """LLaDA-8B-Instruct's shape, random weights (std 0.02, norms 1), built on the device."""
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    with torch.device("meta"):
-        net = LLaDAModel(LLADA_8B)
-    net = net.to(dt).to_empty(device=dev)
-    gen = torch.Generator(device=dev).manual_seed(0)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if name.endswith("norm.weight") or ".ln_f." in name:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
-    return LoadedModel(net.eval(), LLADA_8B, None, {}, None, "random-llada-8b")
-
-
+# ---- measurements -------------------------------------------------------------------------------
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -87,29 +70,67 @@ def sync(device: torch.device) -> None:
 
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def peak_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss      # Linux: KiB
-    return kib / 2 ** 20
+def peak_gb(device: torch.device) -> float | None:
+    """GiB allocated at the peak since the last reset (CUDA); None on CPU (no per-mode peak)."""
+    return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
 
 
-def prompts_for(args, spec: ModelSpec) -> list[list[int]]:
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    """Nearest-rank p50 / p90 / p99 (ms)."""
+    s = sorted(values)
+    return {f"p{p}": (s[max(0, math.ceil(p / 100 * len(s)) - 1)] if s else None)
+            for p in PERCENTILES}
+
+
+def result_row(path: str, args, tokens: int, seconds: float, nfe: float, steps: int,
+               peak: float | None, **extra) -> dict:
+    """Every field of a result (JSON); engine-only ones None on the reference line."""
+    row = {"path": path, "batch": args.batch, "prompt_len": args.prompt_len,
+           "gen_len": args.gen_len, "block_len": args.block_len, "tpf_source": tpf_source(args),
+           "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+           "nfe": nfe, "tpf": tokens / args.batch / max(nfe, 1e-9), "steps": steps,
+           "ms_per_step": 1e3 * seconds / max(steps, 1), "peak_gb": peak,
+           "ttfb_ms": None, "latency_ms": None, "phases_ms_per_step": None,
+           "ops_per_step": None, "by_kind": None}
+    row.update(extra)
+    return row
+
+
+def tpf_source(args) -> str:
+    if args.scripted_tpf:
+        return f"scripted k={args.scripted_tpf}, threshold {threshold_of(args)}"
+    if args.threshold is not None:
+        return f"threshold {args.threshold}"
+    return f"fixed quota {args.tokens_per_step}/step"
+
+
+def threshold_of(args) -> float | None:
+    if args.scripted_tpf and args.threshold is None:
+        return SCRIPTED_THRESHOLD
+    return args.threshold
+
+
+# ---- the runs -----------------------------------------------------------------------------------
+def prompts_for(args, loaded: LoadedModel) -> list[list[int]]:
     rng = torch.Generator().manual_seed(args.seed)
-    high = min(spec.vocab_size, spec.mask_token_id)
+    high = min(loaded.spec.vocab_size, loaded.spec.mask_token_id)
     return torch.randint(0, high, (args.batch, args.prompt_len), generator=rng).tolist()
 
 
-def params_for(args, gen: int) -> SamplingParams:
-    steps = max(gen // args.tokens_per_step, gen // args.block_len)
+def params_for(args) -> SamplingParams:
+    gen, thr = args.gen_len, threshold_of(args)
+    # threshold rules: one step per position at most, so the block ends when its masks do
+    steps = gen if thr is not None else max(gen // args.tokens_per_step, gen // args.block_len)
     return SamplingParams(max_tokens=gen, block_length=args.block_len, steps=steps,
-                          threshold=args.threshold, early_exit=not args.no_early_exit)
+                          threshold=thr, early_exit=not args.no_early_exit)
 
 
-def run_reference(loaded: LoadedModel, prompts, args) -> Result:
+def run_reference(loaded: LoadedModel, prompts, args) -> dict:
     """ML-GSAI `generate` semantics, one token per step, the whole batch in one call."""
     params = SamplingParams(max_tokens=args.gen_len, block_length=args.block_len,
                             steps=args.gen_len)
@@ -120,39 +141,118 @@ def run_reference(loaded: LoadedModel, prompts, args) -> Result:
     _, nfe = reference_generate(loaded.model, x, params, spec=loaded.spec, variant="llada")
     sync(loaded.device)
     seconds = time.perf_counter() - t0
-    return Result("reference", args.batch * args.gen_len, seconds, nfe, nfe, peak_gb(loaded.device))
+    return result_row("reference", args, len(prompts) * args.gen_len, seconds, nfe, nfe,
+                      peak_gb(loaded.device), tpf_source="fixed quota 1/step")
 
 
-def run_engine(loaded: LoadedModel, mode: str, prompts, args, gen: int | None = None,
-               progress: bool = True) -> Result:
+def build_engine(loaded: LoadedModel, mode: str, args) -> Engine:
     canvas = args.prompt_len + args.gen_len
-    pages = None if args.kv_cache_gb else len(prompts) * -(-canvas // args.page_size)   # just enough
+    pages = None if args.kv_cache_gb else args.batch * -(-canvas // args.page_size)  # just enough
     cfg = EngineConfig(kv_cache_mode=mode, max_num_seqs=max(args.batch, 1),
                        max_num_batched_tokens=max(args.batch, 1) * canvas,
                        page_size=args.page_size, compile=args.compile,
                        kv_cache_memory_gb=args.kv_cache_gb, num_pages=pages)
-    eng = Engine(loaded, cfg)
-    params = params_for(args, gen or args.gen_len)
+    return Engine(loaded, cfg)
+
+
+def warm_up(eng: Engine, prompts, args) -> dict:
+    """The timed requests for `--warmup-steps` steps (default: one block and one more step),
+    op-counted, then aborted: every shape the timed run uses is seen once."""
+    params = params_for(args)
+    per_block = params.steps * args.block_len // args.gen_len
+    n = args.warmup_steps if args.warmup_steps is not None else per_block + 1
+    probe = StepProbe(eng, count_ops=not args.no_count_ops)
+    for i, ids in enumerate(prompts):
+        eng.add_request(f"warm{i}", ids, params)
+    for _ in range(n):
+        if not eng.has_unfinished():
+            break
+        probe.step()
+    for i in range(len(prompts)):
+        eng.abort(f"warm{i}")
+    probe.close()
+    sync(eng.device)
+    return probe.summary()
+
+
+def run_engine(loaded: LoadedModel, mode: str, prompts, args) -> dict:
     reset_peak(loaded.device)
+    eng = build_engine(loaded, mode, args)
+    warm = warm_up(eng, prompts, args)
+    probe = StepProbe(eng, sync=args.phase_sync)
+    params, first, done, finals = params_for(args), {}, {}, []
     sync(loaded.device)
     t0 = time.perf_counter()
     for i, ids in enumerate(prompts):
         eng.add_request(f"b{i}", ids, params)
-    finals = []
-    with tqdm(total=len(prompts), desc=mode, unit="req", disable=not progress, leave=False) as bar:
+    with tqdm(total=len(prompts), desc=mode, unit="req", disable=args.no_progress,
+              leave=False) as bar:
         while eng.has_unfinished():
-            for out in eng.step():
+            outs = probe.step()
+            now = (time.perf_counter() - t0) * 1e3
+            for out in outs:
+                first.setdefault(out.request_id, now)
                 if out.finished:
+                    done[out.request_id] = now
                     finals.append(out)
                     bar.update(1)
     sync(loaded.device)
     seconds = time.perf_counter() - t0
-    tokens = sum(len(o.token_ids) for o in finals)
-    nfe = sum(o.nfe for o in finals) / len(finals)
-    return Result(mode, tokens, seconds, nfe, eng.stats()["engine_steps"], peak_gb(loaded.device))
+    probe.close()
+    by_kind = merge_kinds(probe.summary(), warm)
+    row = result_row(mode, args, sum(len(o.token_ids) for o in finals), seconds,
+                     sum(o.nfe for o in finals) / len(finals), sum(probe.steps.values()),
+                     peak_gb(loaded.device), ttfb_ms=percentiles(list(first.values())),
+                     latency_ms=percentiles(list(done.values())), by_kind=by_kind,
+                     phases_ms_per_step=weighted(by_kind, "phases_ms"),
+                     ops_per_step=weighted(warm, "ops_per_step"))
+    del eng, probe
+    return row
 
 
-def header(loaded: LoadedModel, args) -> str:
+def merge_kinds(timed: dict, warm: dict) -> dict:
+    """Per step kind: the timed run's steps and phases, the warm-up's op counts."""
+    out = {}
+    for label, row in timed.items():
+        out[label] = {**row, "ops_per_step": warm.get(label, {}).get("ops_per_step")}
+    return out
+
+
+def weighted(by_kind: dict, key: str) -> dict | None:
+    """A per-kind dict of per-step values -> its average over all steps."""
+    rows = [(r["steps"], r[key]) for r in by_kind.values() if r.get(key)]
+    if not rows:
+        return None
+    n = sum(s for s, _ in rows)
+    return {k: sum(s * v[k] for s, v in rows) / n for k in rows[0][1]}
+
+
+# ---- output -------------------------------------------------------------------------------------
+def fmt(v, spec: str = "8.1f") -> str:
+    return "n/a".rjust(len(format(0.0, spec))) if v is None else format(v, spec)
+
+
+def main_line(r: dict) -> str:
+    lat, ttfb = r["latency_ms"] or {}, r["ttfb_ms"] or {}
+    return (f"{r['path']:<10} batch {r['batch']:>3} | {r['tokens_per_s']:9.1f} tok/s | "
+            f"NFE {r['nfe']:6.1f} | TPF {r['tpf']:5.2f} | {r['ms_per_step']:7.1f} ms/step | "
+            f"TTFB p50 {fmt(ttfb.get('p50'))} ms | latency p50/p90/p99 {fmt(lat.get('p50'))} "
+            f"{fmt(lat.get('p90'))} {fmt(lat.get('p99'))} ms | peak {fmt(r['peak_gb'], '6.2f')} GB")
+
+
+def kind_lines(r: dict) -> list[str]:
+    lines = []
+    for label, k in (r["by_kind"] or {}).items():
+        ph = " ".join(f"{p} {k['phases_ms'][p]:.2f}" for p in PHASES)
+        ops = k.get("ops_per_step")
+        counts = (f" | kernels {ops['kernels']:.0f} (forward {ops['forward_kernels']:.0f}) "
+                  f"syncs {ops['syncs']:.0f}" if ops else "")
+        lines.append(f"  {label:<16} {k['steps']:>5} steps | {k['ms_per_step']:7.2f} ms/step: "
+                     f"{ph}{counts}")
+    return lines
+
+
+def header(loaded: LoadedModel, args) -> dict:
     dev = loaded.device
     hw = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
     try:
@@ -160,50 +260,108 @@ def header(loaded: LoadedModel, args) -> str:
                                 capture_output=True).stdout.strip()
     except OSError:
         commit = "?"
-    return (f"# {loaded.name} ({loaded.dtype}) on {hw} ({dev.type}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads), commit {commit}\n# prompt {args.prompt_len}, "
-            f"gen {args.gen_len}, block {args.block_len}, {args.tokens_per_step} token(s)/step"
-            f"{f', threshold {args.threshold}' if args.threshold else ''}\n# python "
-            f"benchmarks/offline.py {' '.join(sys.argv[1:])}")
+    return {"model": loaded.name, "dtype": str(loaded.dtype).replace("torch.", ""),
+            "device": dev.type, "hardware": hw, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "commit": commit,
+            "command": "python benchmarks/offline.py " + " ".join(sys.argv[1:]),
+            "prompt_len": args.prompt_len, "gen_len": args.gen_len, "block_len": args.block_len,
+            "batch": args.batch, "tpf_source": tpf_source(args), "phase_sync": args.phase_sync}
 
 
+def header_lines(h: dict) -> str:
+    return (f"# {h['model']} ({h['dtype']}) on {h['hardware']} ({h['device']}, torch {h['torch']}, "
+            f"{h['threads']} threads), commit {h['commit']}\n# prompt {h['prompt_len']}, gen "
+            f"{h['gen_len']}, block {h['block_len']}, batch {h['batch']}, {h['tpf_source']}\n"
+            f"# {h['command']}")
+
+
+# ---- command line -------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
-    ap.add_argument("--random-weights", choices=["llada-8b"], default=None)
+    ap.add_argument("--random-weights", choices=sorted(KNOWN_SHAPES), default=None,
+                    help="a published shape with random weights instead of --model")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--gen-len", type=int, default=64)
     ap.add_argument("--block-len", type=int, default=32)
     ap.add_argument("--batch", type=int, default=1, help="concurrent requests")
-    ap.add_argument("--tokens-per-step", type=int, default=1, help="fixed schedule: steps = gen / this")
-    ap.add_argument("--threshold", type=float, default=None, help="use the threshold policy instead")
-    ap.add_argument("--modes", nargs="+", default=["none", "prefix", "dual"])
+    ap.add_argument("--tokens-per-step", type=int, default=1,
+                    help="fixed schedule: steps = gen / this (a quota)")
+    ap.add_argument("--threshold", type=float, default=None, help="use the threshold policy")
+    ap.add_argument("--scripted-tpf", type=int, default=None, metavar="K",
+                    help="ScriptedTPF model: threshold commits K tokens per forward (measured)")
+    ap.add_argument("--modes", nargs="+", default=["none", "prefix", "dual"],
+                    choices=["none", "prefix", "dual"])
     ap.add_argument("--skip-reference", action="store_true")
-    ap.add_argument("--no-early-exit", action="store_true", help="decode every block even after EOS")
+    ap.add_argument("--no-early-exit", action="store_true",
+                    help="decode every block even after EOS")
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--kv-cache-gb", type=float, default=None)
     ap.add_argument("--compile", action="store_true", help="torch.compile the forward (CUDA)")
+    ap.add_argument("--warmup-steps", type=int, default=None,
+                    help="warm-up steps per mode (default: one block's steps + 1)")
+    ap.add_argument("--no-count-ops", action="store_true", help="skip the op counts (warm-up)")
+    ap.add_argument("--phase-sync", action="store_true",
+                    help="CUDA: synchronise at every phase boundary (device time per phase)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument("--json", default=None, metavar="PATH", help="write header + results here")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
-    return ap.parse_args(argv)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's)")
+    return check_args(ap, ap.parse_args(argv))
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    if args.gen_len % args.block_len:
-        raise SystemExit(f"--block-len {args.block_len} must divide --gen-len {args.gen_len}")
-    loaded = (random_llada_8b(args.device, args.dtype) if args.random_weights
+def check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> argparse.Namespace:
+    for name in ("prompt_len", "gen_len", "block_len", "batch", "tokens_per_step", "page_size"):
+        if getattr(a, name) < 1:
+            flag = "--" + name.replace("_", "-")
+            ap.error(f"{flag} {getattr(a, name)} is invalid: use an integer >= 1")
+    if a.gen_len % a.block_len:
+        ap.error(f"--block-len {a.block_len} must divide --gen-len {a.gen_len}")
+    if a.scripted_tpf is not None and a.scripted_tpf < 1:
+        ap.error(f"--scripted-tpf {a.scripted_tpf} is invalid: use an integer >= 1")
+    if a.scripted_tpf and a.tokens_per_step != 1:
+        ap.error("--scripted-tpf and --tokens-per-step exclude each other: the scripted model "
+                 "sets the tokens per step through the threshold policy")
+    return a
+
+
+def load(args) -> LoadedModel:
+    loaded = (random_model(args.random_weights, args.device, args.dtype) if args.random_weights
               else load_model(args.model, dtype=args.dtype, device=args.device))
-    prompts = prompts_for(args, loaded.spec)
-    print(header(loaded, args), flush=True)
-    warm = argparse.Namespace(**{**vars(args), "batch": min(args.batch, 2), "gen_len": args.block_len})
-    if not args.skip_reference:
-        run_reference(loaded, prompts[:1], argparse.Namespace(**{**vars(warm), "batch": 1}))  # warm-up
-        print(run_reference(loaded, prompts, args).line(args.batch), flush=True)
+    if args.scripted_tpf:
+        loaded.model = ScriptedTPF(loaded.model, loaded.spec, args.scripted_tpf).eval()
+        loaded.name += f" + ScriptedTPF(k={args.scripted_tpf})"
+    return loaded
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load(args)
+    prompts = prompts_for(args, loaded)
+    head = header(loaded, args)
+    print(header_lines(head), flush=True)
+    results = []
+    if not args.skip_reference and loaded.spec.arch == "llada" and not args.scripted_tpf:
+        warm = argparse.Namespace(**{**vars(args), "batch": 1, "gen_len": args.block_len})
+        run_reference(loaded, prompts[:1], warm)                              # warm-up
+        results.append(run_reference(loaded, prompts, args))
+        print(main_line(results[-1]), flush=True)
+    elif not args.skip_reference:
+        print("# reference: skipped (the ML-GSAI loop is LLaDA's, and runs no scripted model)")
     for mode in args.modes:
-        run_engine(loaded, mode, prompts[:warm.batch], warm, progress=False)   # warm-up
-        print(run_engine(loaded, mode, prompts, args).line(args.batch), flush=True)
+        results.append(run_engine(loaded, mode, prompts, args))
+        print(main_line(results[-1]), *kind_lines(results[-1]), sep="\n", flush=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"header": head, "results": results}, indent=1))
+        print(f"# wrote {args.json}")
+    return results
 
 
 if __name__ == "__main__":
