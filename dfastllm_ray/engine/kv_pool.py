@@ -42,8 +42,17 @@ class KVPool:
         # (layers, 2, slots + 1, H_kv, D); zeros so a never-written slot is finite under a 0
         # weight. The last slot is a dump: padded query rows write there, nothing reads it.
         self.dump_slot = num_pages * page_size
+        self._tables: tuple[torch.Tensor, ...] | None = None
         self.data = torch.zeros(num_layers, 2, self.dump_slot + 1, num_kv_heads, head_dim,
                                 dtype=dtype, device=device)
+
+    def position_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(page index, offset in page, position) of canvas positions 0..length-1, (L,) int64
+        each, built once on the pool's device (and regrown only for a longer length)."""
+        if self._tables is None or self._tables[2].shape[0] < length:
+            pos = torch.arange(max(length, 1024), device=self.data.device)
+            self._tables = (pos // self.page_size, pos % self.page_size, pos)
+        return self._tables
 
     @property
     def nbytes(self) -> int:

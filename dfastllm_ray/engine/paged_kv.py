@@ -53,10 +53,10 @@ def build_paged_kv(pool: KVPool, page_rows: Tensor, q_start: Tensor, q_len: Tens
     attention mask); query rows past q_len write to the dump slot, so they never overwrite a
     cached position."""
     ps = pool.page_size
-    pos = torch.arange(lk, device=page_rows.device)
-    page_of = (pos // ps).clamp_(max=page_rows.shape[1] - 1)
-    read = page_rows[:, page_of] * ps + pos % ps                                # (B, Lk)
-    j = torch.arange(lq, device=page_rows.device)
+    page_of, offset, ar = pool.position_tables(max(lk, lq))
+    page_of = page_of[:lk].clamp(max=page_rows.shape[1] - 1)
+    read = page_rows[:, page_of] * ps + offset[:lk]                              # (B, Lk)
+    j = ar[:lq]
     qpos = (q_start[:, None] + j).clamp_(max=lk - 1)                            # (B, Lq)
     write = torch.where(j < q_len[:, None], read.gather(1, qpos), pool.dump_slot)
     return PagedKV(pool, read, write.reshape(-1), passthrough)

@@ -56,9 +56,9 @@ class Ranked:
 
 
 def ranks_of(order: Tensor) -> Tensor:
-    """order (B, n) from a sort -> rank (B, n): rank[b, order[b, j]] = j."""
-    ar = torch.arange(order.shape[-1], device=order.device).expand_as(order)
-    return torch.empty_like(order).scatter_(-1, order, ar)
+    """order (B, n) from a sort -> rank (B, n): rank[b, order[b, j]] = j (the inverse
+    permutation, itself a sort of the permutation: one op)."""
+    return order.argsort(dim=-1)
 
 
 def top_k(ranked: Ranked, k: Tensor) -> Tensor:
