@@ -38,7 +38,14 @@ SCHED_EXIT_LOW = 0.6          # SchED: tau at the end of the block when only exi
 KLASS_CONF = 0.6              # KLASS / WINO confidence threshold when `threshold` is unset
 KLASS_HISTORY = 2             # KLASS: consecutive small-KL steps (the official LLaDA scripts)
 WINO_THRESHOLD = 0.6          # WINO wide-in threshold (official `decoding_wino` default)
-NEUTRAL = {"top_p": (1.0,)}   # values OpenAI clients send by default that change nothing
+NEUTRAL = {"top_p": (1.0,)}
+DECODINGS = ("diffusion", "apd", "speculative")
+HYBRID_KNOBS = {"apd_mixture_weight": "apd", "kv_window": "apd", "max_lookahead": "apd",
+                "draft_tokens": "speculative"}
+APD_MIXTURE_WEIGHT = 0.7      # the APD paper's R for Dream-7B + Qwen2.5-0.5B
+DRAFT_TOKENS = 4              # speculative default k
+MAX_DRAFT_TOKENS = 64
+MAX_HYBRID_WINDOW = 4096   # values OpenAI clients send by default that change nothing
 
 
 def unused_knobs(fields: dict[str, Any], arch: str) -> list[str]:
@@ -87,6 +94,11 @@ class SamplingParams:
     kl_history: int | None = None          # KLASS: consecutive steps the KL must stay small (default 2)
     revoke_threshold: float | None = None  # WINO: re-mask committed tokens whose re-check prob < this
     early_exit: bool = True                # stop once a committed block holds EOS/EOT (or a stop string)
+    decoding: str = "diffusion"            # "diffusion" | "apd" | "speculative" (hybrid: needs a verifier)
+    apd_mixture_weight: float | None = None  # APD R: target = R * dLLM + (1 - R) * verifier logits
+    kv_window: int | None = None           # APD W: recompute the last W committed positions (drafter cache)
+    max_lookahead: int | None = None       # APD M: draft at most M positions per step
+    draft_tokens: int | None = None        # speculative: positions drafted per step (adaptive up to this)
     output_limit: int | None = None        # tokens returned at most (None: max_tokens); set by
                                            # resolve() when max_tokens is rounded up to whole blocks
 
@@ -113,6 +125,7 @@ class SamplingParams:
         _check(self.entropy_bound is None or self.entropy_bound > 0, "entropy_bound",
                self.entropy_bound, "must be > 0")
         self._validate_policy_knobs()
+        self._validate_hybrid()
         _check(self.alg is None or self.alg in DREAM_ALGS, "alg", self.alg, f"must be one of {DREAM_ALGS}")
         _check(self.alg_temp is None or self.alg_temp >= 0, "alg_temp", self.alg_temp, "must be >= 0")
         _check(0 < self.eps < 1, "eps", self.eps, "must be in (0, 1)")
@@ -166,6 +179,26 @@ class SamplingParams:
             _check(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS, "stop", s,
                    f"each stop string must be a non-empty string of at most {MAX_STOP_CHARS} "
                    "characters")
+
+    def _validate_hybrid(self) -> None:
+        """Hybrid diffusion-AR knobs: only with their decoding, each in its range."""
+        _check(self.decoding in DECODINGS, "decoding", self.decoding, f"must be one of {DECODINGS}")
+        for name, mode in HYBRID_KNOBS.items():
+            v = getattr(self, name)
+            if v is not None:
+                _check(self.decoding == mode, name, v, f'applies to decoding="{mode}" only '
+                       f'(this request has decoding="{self.decoding}")')
+        r = self.apd_mixture_weight
+        _check(r is None or 0.0 <= r <= 1.0, "apd_mixture_weight", r, "must be in [0, 1]")
+        for name, top in (("kv_window", MAX_HYBRID_WINDOW), ("max_lookahead", MAX_HYBRID_WINDOW),
+                          ("draft_tokens", MAX_DRAFT_TOKENS)):
+            v = getattr(self, name)
+            _check(v is None or (isinstance(v, int) and 1 <= v <= top), name, v,
+                   f"must be an integer in [1, {top}]")
+
+    @property
+    def is_hybrid(self) -> bool:
+        return self.decoding != "diffusion"
 
     def resolve(self, max_context: int | None = None, prompt_len: int = 0) -> "SamplingParams":
         """Fill None fields with defaults: block_length = min(32, max_tokens) (max_tokens when 32
