@@ -55,13 +55,14 @@ class KlassState:
 
 def coarse_kl(probs: Tensor, state: KlassState) -> Tensor:
     """probs (B, n, V) of this step -> (B, n) KL(p_t || p_{t-1}) on the bins {previous top-K,
-    rest}. Slots with no previous step (top_p all 0) get a large KL (log(1 / eps))."""
+    rest}. Slots with no previous step (top_p all 0) get KL = inf: never stable."""
     p = probs.gather(-1, state.top_ids).to(torch.float64)              # (B, n, K)
     q = state.top_p.to(torch.float64)
     p_rest = (1.0 - p.sum(-1)).clamp(min=0.0)
     q_rest = (1.0 - q.sum(-1)).clamp(min=0.0)
     kl = (p * (torch.log(p + KL_EPS) - torch.log(q + KL_EPS))).sum(-1)
-    return kl + p_rest * (torch.log(p_rest + KL_EPS) - torch.log(q_rest + KL_EPS))
+    kl = kl + p_rest * (torch.log(p_rest + KL_EPS) - torch.log(q_rest + KL_EPS))
+    return torch.where(q.sum(-1) > 0, kl, float("inf"))
 
 
 def advance(probs: Tensor, state: KlassState, kl_threshold: Tensor) -> KlassState:

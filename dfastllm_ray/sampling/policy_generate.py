@@ -65,11 +65,13 @@ def knob_values(p: SamplingParams) -> list[float]:
     return [p.temperature, opt(p.threshold), opt(p.factor), opt(p.entropy_bound), 0.0, 1.0, 0.0,
             float(p.remasking == "random"), float(p.logits_eos_inf),
             float(p.confidence_eos_eot_inf), 0.0, opt(p.pc_lambda), opt(p.exit_high),
-            p.exit_low_or_default if p.exit_high is not None else nan, float(p.block_length)]
+            p.exit_low_or_default if p.exit_high is not None else nan, float(p.block_length or 0)]
 
 
-def _knobs(p: SamplingParams, s: int, valid: Tensor, k: list[int], nfe: list[int],
+def row_knobs(p: SamplingParams, s: int, valid: Tensor, k: list[int], nfe: list[int],
            seed: int) -> RowKnobs:
+    """RowKnobs of B rows of one request's settings over the block slots [s, s + n): per-row
+    quota k and forward count nfe (the counter RNG's step), as the engine packs them."""
     b, n = valid.shape
     table = torch.tensor([knob_values(p)] * b, dtype=torch.float64)
     meta = torch.tensor([[k[r], k[r], 0, nfe[r], -1, s] for r in range(b)], dtype=torch.float64)
@@ -126,7 +128,7 @@ def _decode_block(model, run: PolicyRun, p: SamplingParams, spec, facts: GroupFa
             return
         k = [q[i] if i < spb else 1 for q in quotas]
         valid = (masked | (p.policy == "wino")) & active[:, None]
-        knobs = _knobs(p, s, valid, k, run.nfe, seed)
+        knobs = row_knobs(p, s, valid, k, run.nfe, seed)
         logits, shadow = _forward(model, x, mask_id if p.policy == "wino" else None, s, e)
         tokens, conf, entropy = propose_batch(logits, knobs, facts, spec.eos_token_id,
                                               spec.eot_token_id)
@@ -135,12 +137,13 @@ def _decode_block(model, run: PolicyRun, p: SamplingParams, spec, facts: GroupFa
         if p.policy == "klass":
             probs = F.softmax(logits.to(facts.conf_dtype), dim=-1)
             commit, state = klass(conf, knobs, ranked, probs, state,
-                                  torch.full((x.shape[0],), p.kl_threshold or KLASS_KL),
+                                  torch.full((x.shape[0],), p.kl_threshold or KLASS_KL, dtype=torch.float64),
                                   torch.full((x.shape[0],), p.kl_history or KLASS_HISTORY))
         elif p.policy == "wino":
             back = F.softmax(shadow.to(conf.dtype), dim=-1).gather(-1, x[:, s:e, None])[..., 0]
             commit, revoke = wino(conf, knobs, ranked, masked, back,
-                                  torch.full((x.shape[0],), p.revoke_threshold or WINO_REVOKE))
+                                  torch.full((x.shape[0],), p.revoke_threshold or WINO_REVOKE,
+                                             dtype=torch.float64))
         else:
             commit = BATCH_POLICIES[p.policy](conf, knobs, ranked)
         block = x[:, s:e]

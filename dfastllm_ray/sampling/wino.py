@@ -40,7 +40,8 @@ def wino(conf: Tensor, knobs: RowKnobs, ranked, is_masked: Tensor, current_conf:
     is_masked (B, n) bool: the slot is a mask (else committed earlier in this block, revocable);
     current_conf (B, n): the re-check probability of the committed token (read at committed
     slots only); revoke_threshold (B,). `knobs.valid` marks real slots; `ranked` is unused (the
-    ranks here are over masked slots only)."""
+    ranks here are over masked slots only). Thresholds compare in float64, as the official
+    float64 softmax against a Python float."""
     valid = knobs.valid
     masked = valid & is_masked
     wide = torch.where(masked, conf, float("-inf"))
@@ -48,12 +49,12 @@ def wino(conf: Tensor, knobs: RowKnobs, ranked, is_masked: Tensor, current_conf:
     n_masked = masked.sum(-1, keepdim=True)                                 # (B, 1)
     cap = (n_masked.to(torch.float64) * ACCEPT_SHARE).long().clamp(ACCEPT_MIN, ACCEPT_MAX)
     thr = knobs.threshold
-    thr = torch.where(torch.isnan(thr), WINO_THRESHOLD, thr)[:, None].to(conf.dtype)
-    commit = masked & (((wide > thr) & (rank < cap)) | (rank == 0))
+    thr = torch.where(torch.isnan(thr), WINO_THRESHOLD, thr)[:, None]          # float64
+    commit = masked & (((wide.to(thr.dtype) > thr) & (rank < cap)) | (rank == 0))
     accepted = commit.sum(-1, keepdim=True)                                 # (B, 1)
     held = valid & ~is_masked
     back = torch.where(held, current_conf, float("inf"))
-    weak = held & (back < revoke_threshold[:, None].to(back.dtype))
+    weak = held & (back.to(torch.float64) < revoke_threshold[:, None].to(torch.float64))
     back_rank = ranks_of(torch.sort(back, dim=-1, stable=True).indices)     # least sure first
     revoke = weak & (back_rank < accepted - 1)
     return commit, revoke
