@@ -22,9 +22,10 @@ the device's time lands in "copy", where the host waits) unless `--phase-sync`.
 How many tokens a step commits:
 - `--tokens-per-step N`: the fixed schedule, steps = gen_len / N (a quota, not a measurement);
 - `--threshold T`: the confidence-threshold policy (random weights: about one token per step);
-- `--scripted-tpf K`: the threshold policy (T = 0.9 unless given) over `ScriptedTPF`
-  (benchmarks/scripted_model.py), a wrapper whose logits put a confident peak on the first K
-  masked positions of each window, so the real threshold path commits K tokens per forward.
+- `--scripted-tpf K`: the threshold policy (T = 0.9 unless given, steps = gen_len / K) over
+  `ScriptedTPF` (benchmarks/scripted_model.py), a wrapper whose logits put a confident peak on
+  the first K masked positions of each window, so the real threshold path commits K tokens per
+  forward (Dream's cached modes: 1 at a block's refresh, Fast-dLLM's rule, then K).
 `--random-weights llada-8b | dream-7b` builds the published shape with random weights (no
 download). "reference" is `sampling.llada_generate` variant "llada" (ML-GSAI `generate`: no
 cache, the whole batch in one call), one token per step; LLaDA models only.
@@ -124,8 +125,12 @@ def prompts_for(args, loaded: LoadedModel) -> list[list[int]]:
 
 def params_for(args) -> SamplingParams:
     gen, thr = args.gen_len, threshold_of(args)
-    # threshold rules: one step per position at most, so the block ends when its masks do
-    steps = gen if thr is not None else max(gen // args.tokens_per_step, gen // args.block_len)
+    if args.scripted_tpf:       # a schedule of K per step, which the scripted model fills exactly
+        steps = max(gen // args.scripted_tpf, gen // args.block_len)  # (Dream no-cache: its cap)
+    elif thr is not None:       # one step per position at most: the block ends when its masks do
+        steps = gen
+    else:
+        steps = max(gen // args.tokens_per_step, gen // args.block_len)
     return SamplingParams(max_tokens=gen, block_length=args.block_len, steps=steps,
                           threshold=thr, early_exit=not args.no_early_exit)
 

@@ -4,10 +4,14 @@ the counts are the engine's (NFE, steps by kind, syncs), and the scripted mode's
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -73,3 +77,26 @@ def test_bad_flags_are_refused_with_the_flag_named(capsys):
     with pytest.raises(SystemExit):
         offline.parse_args(["--scripted-tpf", "0"])
     assert "--scripted-tpf 0 is invalid" in capsys.readouterr().err
+
+
+SUITE = ROOT / "benchmarks" / "gpu_suite.sh"
+
+
+def test_gpu_suite_parses_and_its_commands_are_valid_offline_flags():
+    subprocess.run(["bash", "-n", str(SUITE)], check=True)
+    out = subprocess.run(["bash", str(SUITE), "--dry-run"], check=True, capture_output=True,
+                         text=True).stdout.splitlines()
+    assert len(out) == 4                                  # 2 shapes x (batch 1, batch 64)
+    for line in out:
+        args = offline.parse_args(shlex.split(line)[1:])
+        assert args.random_weights in ("llada-8b", "dream-7b") and args.modes == [
+            "none", "prefix", "dual"]
+        assert (args.batch, args.tokens_per_step, args.scripted_tpf) in ((1, 1, None), (64, 1, 4))
+        assert args.json.startswith("benchmarks/results/gpu/")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_gpu_suite_fails_fast_without_cuda():
+    run = subprocess.run(["bash", str(SUITE)], capture_output=True, text=True,
+                         env={**os.environ, "PYTHON": sys.executable})
+    assert run.returncode == 1 and "no CUDA device" in run.stderr and not run.stdout
