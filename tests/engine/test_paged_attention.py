@@ -10,11 +10,12 @@ import random
 
 import pytest
 import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from dfastllm_ray.engine.config import EngineConfig
 from dfastllm_ray.engine.kv_pool import KVPool
 from dfastllm_ray.engine.paged_attention import (PageMap, PagedAttention, build_paged_attention,
-                                                 paged_block_mask)
+                                                 paged_block_mask, pool_keys)
 from dfastllm_ray.engine.paged_kv import build_paged_kv
 from dfastllm_ray.models.layers import attention
 from dfastllm_ray.sampling.params import SamplingParams
@@ -172,6 +173,30 @@ def test_flex_sees_pages_shared_by_prefix_caching():
 def test_attention_backend_is_validated(cfg, fix):
     with pytest.raises(ValueError, match=f"attention_backend=.*{fix}"):
         EngineConfig(**cfg)
+
+
+@pytest.mark.slow
+def test_compiled_cpu_kernel_over_the_block_lists_equals_sdpa_gather():
+    """Inductor's CPU flex kernel, like the CUDA one, visits only the listed pages (it needs the
+    lists padded to every page: a CPU-only lowering check). About a minute to compile."""
+    pool, page_map, rows, kv_len, q_start, q_len, lq, lk, q, k, v = paged_case(ps=16)
+    kv_len, lk = kv_len * 4, 92                                # same pages, 16 positions each
+    before = pool.data.clone()
+    ref, mask = gathered(pool, rows, kv_len, q_start, q_len, lq, lk, q, k, v)
+    pool.data.copy_(before)
+    hook = build_paged_attention(pool, page_map, rows, q_start, q_len, kv_len, lq, lk, False)
+    bm, n_pages = hook.block_mask, pool.num_pages
+    pad = lambda x: torch.nn.functional.pad(x, (0, n_pages - x.shape[-1]))   # noqa: E731
+    hook.block_mask = BlockMask.from_kv_blocks(
+        bm.kv_num_blocks, pad(bm.kv_indices), bm.full_kv_num_blocks, pad(bm.full_kv_indices),
+        BLOCK_SIZE=bm.BLOCK_SIZE, mask_mod=bm.mask_mod, seq_lengths=bm.seq_lengths)
+    pool.write(0, hook.write_slots, *(x.transpose(1, 2).reshape(-1, 2, 16) for x in (k, v)))
+    ck, cv = pool_keys(pool, 0)
+    out = torch.compile(flex_attention, fullgraph=True)(q, ck, cv, block_mask=hook.block_mask,
+                                                        enable_gqa=True)
+    for b in range(3):
+        n = int(q_len[b])
+        torch.testing.assert_close(out[b, :, :n], ref[b, :, :n], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu
