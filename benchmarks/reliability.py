@@ -342,23 +342,34 @@ def print_table(rows: list[tuple[str, str]]) -> None:
         print(f"| {k.ljust(width)} | {v} |")
 
 
+async def overload_rows(url: str, model: str, args: argparse.Namespace,
+                        low: Tally) -> list[tuple[str, str]]:
+    d = args.duration
+    high, probe = await load_with_probe(url, model, args.high, d, args.hang_s)
+    rows = goodput_rows(f"{args.high} clients", high, d)
+    rows.append((f"probe beside {args.high} clients: refusals / p99",
+                 f"{probe.refused} / {ms(p99(probe.refusal_s))}"))
+    ingress = httpx.get(f"{url}/v1/engine/stats", timeout=30).json()["ingress"]
+    rows.append(("refusal time inside the ingress p99 (arrival -> response)",
+                 "-" if ingress["refusal_ms_p99"] is None
+                 else f"{ingress['refusal_ms_p99']:.1f} ms"))
+    ratio = (high.tokens / low.tokens) if low.tokens else float("nan")
+    rows.append((f"tok/s {args.high} clients / {args.low} clients", f"{ratio:.2f}"))
+    return rows
+
+
 async def measure(args: argparse.Namespace) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     proc, url, model, log = start_server(Path(args.config), free_port(), args.direct)
     try:
         d = args.duration
         low = await load(url, model, args.low, d, args.hang_s)
-        high, probe = await load_with_probe(url, model, args.high, d, args.hang_s)
         rows += goodput_rows(f"{args.low} clients", low, d)
-        rows += goodput_rows(f"{args.high} clients", high, d)
-        rows.append((f"probe beside {args.high} clients: refusals / p99",
-                     f"{probe.refused} / {ms(p99(probe.refusal_s))}"))
-        ingress = httpx.get(f"{url}/v1/engine/stats", timeout=30).json()["ingress"]
-        rows.append(("refusal time inside the ingress p99 (arrival -> response)",
-                     "-" if ingress["refusal_ms_p99"] is None
-                     else f"{ingress['refusal_ms_p99']:.1f} ms"))
-        ratio = (high.tokens / low.tokens) if low.tokens else float("nan")
-        rows.append((f"tok/s {args.high} clients / {args.low} clients", f"{ratio:.2f}"))
+        rows.append((f"{args.low} clients: completed latency p50",
+                     ms(sorted(low.latency_s)[len(low.latency_s) // 2] if low.latency_s
+                        else None)))
+        if not args.skip_high:
+            rows += await overload_rows(url, model, args, low)
         if not args.skip_bounds:
             b = await bounds(url, model, args.bound_clients, d / 2, args.hang_s)
             rows += [("bounds: out-of-bound requests -> 400 / other",
@@ -407,6 +418,7 @@ def main() -> None:
     ap.add_argument("--hang-s", type=float, default=120.0, help="a request slower is hung")
     ap.add_argument("--direct", action="store_true",
                     help="ingress -> replicas directly (batcher.bypass), to measure its hop")
+    ap.add_argument("--skip-high", action="store_true")
     ap.add_argument("--skip-bounds", action="store_true")
     ap.add_argument("--skip-kill", action="store_true")
     ap.add_argument("--skip-drain", action="store_true")

@@ -101,5 +101,7 @@ def validation_error(errors: list[dict[str, Any]]) -> APIError:
                            code="invalid_json")
     param = ".".join(loc) or None
     where = f" at {param!r}" if param else ""
-    return bad_request(f"{first.get('msg', 'invalid value')}{where}", param=param,
+    value = first.get("input")
+    got = "" if value is None or isinstance(value, (dict, list)) else f" (got {value!r:.80})"
+    return bad_request(f"{first.get('msg', 'invalid value')}{where}{got}", param=param,
                        code="invalid_value" if loc else "invalid_body")

@@ -18,22 +18,22 @@ KNOBS = ("steps", "block_length", "threshold", "factor", "entropy_bound", "remas
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
-    max_tokens: Optional[int] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=0, le=2**64 - 1)   # torch takes an unsigned 64-bit seed
     user: Optional[str] = None
     # Accepted at their neutral values only (OpenAI clients may send them); see `unsupported()`.
     presence_penalty: Optional[float] = None
@@ -41,17 +41,17 @@ class _Body(BaseModel):
     logprobs: Optional[Union[bool, int]] = None
     logit_bias: Optional[dict[str, float]] = None
     # Diffusion knobs (OpenAI's `extra_body`).
-    steps: Optional[int] = None                  # model forwards for the whole generation
-    block_length: Optional[int] = None           # positions decoded together per block
-    threshold: Optional[float] = None            # Fast-dLLM confidence threshold
-    factor: Optional[float] = None               # Fast-dLLM factor rule
-    entropy_bound: Optional[float] = None        # EB-sampler summed-entropy bound (nats)
-    remasking: Optional[str] = None              # LLaDA: low_confidence | random
-    alg: Optional[str] = None                    # Dream: origin | maskgit_plus | topk_margin | entropy
-    alg_temp: Optional[float] = None
-    cfg_scale: Optional[float] = None            # LLaDA classifier-free guidance
-    top_k: Optional[int] = None
-    eps: Optional[float] = None
+    steps: Optional[int] = Field(None, ge=1)     # model forwards for the whole generation
+    block_length: Optional[int] = Field(None, ge=1)   # positions decoded together per block
+    threshold: Optional[float] = Field(None, gt=0, le=1)   # Fast-dLLM confidence threshold
+    factor: Optional[float] = Field(None, gt=0)  # Fast-dLLM factor rule
+    entropy_bound: Optional[float] = Field(None, gt=0)   # EB-sampler summed-entropy bound (nats)
+    remasking: Optional[Literal["low_confidence", "random"]] = None   # LLaDA: low_confidence | random
+    alg: Optional[Literal["origin", "maskgit_plus", "topk_margin", "entropy"]] = None   # Dream: origin | maskgit_plus | topk_margin | entropy
+    alg_temp: Optional[float] = Field(None, ge=0)
+    cfg_scale: Optional[float] = Field(None, ge=0)   # LLaDA classifier-free guidance
+    top_k: Optional[int] = Field(None, ge=1)
+    eps: Optional[float] = Field(None, gt=0, lt=1)
     logits_eos_inf: Optional[bool] = None
     confidence_eos_eot_inf: Optional[bool] = None
     early_exit: Optional[bool] = None
@@ -99,7 +99,7 @@ class CompletionRequest(_Body):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["text"]
     text: str
 
@@ -117,7 +117,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Body):
     messages: list[ChatMessage]
-    max_completion_tokens: Optional[int] = None
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
     response_format: Optional[dict[str, Any]] = None
 
     def requested_max_tokens(self) -> Optional[int]:

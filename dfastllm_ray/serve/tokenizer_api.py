@@ -24,7 +24,7 @@ INFO_FIELDS = ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token",
 
 
 class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     model: Optional[str] = None
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = None
@@ -34,7 +34,7 @@ class TokenizeRequest(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     model: Optional[str] = None
     tokens: list[int]
 
@@ -86,7 +86,9 @@ def add_tokenizer_routes(app: FastAPI, server: OpenAIServer, guard: Any) -> None
             ids = _tokens(card, body)
             strs: Union[list[str], None] = None
             if body.return_token_strs:
-                strs = list(card.tokenizer.convert_ids_to_tokens(ids))
+                to_tokens = getattr(card.tokenizer, "convert_ids_to_tokens", None)
+                strs = (list(to_tokens(ids)) if to_tokens is not None
+                        else [card.tokenizer.decode([t]) for t in ids])
             return {"count": len(ids), "max_model_len": card.context_length, "tokens": ids,
                     "token_strs": strs}
 
