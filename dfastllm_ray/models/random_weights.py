@@ -35,4 +35,4 @@ def random_model(shape: str, device: str = "auto", dtype: str = "auto", seed: in
                 p.zero_()
             else:
                 p.normal_(0.0, 0.02, generator=gen)
-    return LoadedModel(net.eval(), spec, None, {}, None, f"random-{shape}")
+    return LoadedModel(net.eval().requires_grad_(False), spec, None, {}, None, f"random-{shape}")
