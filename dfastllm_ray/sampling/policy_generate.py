@@ -152,10 +152,17 @@ def _decode_block(model, run: PolicyRun, p: SamplingParams, spec, facts: GroupFa
         for r in torch.nonzero(active).flatten().tolist():
             run.nfe[r] += 1
             if trace:
-                run.steps.append({"row": r, "step": i, "block_start": s,
-                                  "commit": (torch.nonzero(commit[r] & valid[r]).flatten() + s).tolist(),
-                                  "revoke": (torch.nonzero(revoke[r] & valid[r]).flatten() + s).tolist()})
+                run.steps.append(_trace_step(r, i, s, commit[r] & valid[r], revoke[r] & valid[r],
+                                             tokens[r]))
         i += 1
+
+
+def _trace_step(r: int, i: int, s: int, commit: Tensor, revoke: Tensor, tokens: Tensor) -> dict:
+    """One row's step: committed {position: token} and revoked positions (canvas positions)."""
+    at = torch.nonzero(commit).flatten()
+    return {"row": r, "step": i, "block_start": s,
+            "commit": dict(zip((at + s).tolist(), tokens[at].tolist())),
+            "revoke": (torch.nonzero(revoke).flatten() + s).tolist()}
 
 
 def _forward(model, x: Tensor, shadow_mask: int | None, s: int, e: int
