@@ -149,6 +149,35 @@ def test_engine_flex_equals_sdpa_gather_in_partial_refreshes(cfg):
     assert_flex_equals_sdpa("llada-tiny", "dual", requests, **cfg)
 
 
+def test_block_mask_is_built_once_per_group_with_no_sync(monkeypatch):
+    """One build per forward group per step, shared by every layer: a fixed, small number of
+    device ops whatever the batch size, none of them data-dependent (syncing)."""
+    from dfastllm_ray.engine import step_inputs
+    from dfastllm_ray.engine.op_count import count_ops
+    builds, orig = [], step_inputs.build_paged_attention
+
+    def counted(*a, **k):
+        with count_ops() as c:
+            out = orig(*a, **k)
+        builds.append((c.kernels, dict(c.syncs)))
+        return out
+    monkeypatch.setattr(step_inputs, "build_paged_attention", counted)
+    per_batch = {}
+    for batch in (1, 8):
+        eng, log = logged_engine("llada-tiny", "dual", attention_backend="flex")
+        params = SamplingParams(max_tokens=8, block_length=8, steps=2)
+        for i in range(batch):
+            eng.add_request(str(i), list(range(3, 5 + i)), params)
+        builds.clear()
+        for _ in range(2):
+            eng.step()
+        assert len(builds) == sum(kv is not None for kv, _ in log)      # not once per layer
+        assert all(syncs == {} for _, syncs in builds)
+        per_batch[batch] = {n for n, _ in builds}
+    # (a passthrough refresh builds no block mask: fewer ops)
+    assert max(per_batch[1]) == max(per_batch[8]) <= 20, per_batch
+
+
 def test_dream_fixture_exercises_gqa():
     spec = tiny("dream-tiny").spec
     assert spec.num_kv_heads < spec.num_heads
