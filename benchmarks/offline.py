@@ -261,7 +261,7 @@ def header(loaded: LoadedModel, args) -> dict:
     dev = loaded.device
     hw = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, text=True,
                                 capture_output=True).stdout.strip()
     except OSError:
         commit = "?"
