@@ -166,7 +166,7 @@ def warm_up(eng: Engine, prompts, args) -> dict:
     params = params_for(args)
     per_block = params.steps * args.block_len // args.gen_len
     n = args.warmup_steps if args.warmup_steps is not None else per_block + 1
-    probe = StepProbe(eng, count_ops=not args.no_count_ops)
+    probe = StepProbe(eng, count_ops=not (args.no_count_ops or args.compile))  # no mode in graphs
     for i, ids in enumerate(prompts):
         eng.add_request(f"warm{i}", ids, params)
     for _ in range(n):
@@ -306,7 +306,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--compile", action="store_true", help="torch.compile the forward (CUDA)")
     ap.add_argument("--warmup-steps", type=int, default=None,
                     help="warm-up steps per mode (default: one block's steps + 1)")
-    ap.add_argument("--no-count-ops", action="store_true", help="skip the op counts (warm-up)")
+    ap.add_argument("--no-count-ops", action="store_true",
+                    help="skip the op counts (warm-up; always skipped with --compile)")
     ap.add_argument("--phase-sync", action="store_true",
                     help="CUDA: synchronise at every phase boundary (device time per phase)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
