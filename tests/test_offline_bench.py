@@ -70,6 +70,15 @@ def test_scripted_tpf_is_measured_through_the_threshold_policy(tmp_path):
     assert dual["by_kind"]["cached"]["steps"] == 2 * 3              # 16 / 4 - 1 per block
 
 
+def test_scripted_tpf_on_dream_commits_one_at_each_refresh_then_k(tmp_path):
+    dream = str(ROOT / "tests" / "fixtures" / "reference" / "dream-tiny")
+    data = _run(tmp_path, "--model", dream, "--scripted-tpf", "4", "--modes", "none", "dual")
+    none, dual = data["results"]
+    assert none["nfe"] == 8 and none["tpf"] == 4.0                  # 32 / 4, one block
+    assert dual["nfe"] == 10 and dual["tpf"] == 3.2                 # per block: 1 + 4 + 4 + 4 + 3
+    _check_engine_row(dual, {"refresh", "cached"})
+
+
 def test_bad_flags_are_refused_with_the_flag_named(capsys):
     with pytest.raises(SystemExit):
         offline.parse_args(["--gen-len", "30", "--block-len", "16"])
