@@ -35,7 +35,7 @@ def test_arithmetic_estimate_for_64_llada_8b_requests_of_768_tokens_on_80gb():
     assert cfg.max_num_seqs >= 64 and cfg.max_num_batched_tokens >= 64 * 768
     assert pages >= needed, f"{pages} pages planned, {needed} needed"
     kv_gb = needed * bytes_per_page(32, cfg.page_size, 32, 128, torch.bfloat16) / GB
-    assert 25 < kv_gb < 27                                   # 0.5 MB of K/V per token, 49,152 tokens
+    assert 25 < kv_gb < 27                      # 0.5 MB of K/V per token, 49,152 tokens
 
 
 def test_warmup_shapes_are_the_largest_steps_the_config_allows():
@@ -89,23 +89,39 @@ def test_warmup_step_runs_the_largest_shape_cpu():
     assert conf.shape == (6, min(96, LOGIT_ROWS_PER_SEQ)) and bool(torch.isfinite(conf).all())
 
 
+def _run_peak_above_start(eng: Engine, n: int, canvas: int, block: int) -> tuple[int, int, list]:
+    """(running after the first step, peak bytes allocated above the start, outputs)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    running, outs = _full_batch(eng, n, canvas, block)
+    torch.cuda.synchronize()
+    return running, torch.cuda.max_memory_allocated() - start, outs
+
+
+# The warm-up forward has no KV hook and decodes 64 rows per canvas; the real steps write K/V in
+# place and decode the candidates only. Their extra allocations must stay within the measured
+# peak, up to this factor (small fixed costs: packed metadata, counts, the host copy's buffer).
+PEAK_SLACK, FIXED_SLACK = 1.25, 8 * 2 ** 20
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_measured_pool_and_peak_fit_cuda():
-    """The warm-up's measured peak + the pool it left fit under utilization x total, and a
-    full batch at the warm-up shape stays under it."""
+    """The pool is what the warm-up's measurement left, and a full batch at the warm-up shape
+    allocates no more than the measured peak above the pool and weights."""
     loaded = load_model(TINY, dtype="bfloat16", device="cuda")
     seqs, canvas, block, util = 8, 96, 32, 0.5
     eng = Engine(loaded, EngineConfig(kv_cache_mode="dual", max_num_seqs=seqs, max_model_len=canvas,
                                       max_num_batched_tokens=seqs * canvas,
                                       gpu_memory_utilization=util))
     plan = eng.memory_plan
-    assert plan is not None and plan.activation_peak > 0 and (plan.rows, plan.width) == (seqs, canvas)
-    assert plan.used + plan.pool_bytes + plan.activation_peak <= util * plan.total
-    torch.cuda.reset_peak_memory_stats()
-    running, outs = _full_batch(eng, seqs, canvas, block)
+    assert plan is not None and plan.activation_peak > 0
+    assert (plan.rows, plan.width) == (seqs, canvas)
+    assert eng.pool.num_pages == min(plan.num_pages, seqs * canvas // 16)
+    running, extra, outs = _run_peak_above_start(eng, seqs, canvas, block)
     assert running == seqs and len(outs) == seqs
-    assert torch.cuda.max_memory_allocated() <= util * plan.total
+    assert extra <= PEAK_SLACK * plan.activation_peak + FIXED_SLACK, (extra, plan)
 
 
 @pytest.mark.gpu
@@ -122,7 +138,7 @@ def test_64_llada_8b_requests_of_768_tokens_fit_in_80gb_measured():
                                       max_num_batched_tokens=64 * 768,
                                       gpu_memory_utilization=util))
     assert eng.pool.num_pages >= 64 * 768 // 16, eng.memory_plan
-    torch.cuda.reset_peak_memory_stats()
-    running, outs = _full_batch(eng, 64, 768, 32)
+    running, extra, outs = _run_peak_above_start(eng, 64, 768, 32)
     assert running == 64 and len(outs) == 64
+    assert extra <= PEAK_SLACK * eng.memory_plan.activation_peak + FIXED_SLACK
     assert torch.cuda.max_memory_allocated() <= 0.9 * 80 * GB
