@@ -41,16 +41,18 @@ fi
 LOG="$OUT/suite.log"
 if [[ "$DRY" == 0 ]]; then mkdir -p "$OUT"; : > "$LOG"; fi
 START=$SECONDS
-COMMON=(--prompt-len 512 --gen-len 256 --block-len 32 --skip-reference --no-progress)
+COMMON=(--prompt-len 512 --gen-len 256 --block-len 32 --skip-reference)
 
-run() {   # run NAME ARGS...: one offline.py run, JSON to $OUT/NAME.json, lines to the log
+# run NAME ARGS...: one offline.py run, JSON to $OUT/NAME.json, its printed lines to the log
+# (stdout); progress bars and errors (stderr) to the terminal only
+run() {
   local name="$1"; shift
   if [[ "$DRY" == 1 ]]; then
     echo "benchmarks/offline.py ${COMMON[*]} $* --json benchmarks/results/gpu/$name.json"
     return
   fi
   echo "== $name ($((SECONDS - START)) s elapsed)" | tee -a "$LOG"
-  "$PY" "$ROOT/benchmarks/offline.py" "${COMMON[@]}" "$@" --json "$OUT/$name.json" 2>&1 \
+  "$PY" "$ROOT/benchmarks/offline.py" "${COMMON[@]}" "$@" --json "$OUT/$name.json" \
     | tee -a "$LOG"
 }
 
@@ -60,6 +62,9 @@ for shape in llada-8b dream-7b; do
 done
 [[ "$DRY" == 1 ]] && exit 0
 echo "== table done in $((SECONDS - START)) s; JSON in benchmarks/results/gpu/" | tee -a "$LOG"
+if (( SECONDS - START > 480 )); then
+  echo "== over the 8-minute budget: trim the batch-64 no-cache runs (--modes)" | tee -a "$LOG"
+fi
 
 if [[ "$RUN_TESTS" == 1 ]]; then
   (cd "$ROOT" && "$PY" -m pytest -q -m gpu tests) 2>&1 | tee -a "$LOG"
