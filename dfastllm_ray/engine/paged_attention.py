@@ -43,7 +43,8 @@ class PageMap:
     another request is rewritten by that request's admission. Shared prefix pages sit at the
     same canvas index in every request, so one entry serves all of them."""
 
-    def __init__(self, num_pages: int, device: torch.device | str):
+    def __init__(self, num_pages: int, page_size: int, device: torch.device | str):
+        kernel_options(torch.device(device).type, page_size)     # a bad page_size fails here
         self.logical = torch.full((num_pages,), -1, dtype=torch.long, device=device)
 
     def admit(self, page_ids: list[int]) -> None:
@@ -126,10 +127,10 @@ def paged_block_mask(page_map: PageMap, page_rows: Tensor, kv_len: Tensor, page_
     part = page_rows.gather(1, n_full.clamp(max=page_rows.shape[1] - 1)[:, None])   # (B, 1)
 
     def blocks(idx: Tensor, num: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, n) page ids, (B,) counts -> flex's (B, 1, nqb, n), (B, 1, nqb) int32."""
+        """(B, n) page ids, (B,) counts -> flex's (B, 1, nqb), (B, 1, nqb, n) int32."""
+        num = num.to(torch.int32)[:, None, None].expand(b, 1, nqb)
         idx = idx.to(torch.int32)[:, None, None, :].expand(b, 1, nqb, idx.shape[1])
-        return num.to(torch.int32)[:, None, None].expand(b, 1, nqb).contiguous(), \
-            idx.contiguous()
+        return num.contiguous(), idx.contiguous()
 
     part_n, part_idx = blocks(part, (kv_len % ps != 0).long())
     full_n, full_idx = blocks(page_rows[:, :width], n_full)

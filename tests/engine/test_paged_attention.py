@@ -33,7 +33,7 @@ def paged_case(ps=4, num_pages=40, heads=4, kv_heads=2, d=16, dtype=torch.float3
     pool = KVPool(2, num_pages, ps, kv_heads, d, dtype, device)
     pool.data.copy_(torch.randn(pool.data.shape, generator=g).to(dtype))
     tables = [[3, 7, 1, 9, 12], [3, 7, 20, 21], [30, 31, 32, 33, 34, 35]]
-    page_map = PageMap(num_pages, device)
+    page_map = PageMap(num_pages, ps, device)
     page_rows = torch.zeros(3, 8, dtype=torch.long)
     for i, t in enumerate(tables):
         page_map.admit(t)
@@ -202,6 +202,13 @@ def test_flex_sees_pages_shared_by_prefix_caching():
 def test_attention_backend_is_validated(cfg, fix):
     with pytest.raises(ValueError, match=f"attention_backend=.*{fix}"):
         EngineConfig(**cfg)
+
+
+@pytest.mark.parametrize("ps", [4, 24])
+def test_flex_on_cuda_refuses_a_page_that_is_not_a_kernel_tile(ps):
+    """Checked when the engine builds its PageMap, before anything is allocated."""
+    with pytest.raises(ValueError, match=f"page_size={ps} .*power of two >= 16"):
+        PageMap(8, ps, "cuda")
 
 
 @pytest.mark.slow
