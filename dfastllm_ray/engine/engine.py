@@ -48,7 +48,7 @@ class Engine:
         allocator = PageAllocator(self.pool.num_pages if self.pool else 0, self.config.page_size,
                                   self.config.enable_prefix_caching)
         self.detokenizer = Detokenizer(loaded.tokenizer)
-        page_map = (PageMap(self.pool.num_pages, self.device)
+        page_map = (PageMap(self.pool.num_pages, self.config.page_size, self.device)
                     if self.config.attention_backend == "flex" else None)
         self.batch = InputBatch(self.config.max_num_seqs, self.max_model_len, self.config.page_size,
                                 self.spec.mask_token_id, self.device, page_map)
