@@ -122,6 +122,12 @@ def _peak_of(model: torch.nn.Module, spec: ModelSpec, device: torch.device, rows
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    warmup_step(model, spec, device, rows, width, conf_dtype)
+    try:
+        warmup_step(model, spec, device, rows, width, conf_dtype)
+    except torch.cuda.OutOfMemoryError as e:
+        raise ValueError(f"the warm-up step of {rows} canvases x {width} tokens (the largest the "
+                         "config allows) does not fit on the device beside the weights: lower "
+                         "EngineConfig.max_num_seqs, max_num_batched_tokens or max_model_len"
+                         ) from e
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - before
