@@ -181,10 +181,17 @@ async def load(url: str, model: str, clients: int, seconds: float, hang_s: float
 
 
 # ---- the server -------------------------------------------------------------------------------
-def start_server(config: Path, port: int, direct: bool) -> tuple[subprocess.Popen, str, str, str]:
+def start_server(config: Path, port: int, direct: bool,
+                 model: Optional[str] = None) -> tuple[subprocess.Popen, str, str, str]:
+    """The config's first application, with only `model` (default: its first model)."""
     cfg = yaml.safe_load(config.read_text())
     cfg["http_options"]["port"] = port
     app = cfg["applications"][0]
+    models = app["args"]["models"]
+    keep = [m for m in models if m["model_id"] == (model or models[0]["model_id"])]
+    if not keep:
+        raise SystemExit(f"--model {model!r} is not in {config}: {[m['model_id'] for m in models]}")
+    app["args"]["models"] = keep
     if direct:
         for m in app["args"]["models"]:
             m.setdefault("batcher", {})["bypass"] = True
@@ -360,7 +367,8 @@ async def overload_rows(url: str, model: str, args: argparse.Namespace,
 
 async def measure(args: argparse.Namespace) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
-    proc, url, model, log = start_server(Path(args.config), free_port(), args.direct)
+    proc, url, model, log = start_server(Path(args.config), free_port(), args.direct,
+                                         args.model)
     try:
         d = args.duration
         low = await load(url, model, args.low, d, args.hang_s)
@@ -411,6 +419,8 @@ async def measure(args: argparse.Namespace) -> list[tuple[str, str]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
+    ap.add_argument("--model", default=None, help="the model of the config to serve (default: "
+                    "its first)")
     ap.add_argument("--duration", type=float, default=60.0, help="seconds per load phase")
     ap.add_argument("--low", type=int, default=32, help="clients of the reference phase")
     ap.add_argument("--high", type=int, default=200, help="clients of the overload phase")

@@ -4,7 +4,8 @@ A watcher pings every model's batcher and replicas every `health_poll_s`. A mode
 when a ping fails (the replica actor died, its engine loop stopped) or times out while none of
 its requests made progress (a dead replica's calls hang in Serve's router until the controller
 notices, ~`health_check_period_s` later; a busy replica still streams blocks). A generation call
-that fails with a replica-loss error marks the model down at once.
+that fails with a replica-loss error fails with 503 and makes the watcher probe at once: with
+several replicas, the others keep the model up; with none left, the probe marks it down.
 
 While a model is down: `/health/ready` answers 503, every open request of that model is failed
 with 503 + Retry-After (streams get an in-band error event), and a new request waits at most
@@ -35,6 +36,8 @@ class ModelHealth:
         self._up = {m: asyncio.Event() for m in models}
         self._progress: dict[str, float] = {m: 0.0 for m in models}   # monotonic s of last block
         self._open: dict[str, set[Any]] = {m: set() for m in models}  # open Fanins per model
+        self._kick = asyncio.Event()                 # probe now (a replica-loss error was seen)
+        self.suspected = 0
 
     # ---- what requests report --------------------------------------------------------------
     def progress(self, model: str) -> None:
@@ -45,6 +48,20 @@ class ModelHealth:
 
     def closed(self, model: str, fan: Any) -> None:
         self._open[model].discard(fan)
+
+    def suspect(self, model: str, why: str) -> None:
+        """A request of `model` lost its replica: probe every model now, not at the next poll."""
+        log.info("model %s: a request lost its replica (%s); probing", model, why)
+        self.suspected += 1
+        self._kick.set()
+
+    async def pause(self) -> None:
+        """The watcher's wait between probes; ends early when a replica loss is suspected."""
+        try:
+            await asyncio.wait_for(self._kick.wait(), self.next_poll_s())
+        except asyncio.TimeoutError:
+            pass
+        self._kick.clear()
 
     def mark_down(self, model: str, why: str) -> None:
         if model not in self.down:

@@ -94,7 +94,7 @@ class OpenAIServer:
     async def _watch(self) -> None:
         while True:
             await asyncio.gather(*(self._probe(m) for m in self.clients))
-            await asyncio.sleep(self.health.next_poll_s())
+            await self.health.pause()
 
     async def _probe(self, model: str) -> None:
         client = self.clients[model]
@@ -174,14 +174,14 @@ class OpenAIServer:
             raise
         except Exception as exc:
             if is_replica_loss(root_cause(exc)):
-                self.health.mark_down(fan.model, repr(root_cause(exc)))
+                self.health.suspect(fan.model, repr(root_cause(exc)))
                 raise self.health.lost(fan.model) from None
             raise map_downstream_error(exc) from None
         if item is not None:
             self.health.progress(fan.model)
             out = item[1]
             if out.error is not None and out.error_code == "model_unavailable":
-                self.health.mark_down(fan.model, out.error)          # the batcher saw it die
+                self.health.suspect(fan.model, out.error)            # the batcher saw it die
                 raise self.health.lost(fan.model)
             if out.error is not None and out.error_status == 503:   # the batcher shed it
                 raise overloaded(out.error, retry_after_s=self.admission.retry_after())
