@@ -56,6 +56,7 @@ class StepProbe:
         self.ms: dict[str, dict[str, float]] = defaultdict(lambda: dict.fromkeys(PHASES, 0.0))
         self.ops: dict[str, dict[str, int]] = defaultdict(
             lambda: {"kernels": 0, "forward_kernels": 0, "syncs": 0})
+        self._cur: dict = {}               # the step being measured: ms per call, its label
         self._counting = False             # inside a counted step
         self._fwd_kernels = 0
         self._wrap()
@@ -127,8 +128,8 @@ class StepProbe:
         self.steps[label] += 1
         ms["schedule"] += c["schedule"]
         ms["update"] += c["update"]
-        for p, v in runner_ms.items():
-            ms[p] += v
+        for p, v in runner_ms.items():          # a phase the runner adds later: its own column
+            ms[p] = ms.get(p, 0.0) + v
         ms["copy"] += c["run"] - sum(runner_ms.values())
         ms["other"] += total - c["schedule"] - c["run"] - c["update"]
         if counter is not None:
