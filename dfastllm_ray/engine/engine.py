@@ -7,6 +7,7 @@ engine step is one model forward per kind of window over every scheduled request
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
 import time
@@ -21,6 +22,8 @@ from ..sampling.rng import seed_to_int64
 from .config import EngineConfig
 from .detokenizer import Detokenizer
 from .graph_runner import GraphRunner
+from .hybrid import HybridRunner
+from .hybrid_plan import start_hybrid
 from .input_batch import InputBatch
 from .kv_pool import GIB, KVPool, bytes_per_page, num_pages_for_budget
 from .memory import MemoryPlan, measure_and_plan
@@ -33,7 +36,8 @@ from .scheduler import Scheduler
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None):
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None,
+                 verifier: LoadedModel | None = None):
         self.config = config or EngineConfig()
         self.loaded = loaded
         self.spec = loaded.spec
@@ -63,6 +67,10 @@ class Engine:
                                   self.config.exact_ties)
         if self.config.cuda_graphs and self.pool is not None:
             self.runner.graphs = GraphRunner(model, self.pool, self.spec.mask_token_id, self.device)
+        self.verifier = verifier
+        self.drafter_cache = self._read_drafter_cache()
+        if verifier is not None:
+            self.runner.hybrid = self._build_hybrid(verifier)
         self._seeds = random.Random()              # keys of unseeded requests
         self._arrivals = itertools.count()
         self._stops: dict[str, tuple[str, ...]] = {}
@@ -84,6 +92,8 @@ class Engine:
         seed = p.seed if p.seed is not None else self._seeds.getrandbits(63)
         req = Request(request_id, list(prompt_token_ids), p, self.spec.mask_token_id,
                       next(self._arrivals), seed=seed_to_int64(seed))
+        if p.is_hybrid:
+            self._prepare_hybrid(req)
         if p.alg is not None:           # Dream's time schedule: computed here, not inside a step
             transfer_probs(req.steps_per_block, p.eps)
         self.scheduler.add(req)
@@ -102,6 +112,8 @@ class Engine:
         if self.spec.arch != "dream" and params.alg is not None:
             raise ValueError(f"alg={params.alg!r} is a Dream setting; {self.spec.arch} models use "
                              "remasking / threshold / factor / entropy_bound")
+        if params.is_hybrid:
+            return self._resolve_hybrid(params, prompt_len)
         if params.cfg_scale > 0:
             raise ValueError(f"cfg_scale={params.cfg_scale} is not supported by the engine (it would "
                              "double every forward); use sampling.llada_generate for guidance")
@@ -123,12 +135,58 @@ class Engine:
         return self.scheduler.has_unfinished()
 
     def _take_slot(self, req: Request) -> int:
-        """Admission's device half: the request's row of the resident batch."""
-        return self.batch.add(req.prompt_token_ids, req.canvas_len, req.page_ids, req.params,
+        """Admission's device half: the request's row of the resident batch (and its verifier
+        pages for hybrid decoding)."""
+        slot = self.batch.add(req.prompt_token_ids, req.canvas_len, req.page_ids, req.params,
                               req.seed)
+        if req.params.is_hybrid:
+            req.slot = slot
+            self.runner.hybrid.admit(req)
+        return slot
 
     def _release_slot(self, req: Request) -> None:
+        if req.params.is_hybrid:
+            self.runner.hybrid.release(req)
         self.batch.release(req.slot)
+
+    # ---- hybrid diffusion-AR decoding -------------------------------------------------------
+    def _build_hybrid(self, verifier: LoadedModel) -> HybridRunner:
+        if verifier.device != self.device:
+            raise ValueError(f"the verifier is on {verifier.device}, the model on {self.device}: "
+                             "load both on the same device")
+        pages = self.pool.num_pages if self.pool else self.config.num_pages or \
+            self.config.max_num_seqs * -(-self.max_model_len // self.config.page_size)
+        return HybridRunner(verifier, self.batch, pages, self.config.page_size,
+                            self.spec.vocab_size)
+
+    def _resolve_hybrid(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
+        """Hybrid requests decode the whole generation as one left-to-right span."""
+        if self.verifier is None:
+            raise ValueError(f"decoding={params.decoding!r} needs a verifier model: this model "
+                             "has none (set `verifier` in its config), or use decoding='diffusion'")
+        gen = params.max_tokens or DEFAULT_MAX_TOKENS
+        p = replace(params, max_tokens=gen, block_length=gen, steps=gen,
+                    alg=params.alg or ("maskgit_plus" if self.spec.arch == "dream" else None))
+        p = p.resolve(self.max_model_len, prompt_len)
+        if p.kv_window is not None and self.drafter_cache and self.pool is None:
+            raise ValueError("kv_window needs the drafter's KV cache: use kv_cache_mode "
+                             "'prefix' or 'dual' for this engine")
+        return p
+
+    def _prepare_hybrid(self, req: Request) -> None:
+        req.drafter_cache = self.drafter_cache
+        start_hybrid(req)
+        eos = self.spec.eos_token_id
+        req.stop_after_step = (req.params.decoding == "apd" and eos is not None
+                               and eos in req.prompt_token_ids)
+
+    def _read_drafter_cache(self) -> bool:
+        """The drafter config's `use_cache` (Dream's default False): APD's kv_window applies
+        only with it, as in the official code (`Engine.drafter_cache` may be set after init)."""
+        path = self.loaded.path
+        if path is None or not (path / "config.json").exists():
+            return False
+        return bool(json.loads((path / "config.json").read_text()).get("use_cache", False))
 
     # ---- the step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

@@ -20,7 +20,7 @@ from . import sampler
 from .input_batch import InputBatch
 from .kv_pool import KVPool
 from .graph_runner import GraphRunner
-from .outputs import CACHED, PREFILL, RunnerOutput, ScheduledRequest, SchedulerOutput, StepCommit
+from .outputs import CACHED, HYBRID, PREFILL, RunnerOutput, ScheduledRequest, SchedulerOutput, StepCommit
 from .request import Request
 from .step_inputs import GroupPlan, expand_group, pack_group
 
@@ -48,6 +48,8 @@ class ModelRunner:
         self.model, self.spec, self.pool, self.batch = model, spec, pool, batch
         self.conf_dtype, self.exact_ties = conf_dtype, exact_ties
         self.graphs: GraphRunner | None = None       # set by the engine (EngineConfig.cuda_graphs)
+        self.hybrid = None                           # HybridRunner, when the engine has a verifier
+        self._requests: dict[str, Request] = {}
         self.family = "dream" if spec.arch == "dream" else "llada"
         self.timer = PhaseTimer()
 
@@ -58,6 +60,7 @@ class ModelRunner:
             return out
         t0 = time.perf_counter()
         fwd0 = self.timer.ms["forward"]
+        self._requests = requests
         gen_width = max(requests[i.request_id].params.max_tokens for i in sched.scheduled)
         packs, order = [], []
         for items in self._groups(sched.scheduled):
@@ -85,6 +88,10 @@ class ModelRunner:
         t.lap("forward")
         if plan.kind == PREFILL:                 # a refresh chunk decodes nothing
             return sampler.snapshot(self.batch, inputs)
+        if plan.kind == HYBRID:                  # drafts verified by the causal model
+            packed = self.hybrid.decide(plan, inputs, logits, self._requests)
+            t.lap("sample")
+            return packed
         commit_mask, tokens = sampler.sample(logits, plan, inputs, self.spec, self.exact_ties)
         t.lap("sample")
         packed = sampler.commit(self.batch, inputs, commit_mask, tokens)
@@ -93,9 +100,10 @@ class ModelRunner:
 
     @staticmethod
     def _groups(items: list[ScheduledRequest]) -> list[list[ScheduledRequest]]:
-        by_kind: dict[str, list[ScheduledRequest]] = {}
-        for item in items:
-            by_kind.setdefault(item.kind, []).append(item)
+        by_kind: dict[tuple, list[ScheduledRequest]] = {}
+        for item in items:                       # hybrid groups: one per decoding rule
+            key = (item.kind, item.policy if item.kind == HYBRID else "")
+            by_kind.setdefault(key, []).append(item)
         return list(by_kind.values())
 
 

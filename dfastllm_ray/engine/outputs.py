@@ -13,6 +13,7 @@ FULL = "full"        # no KV cache: the whole canvas is the query window (exact 
 REFRESH = "refresh"  # first forward of a block: canvas from q_start on, K/V written to the pages
 CACHED = "cached"    # later forwards of a block: the window attends to the cached K/V
 PREFILL = "prefill"  # a chunk of a refresh too large for the step's budget: K/V written, nothing decoded
+HYBRID = "hybrid"    # APD / speculative: a drafter window, then a verifier forward over the draft
 
 
 @dataclass
@@ -33,6 +34,7 @@ class ScheduledRequest:
     slot: int = -1                # the request's InputBatch row
     conf_alg: str | None = None   # Dream confidence for this step (Fast-dLLM's cached steps: entropy)
     force_position: int | None = None   # Fast-dLLM Dream refresh: commit this position by argmax only
+    v_start: int = 0              # hybrid: first canvas position of the verifier's new rows
 
 
 @dataclass
@@ -77,3 +79,4 @@ class RequestOutput:
     nfe_saved: int = 0            # forwards skipped by early exit (fixed-schedule count)
     num_cached_tokens: int = 0    # prompt tokens served from the prefix cache
     num_masks_left: int = 0       # returned positions still masked (dropped from token_ids)
+    verifier_forwards: int = 0    # hybrid decoding: forwards of the verifier (nfe: the drafter's)

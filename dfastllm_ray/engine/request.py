@@ -54,6 +54,13 @@ class Request:
     generated: Sequence[int] | None = None   # generation positions at the last sync (None: all masks)
     refresh_from: int = 0             # chunked refresh: canvas position the block's refresh resumes at
     kv_written: int = 0               # canvas positions [0, kv_written) hold K/V in the pages
+    curr: int = 0                     # hybrid: first masked canvas position (left to right)
+    prev_accept: int = 0              # hybrid: tokens committed by the previous step
+    v_len: int = 0                    # hybrid: canvas positions held in the verifier's cache
+    draft_k: int = 0                  # speculative: positions to draft next step
+    verifier_forwards: int = 0        # hybrid: verifier forwards so far
+    drafter_cache: bool = False       # APD: the drafter config's `use_cache` (kv_window applies)
+    stop_after_step: bool = False     # APD: EOS in the prompt stops after one step (official quirk)
 
     def __post_init__(self) -> None:
         self.masked_before = sum(1 for t in self.prompt_token_ids if t == self.mask_token_id)
@@ -101,8 +108,12 @@ class Request:
 
     def returned_span(self) -> list[int]:
         """The generation positions returned so far: cut at `output_len`, masks included."""
-        end = (self.output_len if self.output_len is not None
-               else self.block_idx * self.params.block_length)
+        if self.output_len is not None:
+            end = self.output_len
+        elif self.params.is_hybrid:               # left to right: every committed token
+            end = self.curr - self.prompt_len
+        else:
+            end = self.block_idx * self.params.block_length
         return self.generated_tokens(end)
 
     def generated_ids(self) -> list[int]:

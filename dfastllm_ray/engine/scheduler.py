@@ -13,7 +13,8 @@ from typing import Callable, Optional
 
 from . import step_plan
 from .config import EngineConfig
-from .outputs import (CACHED, FULL, PREFILL, REFRESH, RequestOutput, RunnerOutput, ScheduledRequest,
+from . import hybrid_plan
+from .outputs import (CACHED, FULL, HYBRID, PREFILL, REFRESH, RequestOutput, RunnerOutput, ScheduledRequest,
                       SchedulerOutput)
 from .page_allocator import PageAllocator, page_hash_chain
 from .request import Request, RequestStatus
@@ -181,6 +182,9 @@ class Scheduler:
                 req.generated = c.generated
             req.nfe += 1
             self.total_nfe += 1
+            if item.kind == HYBRID:            # left to right: stream every committed span
+                outputs.append(self._after_hybrid(req, item, n_committed))
+                continue
             if item.kind == PREFILL:           # a refresh chunk: K/V written, nothing decoded
                 req.refresh_from = item.q_start + item.q_len
                 req.kv_written = max(req.kv_written, req.refresh_from)
@@ -192,6 +196,22 @@ class Scheduler:
             if step_plan.after_step(req, item, n_committed, self.config.kv_cache_mode):
                 outputs.append(self._close_block(req))
         return outputs
+
+    def _after_hybrid(self, req: Request, item: ScheduledRequest, n: int) -> RequestOutput:
+        """Advance a hybrid request; finish it at a stop token, at the canvas end, or (APD with
+        EOS in the prompt) after its first step, as the official loop does."""
+        hybrid_plan.after_hybrid_step(req, item, n)
+        req.masked_block = req.canvas_len - req.curr
+        cut = self._stop_cut(req)
+        if cut is not None and cut <= req.curr - req.prompt_len:
+            req.output_len = cut
+            self._finish(req, "stop")
+        elif req.curr >= req.canvas_len:
+            self._finish(req, "length")
+        elif req.stop_after_step:
+            req.output_len = req.curr - req.prompt_len
+            self._finish(req, "stop")
+        return self.make_output(req)
 
     def _publish(self, req: Request) -> None:
         hit = req.num_cached_tokens // self.config.page_size
@@ -261,7 +281,8 @@ class Scheduler:
             request_id=req.request_id, text="", delta_text="", token_ids=ids, delta_token_ids=delta,
             finished=req.is_finished, finish_reason=req.finish_reason, nfe=req.nfe,
             num_prompt_tokens=req.prompt_len, nfe_saved=req.nfe_saved,
-            num_cached_tokens=req.num_cached_tokens, num_masks_left=req.num_masks_left)
+            num_cached_tokens=req.num_cached_tokens, num_masks_left=req.num_masks_left,
+            verifier_forwards=req.verifier_forwards)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)

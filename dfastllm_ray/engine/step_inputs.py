@@ -18,7 +18,7 @@ from ..models.spec import ModelSpec
 from ..sampling.batch import GroupFacts, RowKnobs
 from .input_batch import COL, CONF_ALGS, InputBatch
 from .kv_pool import KVPool, to_device
-from .outputs import FULL, REFRESH, ScheduledRequest
+from .outputs import FULL, HYBRID, REFRESH, ScheduledRequest
 from .paged_attention import build_paged_attention
 from .paged_kv import build_paged_kv
 from .request import Request
@@ -50,6 +50,8 @@ def pack_group(items: list[ScheduledRequest], requests: dict[str, Request], fami
     kind = items[0].kind
     lq = max(i.q_len for i in items)
     lk = lq if kind == FULL else max(i.kv_len for i in items)
+    if kind == HYBRID and items[0].policy != "apd_cached":
+        lk = lq                                   # no drafter cache: keys = the window [0, right)
     policies = tuple(dict.fromkeys(i.policy for i in items))
     rows, params = [], []
     for it in items:
@@ -90,6 +92,7 @@ class GroupInputs:
     cand_flat: Tensor         # (B, n) int64 flat canvas index of each candidate (padding: dump)
     in_block: Tensor          # (B, n) bool candidate lies in the active block
     gen_flat: Tensor          # (B, W) int64 flat canvas index of the generation positions
+    slot: Tensor              # (B,) int64 the rows' InputBatch slots
     knobs: RowKnobs
 
 
@@ -109,10 +112,11 @@ def expand_group(g: GroupPlan, batch: InputBatch, pool: KVPool | None, spec: Mod
     if g.needs_mask:
         attn_mask = (ar[:g.lk] < col("kv_len")[:, None])[:, None, None, :]
     kv = None
-    if g.kind != FULL and batch.page_map is None:
+    uses_pool = g.kind not in (FULL, HYBRID) or g.items[0].policy == "apd_cached"
+    if uses_pool and batch.page_map is None:
         kv = build_paged_kv(pool, batch.page_table[slot], q_start, col("q_len"), g.lq, g.lk,
                             g.passthrough)
-    elif g.kind != FULL:                     # attention_backend="flex": pages read in place
+    elif uses_pool:                          # attention_backend="flex": pages read in place
         kv = build_paged_attention(pool, batch.page_map, batch.page_table[slot], q_start,
                                    col("q_len"), col("kv_len"), g.lq, g.lk, g.passthrough)
     cand_pos, valid = _candidates(g, batch, base, col("cand_start"), col("cand_end"), ar)
@@ -124,7 +128,7 @@ def expand_group(g: GroupPlan, batch: InputBatch, pool: KVPool | None, spec: Mod
         input_ids=input_ids, positions=positions, attn_mask=attn_mask, kv=kv,
         logits_index=rows.clamp(min=0, max=g.lq - 1), cand_offset=offset.clamp(min=0, max=g.lq),
         cand_flat=base + cand_pos,
-        in_block=cand_pos >= col("block_start")[:, None], gen_flat=base + gen_pos,
+        in_block=cand_pos >= col("block_start")[:, None], gen_flat=base + gen_pos, slot=slot,
         knobs=_knobs(batch, slot, m, im, cand_pos, valid))
 
 

@@ -25,6 +25,7 @@ from dataclasses import replace
 from ..sampling.dream import ThresholdCarry, transfer_probs, dream_quota
 from ..sampling.schedule import transfer_counts
 from .outputs import CACHED, FULL, PREFILL, REFRESH, ScheduledRequest
+from .hybrid_plan import plan_hybrid
 from .request import Request
 
 # Policies whose quota is a count the schedule may set to 0: that step's forward commits nothing.
@@ -61,6 +62,8 @@ def next_block(req: Request) -> None:
 
 def plan(req: Request, mode: str, refresh: str = "full") -> ScheduledRequest:
     """The forward window, candidates and quota of `req`'s next step."""
+    if req.params.is_hybrid:
+        return plan_hybrid(req, req.drafter_cache)
     length, s, e = req.canvas_len, req.block_start, req.block_end
     if mode == "none":
         kind, q_start, q_len = FULL, 0, length
