@@ -29,11 +29,11 @@ DREAM_ONLY = {"alg": None, "alg_temp": None, "top_p": None, "top_k": None, "eps"
 LLADA_ONLY = {"remasking": "low_confidence", "cfg_scale": 0.0, "factor": None,
               "entropy_bound": None, "logits_eos_inf": False, "confidence_eos_eot_inf": False,
               "pc_lambda": None, "exit_high": None, "exit_low": None, "kl_threshold": None,
-              "kl_history": None, "revoke_threshold": None}
+              "kl_history": None, "revoke_threshold": None, "credit_alpha": None}
 
 # Policy knobs (docs/policies.md): each selects its policy; the papers' defaults fill the rest.
 POLICY_KNOBS = ("factor", "entropy_bound", "pc_lambda", "exit_high", "kl_threshold",
-                "revoke_threshold")
+                "revoke_threshold", "credit_alpha")
 SCHED_EXIT_LOW = 0.6          # SchED: tau at the end of the block when only exit_high is set
 KLASS_CONF = 0.6              # KLASS / WINO confidence threshold when `threshold` is unset
 KLASS_HISTORY = 2             # KLASS: consecutive small-KL steps (the official LLaDA scripts)
@@ -93,6 +93,7 @@ class SamplingParams:
     kl_threshold: float | None = None      # KLASS: commit conf > threshold with KL(step||step-1) < this
     kl_history: int | None = None          # KLASS: consecutive steps the KL must stay small (default 2)
     revoke_threshold: float | None = None  # WINO: re-mask committed tokens whose re-check prob < this
+    credit_alpha: float | None = None      # dInfer credit fusion weight (threshold rule on fused logits)
     early_exit: bool = True                # stop once a committed block holds EOS/EOT (or a stop string)
     decoding: str = "diffusion"            # "diffusion" | "apd" | "speculative" (hybrid: needs a verifier)
     apd_mixture_weight: float | None = None  # APD R: target = R * dLLM + (1 - R) * verifier logits
@@ -157,6 +158,8 @@ class SamplingParams:
         if self.exit_high is not None:
             _check(self.exit_low_or_default <= self.exit_high, "exit_low",
                    self.exit_low_or_default, f"must be <= exit_high={self.exit_high}")
+        _check(self.credit_alpha is None or self.credit_alpha > 0, "credit_alpha",
+               self.credit_alpha, "must be > 0")
         _check(self.kl_threshold is None or self.kl_threshold > 0, "kl_threshold",
                self.kl_threshold, "must be > 0")
         _check(self.kl_history is None or (isinstance(self.kl_history, int) and
@@ -239,6 +242,8 @@ class SamplingParams:
             return "wino"
         if self.kl_threshold is not None:
             return "klass"
+        if self.credit_alpha is not None:
+            return "credit"
         if self.factor is not None:
             return "factor"
         if self.threshold is not None:
