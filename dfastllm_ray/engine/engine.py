@@ -21,6 +21,7 @@ from ..sampling.params import DEFAULT_MAX_TOKENS, SamplingParams
 from ..sampling.rng import seed_to_int64
 from .config import EngineConfig
 from .detokenizer import Detokenizer
+from ..sampling.batch_policies import BATCH_POLICIES
 from .graph_runner import GraphRunner
 from .hybrid import HybridRunner
 from .hybrid_plan import start_hybrid
@@ -33,6 +34,10 @@ from .paged_attention import PageMap
 from .page_allocator import PageAllocator
 from .request import Request
 from .scheduler import Scheduler
+
+
+ENGINE_POLICIES = set(BATCH_POLICIES)
+POLICY_FIELDS = {"klass": "kl_threshold", "wino": "revoke_threshold"}
 
 
 class Engine:
@@ -114,6 +119,10 @@ class Engine:
                              "remasking / threshold / factor / entropy_bound")
         if params.is_hybrid:
             return self._resolve_hybrid(params, prompt_len)
+        if params.policy not in ENGINE_POLICIES:
+            raise ValueError(f"the {params.policy!r} policy runs in the reference loop "
+                             "(sampling.policy_generate) only, not in the engine yet: drop "
+                             f"{POLICY_FIELDS.get(params.policy, 'its knob')} or use another policy")
         if params.cfg_scale > 0:
             raise ValueError(f"cfg_scale={params.cfg_scale} is not supported by the engine (it would "
                              "double every forward); use sampling.llada_generate for guidance")

@@ -14,3 +14,15 @@ def test_engine_refuses_a_causal_model():
     loaded = load_model(VERIFIER, dtype="float32", device="cpu")
     with pytest.raises(ValueError, match="causal LM with no mask token"):
         Engine(loaded, EngineConfig(num_pages=8))
+
+
+@pytest.mark.parametrize("knob", [{"revoke_threshold": 0.9}, {"kl_threshold": 0.01}])
+def test_reference_only_policies_are_refused_at_admission(knob):
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from engine_models import engine
+    from dfastllm_ray.sampling.params import SamplingParams
+    eng = engine("llada-tiny", "dual")
+    with pytest.raises(ValueError, match=list(knob)[0]):
+        eng.add_request("a", [1, 2, 3], SamplingParams(max_tokens=8, **knob))
+    assert not eng.has_unfinished()
