@@ -53,6 +53,8 @@ def settings(gen: int) -> dict[str, dict]:
         out[f"klass c={conf} kl={kl}"] = {"threshold": conf, "kl_threshold": kl}
     out["klass c=0.6 kl=0.015 4/step"] = {"threshold": 0.6, "kl_threshold": 0.015,
                                           "steps": max(gen // 4, 1)}     # fallback quota 4
+    for t in (0.9, 0.7, 0.5):
+        out[f"credit a=0.7 threshold={t}"] = {"credit_alpha": 0.7, "threshold": t}
     for wide, back in ((0.6, 0.9), (0.5, 0.8), (0.3, 0.7)):
         out[f"wino {wide}/{back}"] = {"threshold": wide, "revoke_threshold": back}
     return out

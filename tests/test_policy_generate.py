@@ -21,6 +21,7 @@ SETTINGS = {
     "sched_exit": {"exit_high": 0.9, "exit_low": 0.05},
     "klass": {"threshold": 0.02, "kl_threshold": 0.05},
     "wino": {"threshold": 0.001, "revoke_threshold": 0.99},       # revokes often
+    "credit": {"credit_alpha": 3.0, "threshold": 0.99},
 }
 # (NFE per row, generated ids per row) of two 10-token prompts, 16 positions in blocks of 8
 PINNED = {
@@ -36,6 +37,9 @@ PINNED = {
     "wino": ([8, 8],
         [[388, 44, 271, 63, 336, 459, 459, 168, 75, 459, 328, 200, 204, 459, 459, 172],
         [353, 172, 172, 373, 244, 354, 464, 63, 328, 317, 274, 99, 172, 99, 463, 172]]),
+    "credit": ([6, 9],
+        [[271, 147, 271, 63, 336, 220, 60, 168, 459, 459, 459, 287, 459, 459, 459, 172],
+         [353, 172, 172, 373, 244, 373, 353, 214, 214, 421, 91, 412, 99, 214, 214, 162]]),
 }
 
 
@@ -53,6 +57,15 @@ def test_pinned_and_deterministic(name):
     assert torch.equal(a.x, b.x) and a.nfe == b.nfe
     nfe, gen = PINNED[name]
     assert a.nfe == nfe and a.x[:, 10:].tolist() == gen
+
+
+def test_credit_fusion_changes_the_threshold_rule():
+    """Same threshold without credit: more forwards (credit lifts tokens that stay on top)."""
+    loaded = tiny("llada-tiny")
+    plain = policy_generate(loaded.model, torch.tensor(prompts(2, 10, loaded.spec)),
+                            SamplingParams(max_tokens=16, block_length=8, threshold=0.99),
+                            spec=loaded.spec)
+    assert all(c < p for c, p in zip(PINNED["credit"][0], plain.nfe))
 
 
 @pytest.mark.parametrize("name", list(SETTINGS))

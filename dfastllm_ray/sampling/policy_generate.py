@@ -12,7 +12,8 @@ per-request reference.
 - `fixed`, `pc_sampler`, `sched_exit` end a block after steps_per_block forwards (as ML-GSAI and
   the engine); the other policies loop until the block has no mask; past the schedule their
   fallback quota is 1.
-- KLASS keeps `klass.KlassState` for the block (reset when a block opens).
+- KLASS keeps `klass.KlassState` for the block (reset when a block opens); dInfer's credit
+  fusion keeps `credit.CreditState` and runs the threshold rule on the fused logits.
 - WINO runs each forward on the canvas plus a shadow of the block (`wino.shadow_bias`); revoked
   positions are re-masked; a block is final when it has no mask left.
 - Early exit (`params.early_exit`): a row stops after a block that leaves EOS/EOT in its output.
@@ -23,7 +24,7 @@ tokens at the moment it became final (what a server may stream).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -33,6 +34,7 @@ from torch import Tensor
 from .batch import GroupFacts, RowKnobs
 from .batch_policies import BATCH_POLICIES, Ranked
 from .batch_propose import propose_batch
+from .credit import CREDIT_THRESHOLD, CreditState, credit_fuse, credit_update
 from .klass import KLASS_HISTORY, KLASS_KL, TOP_K, KlassState, klass
 from .params import SamplingParams
 from .schedule import transfer_counts
@@ -89,6 +91,8 @@ def policy_generate(model: Callable[..., Tensor], prompt: Tensor, params: Sampli
                     ) -> PolicyRun:
     """prompt (B, Lp) int64, no padding -> PolicyRun (see the module docstring)."""
     p = params.resolve()
+    if p.policy == "credit" and p.threshold is None:        # dInfer's threshold rule default
+        p = replace(p, threshold=CREDIT_THRESHOLD)
     if p.alg is not None or p.cfg_scale > 0:
         raise ValueError("policy_generate decodes LLaDA-family policies without CFG: use "
                          "llada_generate / dream_generate for those settings")
@@ -119,7 +123,8 @@ def _decode_block(model, run: PolicyRun, p: SamplingParams, spec, facts: GroupFa
                   klass_top_k: int) -> None:
     x, mask_id, n = run.x, spec.mask_token_id, e - s
     quotas = [transfer_counts(int(m), spb) for m in (x[:, s:e] == mask_id).sum(1).tolist()]
-    state = KlassState.empty(x.shape[0], n, klass_top_k) if p.policy == "klass" else None
+    state = (KlassState.empty(x.shape[0], n, klass_top_k) if p.policy == "klass" else
+             CreditState.empty(x.shape[0], n) if p.policy == "credit" else None)
     i = 0
     while True:
         masked = x[:, s:e] == mask_id                                       # (B, n)
@@ -130,6 +135,9 @@ def _decode_block(model, run: PolicyRun, p: SamplingParams, spec, facts: GroupFa
         valid = (masked | (p.policy == "wino")) & active[:, None]
         knobs = row_knobs(p, s, valid, k, run.nfe, seed)
         logits, shadow = _forward(model, x, mask_id if p.policy == "wino" else None, s, e)
+        if p.policy == "credit":
+            state = credit_update(logits, valid, state)
+            logits = credit_fuse(logits, state, p.credit_alpha)
         tokens, conf, entropy = propose_batch(logits, knobs, facts, spec.eos_token_id,
                                               spec.eot_token_id)
         ranked = Ranked(conf, entropy, knobs)
@@ -145,7 +153,8 @@ def _decode_block(model, run: PolicyRun, p: SamplingParams, spec, facts: GroupFa
                                   torch.full((x.shape[0],), p.revoke_threshold or WINO_REVOKE,
                                              dtype=torch.float64))
         else:
-            commit = BATCH_POLICIES[p.policy](conf, knobs, ranked)
+            name = "threshold" if p.policy == "credit" else p.policy
+            commit = BATCH_POLICIES[name](conf, knobs, ranked)
         block = x[:, s:e]
         block.copy_(torch.where(commit & valid, tokens, block))
         block.masked_fill_(revoke & valid, mask_id)
