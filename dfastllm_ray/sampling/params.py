@@ -145,7 +145,8 @@ class SamplingParams:
 
     def _validate_policy_knobs(self) -> None:
         set_ = [k for k in POLICY_KNOBS if getattr(self, k) is not None]
-        if len(set_) > 1:
+        if len(set_) > 1 and set_[-1] not in ("factor", "entropy_bound"):   # (factor wins over
+            # entropy_bound, as before: only the newer policy knobs are exclusive)
             _check(False, set_[-1], getattr(self, set_[-1]), f"selects a decoding policy, and so "
                    f"does {set_[0]}: set only one of {POLICY_KNOBS}")
         _check(self.pc_lambda is None or self.pc_lambda >= 0, "pc_lambda", self.pc_lambda,
