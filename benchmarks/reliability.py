@@ -209,6 +209,8 @@ def start_server(config: Path, port: int, direct: bool,
         if proc.poll() is not None:
             raise SystemExit(f"the server exited early; see {log.name}")
         if time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGTERM)      # never leave a half-started server behind
+            proc.wait(120)
             raise SystemExit(f"the server never became ready; see {log.name}")
         try:
             if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:

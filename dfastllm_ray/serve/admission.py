@@ -11,6 +11,7 @@ nothing new is admitted and the ingress waits for the admitted requests to finis
 from __future__ import annotations
 
 import math
+import random
 from collections import deque
 from typing import Optional
 
@@ -39,7 +40,29 @@ class Admission:
         return round(1000 * xs[min(len(xs) - 1, round(0.99 * (len(xs) - 1)))], 2)
 
     def retry_after(self) -> int:
-        return max(1, min(MAX_RETRY_AFTER_S, math.ceil(self.latency_s)))
+        """About one request latency, jittered (0.5x to 1.5x) so refused clients do not all
+        come back in the same second."""
+        wait = self.latency_s * random.uniform(0.5, 1.5)
+        return max(1, min(MAX_RETRY_AFTER_S, math.ceil(wait)))
+
+    def saturated(self) -> Optional[APIError]:
+        """The refusal for any generation request while draining or while every capped model
+        is full: checked before routing and body parsing (the request's model is not known
+        yet, so only when no model could take it)."""
+        if self.draining or self.requests >= self.max_total:
+            return self._refusal_for(None)
+        capped = [m for m, limit in self.limits.items() if limit is not None]
+        if capped and len(capped) == len(self.limits) and all(
+                self.inflight.get(m, 0) >= self.limits[m] for m in capped):
+            return self._refusal_for(capped[0] if len(capped) == 1 else None)
+        return None
+
+    def _refusal_for(self, model: Optional[str]) -> APIError:
+        try:
+            self.check(model)
+        except APIError as exc:
+            return exc
+        return self._refuse("Every model is at capacity; retry shortly.")
 
     def _refuse(self, message: str) -> APIError:
         self.refused += 1

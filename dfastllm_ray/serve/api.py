@@ -6,11 +6,12 @@ Health routes take no key and touch no replica: they answer from the server's ca
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Optional, Union
+from typing import Any, AsyncIterator, Callable, Optional, Union
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -35,9 +36,11 @@ class RequestContext:
     on every request, response and log line, one JSON access log line and outcome metrics."""
 
     def __init__(self, app: Any, metrics: Optional[IngressMetrics], add_header: bool,
-                 refusals: Optional[Any] = None) -> None:
+                 refusals: Optional[Any] = None,
+                 shed: Optional[Callable[[], Optional[APIError]]] = None) -> None:
         self.app, self.metrics, self.add_header = app, metrics, add_header
         self.refusals = refusals      # a deque: seconds each 429/503 spent in this ingress
+        self.shed = shed              # a generation refused before routing and body parsing
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -46,6 +49,11 @@ class RequestContext:
         rid = headers.get(b"x-request-id", b"").decode() or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
         status, t0, complete = [499], time.perf_counter(), [False]
+        if self.shed is not None and scope.get("path") in GENERATION_PATHS:
+            refusal = self.shed()
+            if refusal is not None:   # every model full, or draining: the cheapest refusal
+                await _send_error(send, refusal, rid if self.add_header else None)
+                return self._record(scope, rid, refusal.status, time.perf_counter() - t0)
 
         async def send_with_id(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -79,6 +87,20 @@ class RequestContext:
             self.refusals.append(seconds)
         if self.metrics is not None and path.startswith("/v1/"):
             self.metrics.request(model, path, OUTCOMES.get(status, "error"), seconds)
+
+
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+
+async def _send_error(send: Any, err: APIError, rid: Optional[str]) -> None:
+    body = json.dumps(err.body()).encode()
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
+    if rid is not None:
+        headers.append((b"x-request-id", rid.encode()))
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -115,7 +137,7 @@ def build_api(server: OpenAIServer, keys: ApiKeys, limiter: Optional[RateLimiter
     app = FastAPI(title="dfastllm-ray", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.add_middleware(RequestContext, metrics=metrics, add_header=add_request_id_header,
-                       refusals=server.admission.refusal_s)
+                       refusals=server.admission.refusal_s, shed=server.admission.saturated)
     _install_error_handlers(app)
 
     def guard(request: Request) -> None:

@@ -121,3 +121,16 @@ def test_models_list_is_complete():
     data = TestClient(app).get("/v1/models").json()["data"]
     assert data[0]["id"] == "fake" and data[0]["max_model_len"] == 256
     assert "created" in data[0]
+
+
+def test_saturated_refusal_comes_before_body_parsing():
+    """While every model is full, a generation is refused by the middleware: even a body that
+    is not JSON gets the 503 (nothing was parsed), with Retry-After."""
+    app, server = make_limited(1, FakeEngine())
+    server.admission.enter("fake", 1)                       # the model's only slot is taken
+    r = TestClient(app).post("/v1/completions", content=b"{not json",
+                             headers={"content-type": "application/json"})
+    assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
+    assert "at capacity" in r.json()["error"]["message"]
+    server.admission.leave("fake", 1, None)
+    assert TestClient(app).post("/v1/completions", json=BODY).status_code == 200
