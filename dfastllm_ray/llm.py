@@ -5,12 +5,18 @@
     outs = llm.generate(["Hello"], SamplingParams(max_tokens=32, threshold=0.9))
     print(outs[0].text, outs[0].nfe)
 
+Hybrid diffusion-AR decoding (docs/hybrid.md) needs a causal verifier sharing the tokenizer:
+
+    llm = LLM("Dream-org/Dream-v0-Instruct-7B", verifier="Qwen/Qwen2.5-0.5B")
+    llm.generate(["Hi"], SamplingParams(max_tokens=64, decoding="apd", apd_mixture_weight=0.7))
+
 All prompts are submitted at once and decoded with step-level continuous batching; the results
 come back in prompt order.
 """
 from __future__ import annotations
 
 import itertools
+import os
 from typing import Sequence
 
 from tqdm.auto import tqdm
@@ -28,11 +34,16 @@ ParamsArg = SamplingParams | Sequence[SamplingParams] | None
 
 class LLM:
     def __init__(self, model: str | LoadedModel, dtype: str = "auto", device: str = "auto",
-                 **engine_kwargs):
-        """model: a checkpoint folder, hub id, or an already loaded model. engine_kwargs:
-        `EngineConfig` fields (kv_cache_mode, max_num_seqs, page_size, enable_prefix_caching, ...)."""
+                 verifier: str | LoadedModel | None = None, **engine_kwargs):
+        """model: a checkpoint folder, hub id, or an already loaded model. verifier: a causal LM
+        (Qwen2 layout) over the same tokenizer, for `decoding="apd" | "speculative"` requests;
+        loaded with the same dtype and on the same device. engine_kwargs: `EngineConfig` fields
+        (kv_cache_mode, max_num_seqs, page_size, enable_prefix_caching, ...)."""
         loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype, device)
-        self.engine = Engine(loaded, EngineConfig(dtype=dtype, device=device, **engine_kwargs))
+        if isinstance(verifier, (str, os.PathLike)):
+            verifier = load_model(verifier, loaded.dtype, str(loaded.device))
+        self.engine = Engine(loaded, EngineConfig(dtype=dtype, device=device, **engine_kwargs),
+                             verifier=verifier)
         self.tokenizer = loaded.tokenizer
         # what a call without sampling_params decodes with: the checkpoint's generation_config
         # (the same defaults the Serve replica applies to a request that leaves settings out)
