@@ -31,6 +31,11 @@ def check_model(cfg: ModelConfig) -> None:
         generation_defaults({}, cfg.sampling_defaults)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"models[{cfg.model_id}].sampling_defaults: {exc}") from None
+    decoding = cfg.sampling_defaults.get("decoding", "diffusion")
+    if cfg.verifier is None and decoding != "diffusion":
+        raise ValueError(f"models[{cfg.model_id}].sampling_defaults: decoding={decoding!r} "
+                         "needs a verifier: set models[].verifier.model_source (a causal LM "
+                         "over the same tokenizer), or leave decoding out")
 
 
 def model_deployments(cfg: ModelConfig, limit: int) -> tuple[Application, Application]:

@@ -76,10 +76,19 @@ class BatcherConfig(_Strict):
                 "batch_wait_timeout_s": self.batch_wait_timeout_s}
 
 
+class VerifierConfig(_Strict):
+    """The causal LM (Qwen2 layout, the drafter's tokenizer) that hybrid diffusion-AR requests
+    (`decoding: apd | speculative`, docs/hybrid.md) verify with, held in the same replica and on
+    the same device as the model."""
+    model_source: str = Field(min_length=1)          # folder or hub id "org/name"
+    dtype: Optional[Literal["auto", "float32", "bfloat16", "float16"]] = None   # None: the engine's
+
+
 class ModelConfig(_Strict):
     """One served model: its name in the API, where its weights are, and how it is deployed."""
     model_id: str = Field(min_length=1)              # the `model` field clients send
     model_source: str = Field(default_factory=shipped_tiny_model)   # folder or hub id "org/name"
+    verifier: Optional[VerifierConfig] = None        # enables decoding "apd" / "speculative"
     engine: dict[str, Any] = Field(default_factory=dict)   # EngineConfig fields (dtype, device...)
     sampling_defaults: dict[str, Any] = Field(default_factory=dict)   # SamplingParams fields
     max_tokens_limit: Optional[int] = Field(None, ge=1)   # cap on max_tokens (None: the context)

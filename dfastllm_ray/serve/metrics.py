@@ -92,6 +92,15 @@ class ReplicaMetrics:
         self.tpf = metrics.Histogram("dfastllm_tokens_per_forward",
                                      description="Generated tokens / NFE, per request.",
                                      boundaries=TPF_BOUNDARIES, tag_keys=keys)
+        self.verifier_forwards = metrics.Counter(
+            "dfastllm_verifier_forwards",
+            description="Verifier forwards spent on hybrid (APD / speculative) requests.",
+            tag_keys=keys)
+        self.accepted_per_verifier_forward = metrics.Histogram(
+            "dfastllm_accepted_tokens_per_verifier_forward",
+            description="Hybrid requests: generated tokens / verifier forwards, per request "
+                        "(tokens each verifier forward accepted, the bonus token included).",
+            boundaries=TPF_BOUNDARIES, tag_keys=keys)
         self.step_latency = metrics.Histogram(
             "dfastllm_step_latency_s", description="Mean engine step latency per poll interval (s).",
             boundaries=STEP_BOUNDARIES_S, tag_keys=keys)
@@ -99,13 +108,19 @@ class ReplicaMetrics:
                        for key, (name, desc) in ENGINE_GAUGES.items()}
         self._last_steps: Optional[tuple[float, float]] = None   # (num_steps, step_time_s)
 
-    def request_done(self, prompt_tokens: int, generated: int, nfe: int) -> None:
+    def request_done(self, prompt_tokens: int, generated: int, nfe: int,
+                     verifier_forwards: int = 0) -> None:
+        """nfe: the (drafter) model's forwards; verifier_forwards: 0 unless hybrid."""
         self.prompt_tokens.inc(prompt_tokens, tags=self.tags)
         if generated:
             self.generated_tokens.inc(generated, tags=self.tags)
         if nfe:
             self.nfe.inc(nfe, tags=self.tags)
             self.tpf.observe(generated / nfe, tags=self.tags)
+        if verifier_forwards:
+            self.verifier_forwards.inc(verifier_forwards, tags=self.tags)
+            self.accepted_per_verifier_forward.observe(generated / verifier_forwards,
+                                                       tags=self.tags)
 
     def engine_stats(self, stats: dict[str, Any]) -> None:
         for key, value in engine_gauges(stats).items():

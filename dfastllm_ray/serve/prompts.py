@@ -13,6 +13,7 @@ from typing import Any, Union
 from dfastllm_ray.sampling.params import SEED_BOUND, SamplingParams, unused_knobs
 
 from .errors import bad_request, from_value_error
+from .hybrid import hybrid_fields
 from .protocol import ChatCompletionRequest, CompletionRequest, _Body
 from .records import ModelCard
 
@@ -111,7 +112,7 @@ def sampling_params(body: _Body, card: ModelCard, prompt_len: int, max_n: int) -
                           f"is a {family}-family model, which does not use "
                           f"{', '.join(foreign)}; leave {'them' if len(foreign) > 1 else 'it'} out.",
                           param=foreign[0])
-    fields = {**card.defaults, **overrides}
+    fields = hybrid_fields(overrides, card)     # no verifier: hybrid fields are a 400
     limit = card.max_tokens_limit
     mt = fields.get("max_tokens")
     if limit is not None and isinstance(mt, int) and mt > limit:

@@ -11,10 +11,14 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from dfastllm_ray.sampling.params import MAX_DRAFT_TOKENS, MAX_HYBRID_WINDOW
+
+# Hybrid diffusion-AR decoding (docs/hybrid.md): only on a model whose config names a verifier.
+HYBRID_FIELDS = ("decoding", "apd_mixture_weight", "kv_window", "max_lookahead", "draft_tokens")
 # Request fields that map 1:1 onto SamplingParams fields.
 KNOBS = ("steps", "block_length", "threshold", "factor", "entropy_bound", "remasking", "alg",
          "alg_temp", "cfg_scale", "top_k", "eps", "logits_eos_inf", "confidence_eos_eot_inf",
-         "early_exit", "temperature", "top_p", "seed")
+         "early_exit", "temperature", "top_p", "seed", *HYBRID_FIELDS)
 
 
 class StreamOptions(BaseModel):
@@ -55,6 +59,22 @@ class _Body(BaseModel):
     logits_eos_inf: Optional[bool] = None
     confidence_eos_eot_inf: Optional[bool] = None
     early_exit: Optional[bool] = None
+    # Hybrid diffusion-AR decoding (needs a model with a `verifier`; docs/hybrid.md).
+    decoding: Optional[Literal["diffusion", "apd", "speculative"]] = Field(None, description=(
+        "diffusion (default) | apd (Adaptive Parallel Decoding: the dLLM drafts, the verifier "
+        "accepts by the mixture rule) | speculative (lossless: the verifier's own distribution). "
+        "apd / speculative need a model served with a verifier."))
+    apd_mixture_weight: Optional[float] = Field(None, ge=0, le=1, description=(
+        "APD R: accept while the draft is the argmax of R * dLLM + (1 - R) * verifier logits "
+        "(default 0.7). decoding=apd only."))
+    kv_window: Optional[int] = Field(None, ge=1, le=MAX_HYBRID_WINDOW, description=(
+        "APD W: recompute the last W committed positions in the drafter (only with a drafter "
+        "KV cache). decoding=apd only."))
+    max_lookahead: Optional[int] = Field(None, ge=1, le=MAX_HYBRID_WINDOW, description=(
+        "APD M: draft at most M positions per step. decoding=apd only."))
+    draft_tokens: Optional[int] = Field(None, ge=1, le=MAX_DRAFT_TOKENS, description=(
+        "Speculative: positions the dLLM drafts per step, adapted up to this (default 4). "
+        "decoding=speculative only."))
 
     def unsupported(self) -> Optional[str]:
         """The first field set to a value this server cannot honour, or None."""

@@ -22,6 +22,7 @@ class ModelCard:
     max_tokens_limit: Optional[int] = None
     created: int = 0                    # unix seconds the replica loaded the model
     arch: str = "llada"                 # model family ("llada", "dream"): which knobs it reads
+    verifier: Optional[str] = None      # the verifier's model_source (None: no hybrid decoding)
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class BlockOutput:
     request_id: str
     delta_text: str                     # text committed by this block
     num_generated: int                  # real generated tokens so far (no masks, no padding)
-    nfe: int                            # model forwards so far
+    nfe: int                            # model forwards so far (hybrid: the drafter's)
     finished: bool = False
     finish_reason: Optional[str] = None  # "stop" | "length" | "abort" | None
     text: Optional[str] = None          # the full text, on the final output only
@@ -46,6 +47,7 @@ class BlockOutput:
     error: Optional[str] = None         # the request was refused: the reason, for the client
     error_status: int = 400             # 400: the engine refused it; 503: see error_code
     error_code: Optional[str] = None    # with 503: "overloaded" | "model_unavailable"
+    verifier_forwards: int = 0          # hybrid decoding: verifier forwards so far
 
 
 @dataclass
@@ -58,3 +60,4 @@ class ReplicaCounters:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     nfe: int = 0
+    verifier_forwards: int = 0

@@ -52,10 +52,25 @@ def build_engine(cfg: ModelConfig) -> tuple[Any, ModelCard]:
     context = loaded.spec.max_position
     if ecfg.max_model_len is not None:
         context = min(context, ecfg.max_model_len)
+    verifier = load_verifier(cfg, loaded)
     card = ModelCard(cfg.model_id, loaded.tokenizer, context, loaded.spec.vocab_size,
                      generation_defaults(loaded.generation_defaults, cfg.sampling_defaults),
-                     cfg.max_tokens_limit, int(time.time()), loaded.spec.arch)
-    return AsyncEngine(Engine(loaded, ecfg)), card
+                     cfg.max_tokens_limit, int(time.time()), loaded.spec.arch,
+                     cfg.verifier.model_source if cfg.verifier else None)
+    return AsyncEngine(Engine(loaded, ecfg, verifier=verifier)), card
+
+
+def load_verifier(cfg: ModelConfig, loaded: Any) -> Any:
+    """`verifier:` of the model entry, on the model's device (its dtype unless the entry names
+    one); None without a verifier."""
+    if cfg.verifier is None:
+        return None
+    dtype = cfg.verifier.dtype or loaded.dtype
+    try:
+        return load_model(cfg.verifier.model_source, dtype=dtype, device=str(loaded.device))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"models[{cfg.model_id}].verifier.model_source="
+                         f"{cfg.verifier.model_source!r} could not be loaded: {exc}") from exc
 
 
 async def _maybe_await(value: Any) -> Any:
@@ -143,10 +158,12 @@ class ReplicaCore:
             self.counters.finished += 1
         gen = len(last.token_ids) if last is not None else 0
         nfe = last.nfe if last is not None else 0
+        vf = getattr(last, "verifier_forwards", 0) if last is not None else 0
         self.counters.prompt_tokens += len(req.prompt_token_ids)
         self.counters.generated_tokens += gen
         self.counters.nfe += nfe
-        self.metrics.request_done(len(req.prompt_token_ids), gen, nfe)
+        self.counters.verifier_forwards += vf
+        self.metrics.request_done(len(req.prompt_token_ids), gen, nfe, vf)
 
     def stats(self) -> dict[str, Any]:
         return {"engine": self.engine.stats(), "replica": asdict(self.counters)}
@@ -171,7 +188,8 @@ def _block(out: Any, req: GenerateRequest) -> BlockOutput:
     return BlockOutput(request_id=req.request_id, delta_text=out.delta_text,
                        num_generated=len(out.token_ids), nfe=out.nfe, finished=out.finished,
                        finish_reason=out.finish_reason, text=out.text if out.finished else None,
-                       num_prompt_tokens=out.num_prompt_tokens)
+                       num_prompt_tokens=out.num_prompt_tokens,
+                       verifier_forwards=getattr(out, "verifier_forwards", 0))
 
 
 @serve.deployment

@@ -4,6 +4,8 @@ Streaming sends one chunk per committed block (a diffusion LM commits a block, n
 time), then a final chunk with `finish_reason`, an optional usage chunk
 (`stream_options.include_usage`: `choices: []` and the totals) and `data: [DONE]`.
 `usage.completion_tokens` counts real generated tokens only: never masks, padding or the EOS tail.
+Hybrid decoding (APD / speculative) commits left to right, one span per step: each span is a
+chunk, and `usage` adds `drafter_forwards` (= `nfe`) and `verifier_forwards`.
 """
 from __future__ import annotations
 
@@ -29,12 +31,14 @@ class Choice:
     text: str = ""
     num_generated: int = 0
     nfe: int = 0
+    verifier_forwards: int = 0
     finish_reason: Optional[str] = None
 
     def add(self, out: BlockOutput) -> None:
         self.text = out.text if out.text is not None else self.text + out.delta_text
         self.num_generated = out.num_generated
         self.nfe = out.nfe
+        self.verifier_forwards = out.verifier_forwards
         if out.finished:
             self.finish_reason = out.finish_reason or "stop"
 
@@ -60,8 +64,12 @@ def usage(choices: list[Choice]) -> dict[str, Any]:
     gen = sum(c.num_generated for c in choices)
     nfe = sum(c.nfe for c in choices)
     # `nfe` is ours (model forwards): generated / nfe is the tokens-per-forward speed-up.
-    return {"prompt_tokens": prompt, "completion_tokens": gen, "total_tokens": prompt + gen,
-            "nfe": nfe}
+    out = {"prompt_tokens": prompt, "completion_tokens": gen, "total_tokens": prompt + gen,
+           "nfe": nfe}
+    verifier = sum(c.verifier_forwards for c in choices)
+    if verifier:     # hybrid decoding (APD / speculative): both models' forwards
+        out.update(drafter_forwards=nfe, verifier_forwards=verifier)
+    return out
 
 
 def full_response(meta: ResponseMeta, choices: list[Choice]) -> dict[str, Any]:
