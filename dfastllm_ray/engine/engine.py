@@ -36,7 +36,7 @@ from .request import Request
 from .scheduler import Scheduler
 
 
-ENGINE_POLICIES = set(BATCH_POLICIES)
+ENGINE_POLICIES = set(BATCH_POLICIES) | {"wino"}
 POLICY_FIELDS = {"klass": "kl_threshold", "wino": "revoke_threshold"}
 
 

@@ -23,7 +23,7 @@ from .paged_attention import PageMap
 # Columns of the float64 knob table, one row per slot.
 KNOBS = ("temperature", "threshold", "factor", "entropy_bound", "alg_temp", "top_p", "top_k",
          "random_remask", "logits_eos_inf", "conf_eos_eot_inf", "conf_alg", "pc_lambda",
-         "exit_high", "exit_low", "block_length")
+         "exit_high", "exit_low", "block_length", "revoke_threshold")
 COL = {name: i for i, name in enumerate(KNOBS)}
 CONF_ALGS = {None: CONF_PROB, "origin": CONF_PROB, "maskgit_plus": CONF_PROB,
              "topk_margin": CONF_MARGIN, "entropy": CONF_NEG_ENTROPY}
@@ -42,7 +42,8 @@ def knob_row(p: SamplingParams) -> list[float]:
             nan if p.pc_lambda is None else p.pc_lambda,
             nan if p.exit_high is None else p.exit_high,
             nan if p.exit_high is None else p.exit_low_or_default,
-            float(p.block_length or 0)]
+            float(p.block_length or 0),
+            nan if p.revoke_threshold is None else p.revoke_threshold]
 
 
 class InputBatch:

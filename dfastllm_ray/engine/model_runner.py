@@ -16,11 +16,12 @@ import time
 import torch
 
 from ..models.spec import ModelSpec
-from . import sampler
-from .input_batch import InputBatch
-from .kv_pool import KVPool
+from . import revocable, sampler
 from .graph_runner import GraphRunner
-from .outputs import CACHED, HYBRID, PREFILL, RunnerOutput, ScheduledRequest, SchedulerOutput, StepCommit
+from .input_batch import InputBatch
+from .kv_pool import KVPool, to_device
+from .outputs import (CACHED, FULL, HYBRID, PREFILL, RunnerOutput, ScheduledRequest,
+                      SchedulerOutput, StepCommit)
 from .request import Request
 from .step_inputs import GroupPlan, expand_group, pack_group
 
@@ -78,6 +79,10 @@ class ModelRunner:
         t = self.timer
         t.start()
         inputs = expand_group(plan, self.batch, self.pool, self.spec)
+        if plan.revocable:                       # WINO: the block's shadow after the window
+            inputs = revocable.with_shadow(plan, inputs, self.batch,
+                                           self.pool if plan.kind != FULL else None,
+                                           to_device(plan.meta, self.batch.device))
         t.lap("inputs")
         if self.graphs is not None and plan.kind == CACHED and self.graphs.accepts(plan, inputs):
             logits = self.graphs.forward(plan, inputs)                      # static / CUDA graph
@@ -88,6 +93,10 @@ class ModelRunner:
         t.lap("forward")
         if plan.kind == PREFILL:                 # a refresh chunk decodes nothing
             return sampler.snapshot(self.batch, inputs)
+        if plan.revocable:
+            packed = revocable.decide_and_commit(logits, plan, inputs, self.batch, self.spec)
+            t.lap("sample")
+            return packed
         if plan.kind == HYBRID:                  # drafts verified by the causal model
             packed = self.hybrid.decide(plan, inputs, logits, self._requests)
             t.lap("sample")
@@ -102,7 +111,8 @@ class ModelRunner:
     def _groups(items: list[ScheduledRequest]) -> list[list[ScheduledRequest]]:
         by_kind: dict[tuple, list[ScheduledRequest]] = {}
         for item in items:                       # hybrid groups: one per decoding rule
-            key = (item.kind, item.policy if item.kind == HYBRID else "")
+            split = item.kind == HYBRID or item.policy in revocable.REVOCABLE
+            key = (item.kind, item.policy if split else "")
             by_kind.setdefault(key, []).append(item)
         return list(by_kind.values())
 

@@ -40,6 +40,7 @@ class GroupPlan:
     n_max: int                # most candidates of a row (LM-head rows per row)
     gen_width: int            # generation positions copied back per row
     needs_mask: bool          # some row's keys are shorter than lk
+    revocable: bool           # WINO: candidates are every block position, a shadow follows
     passthrough: bool         # every row's window is its whole canvas (refresh from 0)
     facts: GroupFacts
     meta: Tensor              # (B, len(META)) float64 on the host
@@ -74,7 +75,7 @@ def pack_group(items: list[ScheduledRequest], requests: dict[str, Request], fami
         items=items, kind=kind, lq=lq, lk=lk,
         lc=max(r[M["cand_end"]] - r[M["cand_start"]] for r in rows),
         n_max=max(1, max(i.num_candidates for i in items)), gen_width=gen_width,
-        needs_mask=any(i.kv_len != lk for i in items),
+        needs_mask=any(i.kv_len != lk for i in items), revocable=policies == ("wino",),
         passthrough=kind == REFRESH and all(i.q_start == 0 and i.q_len == i.kv_len == lk
                                             for i in items),
         facts=facts, meta=torch.tensor(rows, dtype=torch.float64))
@@ -139,7 +140,9 @@ def _candidates(g: GroupPlan, batch: InputBatch, base: Tensor, start: Tensor, en
     dump = batch.max_len
     pos = start[:, None] + ar[:g.lc]                                  # (B, Lc)
     tok = batch.flat_canvas[base + pos.clamp(max=dump)]
-    is_cand = (ar[:g.lc] < (end - start)[:, None]) & (tok == batch.mask_id)
+    is_cand = ar[:g.lc] < (end - start)[:, None]
+    if not g.revocable:                   # WINO: committed block positions stay candidates
+        is_cand = is_cand & (tok == batch.mask_id)
     target = torch.where(is_cand, (is_cand.cumsum(1) - 1).clamp_(max=g.n_max), g.n_max)
     out = torch.full((len(g.items), g.n_max + 1), dump, dtype=torch.long, device=base.device)
     out.scatter_(1, target, torch.where(is_cand, pos, dump))

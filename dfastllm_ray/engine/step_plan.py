@@ -28,6 +28,7 @@ from .outputs import CACHED, FULL, PREFILL, REFRESH, ScheduledRequest
 from .hybrid_plan import plan_hybrid
 from .request import Request
 
+REVOCABLE = ("wino",)                  # policies that may re-mask committed block positions
 # Policies whose quota is a count the schedule may set to 0: that step's forward commits nothing.
 QUOTA_POLICIES = ("fixed", "dream_topk", "dream_alg_temp", "dream_threshold", "pc_sampler",
                   "sched_exit")
@@ -84,7 +85,9 @@ def plan(req: Request, mode: str, refresh: str = "full") -> ScheduledRequest:
     # full / refresh forwards: every mask from the window start to the block end competes
     # (prompt masks, leftovers of earlier blocks; frozen prompt pages hold none); cached steps,
     # incremental and chunked refreshes: the block's masks only
-    if kind == CACHED or q_start > frozen_start(req):
+    if req.params.policy in REVOCABLE:   # WINO: every block position (masked or revocable)
+        item.num_candidates = req.params.block_length
+    elif kind == CACHED or q_start > frozen_start(req):
         item.num_candidates = req.masked_block
     else:
         item.cand_start, item.num_candidates = q_start, req.masked_upto_block_end
@@ -171,6 +174,8 @@ def after_step(req: Request, item: ScheduledRequest, num_committed: int, mode: s
         return left == 0 or (p.threshold is None and req.block_step > spb)
     if left == 0:
         return True
+    if p.policy in REVOCABLE:            # a revocable block ends only with no mask left
+        return False
     if is_dream(req):
         return req.block_step >= (req.carry.steps if req.carry is not None else spb)
     return (p.policy in SCHEDULED_POLICIES or mode == "dual") and req.block_step >= spb
