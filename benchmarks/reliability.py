@@ -339,7 +339,9 @@ def goodput_rows(name: str, t: Tally, seconds: float) -> list[tuple[str, str]]:
             (f"{name}: lost / hung / error events", f"{t.lost} / {t.hung} / {t.error_event}"),
             (f"{name}: refusals (429/503) / without Retry-After",
              f"{t.refused} / {t.refused_no_retry_after}"),
-            (f"{name}: refusal latency p99", ms(p99(t.refusal_s))),
+            (f"{name}: refusal latency p50 / p99",
+             f"{ms(sorted(t.refusal_s)[len(t.refusal_s) // 2] if t.refusal_s else None)} / "
+             f"{ms(p99(t.refusal_s))}"),
             (f"{name}: completed latency p99", ms(p99(t.latency_s)))]
 
 

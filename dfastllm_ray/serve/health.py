@@ -25,6 +25,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from .errors import unavailable
 
 log = logging.getLogger("ray.serve.dfastllm")
+SUSPECT_TIMEOUT_S = 1.0       # ping timeout right after a request lost its replica
 
 
 class ModelHealth:
@@ -37,6 +38,7 @@ class ModelHealth:
         self._progress: dict[str, float] = {m: 0.0 for m in models}   # monotonic s of last block
         self._open: dict[str, set[Any]] = {m: set() for m in models}  # open Fanins per model
         self._kick = asyncio.Event()                 # probe now (a replica-loss error was seen)
+        self._suspect = False                        # the next probe follows a replica loss
         self.suspected = 0
 
     # ---- what requests report --------------------------------------------------------------
@@ -53,6 +55,7 @@ class ModelHealth:
         """A request of `model` lost its replica: probe every model now, not at the next poll."""
         log.info("model %s: a request lost its replica (%s); probing", model, why)
         self.suspected += 1
+        self._suspect = True
         self._kick.set()
 
     async def pause(self) -> None:
@@ -60,7 +63,7 @@ class ModelHealth:
         try:
             await asyncio.wait_for(self._kick.wait(), self.next_poll_s())
         except asyncio.TimeoutError:
-            pass
+            self._suspect = False            # a full poll interval without a new suspicion
         self._kick.clear()
 
     def mark_down(self, model: str, why: str) -> None:
@@ -104,13 +107,15 @@ class ModelHealth:
         """One ping. `known`: the model's card was fetched (it has loaded once), so a failure
         means it went down rather than that it is still loading."""
         t0 = time.monotonic()
+        # a suspected loss is probed with a short timeout: a live replica answers in ms
+        timeout = min(self.timeout_s, SUSPECT_TIMEOUT_S) if self._suspect else self.timeout_s
         try:
-            await asyncio.wait_for(ping(), self.timeout_s)
+            await asyncio.wait_for(ping(), timeout)
         except asyncio.TimeoutError:
             if self._progress[model] >= t0 - self.poll_s:
                 return            # busy (pings queue behind decoding requests), not dead
             if known:
-                self.mark_down(model, f"no answer to a ping within {self.timeout_s:g} s")
+                self.mark_down(model, f"no answer to a ping within {timeout:g} s")
             return
         except BackPressureError:
             return                # the queue in front of the replica is full: alive
