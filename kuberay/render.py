@@ -53,6 +53,8 @@ class Cluster:
 CLUSTERS = {
     "llada": Cluster(WorkerGroup("gpu", gpus=1, cpus="8", memory="48Gi", shm="8Gi")),
     "dream": Cluster(WorkerGroup("gpu", gpus=1, cpus="8", memory="48Gi", shm="8Gi")),
+    # Dream-7B + its Qwen2.5-0.5B verifier share one GPU per replica (configs/dream_apd.yaml)
+    "dream_apd": Cluster(WorkerGroup("gpu", gpus=1, cpus="8", memory="48Gi", shm="8Gi")),
     # the project's own tiny model runs on CPU (configs/tiny.yaml): no GPU, one small pod
     "tiny": Cluster(WorkerGroup("cpu", gpus=0, cpus="2", memory="4Gi", shm="1Gi"),
                     head_memory="4Gi"),
@@ -171,7 +173,7 @@ def manifest(name: str, serve_config: str, image: str = IMAGE) -> dict:
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
-        "metadata": {"name": f"dfastllm-{name}", "labels": {"app.kubernetes.io/name": "dfastllm-ray",
+        "metadata": {"name": f"dfastllm-{name.replace('_', '-')}", "labels": {"app.kubernetes.io/name": "dfastllm-ray",
                                                              "app.kubernetes.io/instance": name}},
         "spec": {
             "upgradeStrategy": {"type": "NewCluster"},

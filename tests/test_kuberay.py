@@ -19,8 +19,8 @@ jsonschema = pytest.importorskip("jsonschema")
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD = ROOT / "tests" / "fixtures" / "kuberay" / "ray.io_rayservices.yaml"
-NAMES = ("llada", "dream", "tiny")  # each configs/<name>.yaml has a kuberay/<name>.yaml
-GPU_NAMES = ("llada", "dream")
+NAMES = ("llada", "dream", "tiny", "dream_apd")  # each configs/<name>.yaml has a kuberay/<name>.yaml
+GPU_NAMES = ("llada", "dream", "dream_apd")
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 _spec = importlib.util.spec_from_file_location("kuberay_render", ROOT / "kuberay" / "render.py")
@@ -119,7 +119,7 @@ def test_cluster_conventions(name):
         assert any(int(g["rayStartParams"]["num-gpus"]) >= 1 for g in cluster["workerGroupSpecs"])
 
 
-@pytest.mark.parametrize("name", ["llada", "dream", "tiny"])
+@pytest.mark.parametrize("name", NAMES)
 def test_serve_config_runs_on_kubernetes(name):
     """What `serve run` tolerates but a RayService does not: a loopback proxy, local code dirs."""
     cfg = yaml.safe_load(load_manifest(name)["spec"]["serveConfigV2"])

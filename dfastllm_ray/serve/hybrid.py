@@ -4,13 +4,14 @@ A model serves them only when its config names a `verifier` (the card carries it
 hybrid field on another model is a 400 naming it, before any queue. A hybrid request commits
 left to right as the drafter and the verifier agree, so the diffusion schedule knobs (steps,
 block length, thresholds, policy knobs) mean nothing for it: set by the request they are a 400,
-set as model defaults they are dropped.
+set as model defaults they are dropped (so are default APD knobs on a speculative or diffusion
+request, and the reverse: a config may default to APD and still serve the others).
 """
 from __future__ import annotations
 
 from typing import Any
 
-from dfastllm_ray.sampling.params import POLICY_KNOBS
+from dfastllm_ray.sampling.params import HYBRID_KNOBS, POLICY_KNOBS
 
 from .errors import bad_request
 from .protocol import HYBRID_FIELDS
@@ -35,6 +36,10 @@ def hybrid_fields(overrides: dict[str, Any], card: ModelCard) -> dict[str, Any]:
                           "speculative decoding needs `verifier` in the model's config); leave "
                           f"{name} out.", param=name)
     fields = {**card.defaults, **overrides}
+    decoding = fields.get("decoding") or "diffusion"
+    for name, mode in HYBRID_KNOBS.items():     # a default for another decoding: dropped
+        if name not in overrides and mode != decoding:
+            fields.pop(name, None)
     if not is_hybrid(fields):
         return fields
     for name in SCHEDULE_FIELDS:
