@@ -36,8 +36,8 @@ from .request import Request
 from .scheduler import Scheduler
 
 
-ENGINE_POLICIES = set(BATCH_POLICIES) | {"wino"}
-POLICY_FIELDS = {"klass": "kl_threshold", "wino": "revoke_threshold"}
+ENGINE_POLICIES = set(BATCH_POLICIES) | {"wino", "klass"}
+POLICY_FIELDS = {"klass": "kl_threshold", "wino": "revoke_threshold", "credit": "credit_alpha"}
 
 
 class Engine:

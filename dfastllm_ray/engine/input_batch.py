@@ -23,7 +23,7 @@ from .paged_attention import PageMap
 # Columns of the float64 knob table, one row per slot.
 KNOBS = ("temperature", "threshold", "factor", "entropy_bound", "alg_temp", "top_p", "top_k",
          "random_remask", "logits_eos_inf", "conf_eos_eot_inf", "conf_alg", "pc_lambda",
-         "exit_high", "exit_low", "block_length", "revoke_threshold")
+         "exit_high", "exit_low", "block_length", "revoke_threshold", "kl_threshold", "kl_history")
 COL = {name: i for i, name in enumerate(KNOBS)}
 CONF_ALGS = {None: CONF_PROB, "origin": CONF_PROB, "maskgit_plus": CONF_PROB,
              "topk_margin": CONF_MARGIN, "entropy": CONF_NEG_ENTROPY}
@@ -43,7 +43,9 @@ def knob_row(p: SamplingParams) -> list[float]:
             nan if p.exit_high is None else p.exit_high,
             nan if p.exit_high is None else p.exit_low_or_default,
             float(p.block_length or 0),
-            nan if p.revoke_threshold is None else p.revoke_threshold]
+            nan if p.revoke_threshold is None else p.revoke_threshold,
+            nan if p.kl_threshold is None else p.kl_threshold,
+            nan if p.kl_history is None else float(p.kl_history)]
 
 
 class InputBatch:

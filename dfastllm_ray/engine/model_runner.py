@@ -16,7 +16,7 @@ import time
 import torch
 
 from ..models.spec import ModelSpec
-from . import revocable, sampler
+from . import revocable, sampler, stateful
 from .graph_runner import GraphRunner
 from .input_batch import InputBatch
 from .kv_pool import KVPool, to_device
@@ -51,6 +51,7 @@ class ModelRunner:
         self.graphs: GraphRunner | None = None       # set by the engine (EngineConfig.cuda_graphs)
         self.hybrid = None                           # HybridRunner, when the engine has a verifier
         self._requests: dict[str, Request] = {}
+        self.klass_slots: stateful.KlassSlots | None = None
         self.family = "dream" if spec.arch == "dream" else "llada"
         self.timer = PhaseTimer()
 
@@ -97,6 +98,16 @@ class ModelRunner:
             packed = revocable.decide_and_commit(logits, plan, inputs, self.batch, self.spec)
             t.lap("sample")
             return packed
+        if plan.stateful:                        # KLASS: state per block position, by slot
+            if self.klass_slots is None:
+                self.klass_slots = stateful.KlassSlots(self.batch)
+            commit_mask, tokens = stateful.decide_klass(
+                logits, plan, inputs, self.klass_slots, to_device(plan.meta, self.batch.device),
+                self.spec)
+            t.lap("sample")
+            packed = sampler.commit(self.batch, inputs, commit_mask, tokens)
+            t.lap("commit")
+            return packed
         if plan.kind == HYBRID:                  # drafts verified by the causal model
             packed = self.hybrid.decide(plan, inputs, logits, self._requests)
             t.lap("sample")
@@ -111,7 +122,7 @@ class ModelRunner:
     def _groups(items: list[ScheduledRequest]) -> list[list[ScheduledRequest]]:
         by_kind: dict[tuple, list[ScheduledRequest]] = {}
         for item in items:                       # hybrid groups: one per decoding rule
-            split = item.kind == HYBRID or item.policy in revocable.REVOCABLE
+            split = item.kind == HYBRID or item.policy in revocable.REVOCABLE + stateful.STATEFUL
             key = (item.kind, item.policy if split else "")
             by_kind.setdefault(key, []).append(item)
         return list(by_kind.values())

@@ -25,7 +25,7 @@ from .request import Request
 
 # Columns of the packed per-row metadata
 META = ("slot", "q_start", "q_len", "kv_len", "cand_start", "cand_end", "k", "quota", "step",
-        "block_start", "prompt_len", "policy", "conf_alg")
+        "block_start", "prompt_len", "policy", "conf_alg", "block_step")
 M = {name: i for i, name in enumerate(META)}
 
 
@@ -41,6 +41,7 @@ class GroupPlan:
     gen_width: int            # generation positions copied back per row
     needs_mask: bool          # some row's keys are shorter than lk
     revocable: bool           # WINO: candidates are every block position, a shadow follows
+    stateful: bool            # KLASS: per-position state across steps (engine/stateful.py)
     passthrough: bool         # every row's window is its whole canvas (refresh from 0)
     facts: GroupFacts
     meta: Tensor              # (B, len(META)) float64 on the host
@@ -61,7 +62,7 @@ def pack_group(items: list[ScheduledRequest], requests: dict[str, Request], fami
         conf_alg = CONF_ALGS[it.conf_alg] if family == "dream" else -1
         rows.append((it.slot, it.q_start, it.q_len, it.kv_len, it.cand_start, end, it.k,
                      it.quota, req.nfe, req.block_start, req.prompt_len,
-                     policies.index(it.policy), conf_alg))
+                     policies.index(it.policy), conf_alg, it.schedule_step))
         params.append(req.params)
     facts = GroupFacts(
         family=family, policies=policies, sampled=any(p.temperature > 0 for p in params),
@@ -76,6 +77,7 @@ def pack_group(items: list[ScheduledRequest], requests: dict[str, Request], fami
         lc=max(r[M["cand_end"]] - r[M["cand_start"]] for r in rows),
         n_max=max(1, max(i.num_candidates for i in items)), gen_width=gen_width,
         needs_mask=any(i.kv_len != lk for i in items), revocable=policies == ("wino",),
+        stateful=policies == ("klass",),
         passthrough=kind == REFRESH and all(i.q_start == 0 and i.q_len == i.kv_len == lk
                                             for i in items),
         facts=facts, meta=torch.tensor(rows, dtype=torch.float64))

@@ -29,6 +29,7 @@ from .hybrid_plan import plan_hybrid
 from .request import Request
 
 REVOCABLE = ("wino",)                  # policies that may re-mask committed block positions
+UNBOUNDED = ("wino", "klass")          # blocks that run until no mask is left (not the schedule)
 # Policies whose quota is a count the schedule may set to 0: that step's forward commits nothing.
 QUOTA_POLICIES = ("fixed", "dream_topk", "dream_alg_temp", "dream_threshold", "pc_sampler",
                   "sched_exit")
@@ -87,6 +88,8 @@ def plan(req: Request, mode: str, refresh: str = "full") -> ScheduledRequest:
     # incremental and chunked refreshes: the block's masks only
     if req.params.policy in REVOCABLE:   # WINO: every block position (masked or revocable)
         item.num_candidates = req.params.block_length
+    elif req.params.policy in UNBOUNDED:  # KLASS: the block's masks (its state is per block slot)
+        item.num_candidates = req.masked_block
     elif kind == CACHED or q_start > frozen_start(req):
         item.num_candidates = req.masked_block
     else:
@@ -139,6 +142,8 @@ def commit_count(policy: str, quota: float, n: int) -> int:
     """k of the top-k style policies: the quota, at least one (the contract), at most n; a zero
     quota commits nothing (ML-GSAI's empty steps, the hub's `if k > 0`, Dream's cached forward
     past its schedule)."""
+    if policy == "klass" and n:          # KLASS's fallback: the schedule's top-k, >= 1 past it
+        return min(max(int(quota), 1), n)
     if policy not in QUOTA_POLICIES or n == 0:
         return 0
     q = int(quota)
@@ -174,7 +179,7 @@ def after_step(req: Request, item: ScheduledRequest, num_committed: int, mode: s
         return left == 0 or (p.threshold is None and req.block_step > spb)
     if left == 0:
         return True
-    if p.policy in REVOCABLE:            # a revocable block ends only with no mask left
+    if p.policy in UNBOUNDED:            # revocable / stateful blocks end only with no mask left
         return False
     if is_dream(req):
         return req.block_step >= (req.carry.steps if req.carry is not None else spb)

@@ -49,6 +49,8 @@ class RowKnobs:
     alg_temp = property(lambda self: self._knob("alg_temp"))
     top_p = property(lambda self: self._knob("top_p"))                       # 1 = off
     revoke_threshold = property(lambda self: self._knob("revoke_threshold"))  # WINO narrow-out
+    kl_threshold = property(lambda self: self._knob("kl_threshold"))          # KLASS
+    kl_history = property(lambda self: self._knob("kl_history"))              # KLASS (NaN: default)
     top_k = property(lambda self: self._get("top_k_i", lambda: self._knob("top_k").long()))  # 0 = off
     random_remask = property(lambda self: self._get("rr", lambda: self._knob("random_remask") > 0))
     logits_eos_inf = property(lambda self: self._get("lei", lambda: self._knob("logits_eos_inf") > 0))

@@ -1,4 +1,4 @@
-"""WINO (revocable decoding) in the engine: equals the plain reference loop of the same policy
+"""WINO (revocable) and KLASS (stateful) in the engine: each equals the plain reference loop of the same policy
 (`sampling.policy_generate`) without a KV cache, batch == alone with a cache, every page freed,
 and a revoked token is never streamed (outputs carry only blocks with no mask left)."""
 from __future__ import annotations
@@ -76,3 +76,29 @@ def test_a_revoked_token_is_never_streamed(monkeypatch):
     for rid, out in finals.items():
         assert sent[rid] == out.token_ids, rid
     assert sum(revoked) > 0, "no token was revoked: the test would prove nothing"
+
+
+@pytest.mark.parametrize("knobs", [dict(kl_threshold=0.015), dict(kl_threshold=0.05, threshold=0.4)])
+def test_engine_klass_equals_the_reference_loop_without_cache(knobs):
+    """KLASS keeps per-position state (top-8 probabilities, a streak) across steps, on the
+    device by slot: the engine equals policy_generate token for token and in NFE."""
+    params = SamplingParams(max_tokens=16, block_length=8, **knobs)
+    loaded = tiny("llada-tiny")
+    prompts = _prompts(6, 4)
+    finals = run_all(engine("llada-tiny", "none"), {r: (p, params) for r, p in prompts.items()})
+    stops = loaded.spec.stop_token_ids
+    for rid, prompt in prompts.items():
+        run = policy_generate(loaded.model, torch.tensor([prompt]), params, spec=loaded.spec)
+        gen = run.x[0, len(prompt):].tolist()
+        cut = next((i for i, t in enumerate(gen) if t in stops), len(gen))
+        assert finals[rid].token_ids == [t for t in gen[:cut] if t != loaded.spec.mask_token_id]
+        assert finals[rid].nfe == run.nfe[0], rid
+
+
+def test_engine_klass_with_a_cache_batch_equals_alone():
+    params = SamplingParams(max_tokens=16, block_length=8, kl_threshold=0.05)
+    reqs = {r: (p, params) for r, p in _prompts(8, 5).items()}
+    together = run_all(engine("llada-tiny", "dual"), reqs)
+    for rid, req in list(reqs.items())[:4]:
+        assert run_all(engine("llada-tiny", "dual"), {rid: req})[rid].token_ids == \
+            together[rid].token_ids, rid
