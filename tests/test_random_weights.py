@@ -8,7 +8,7 @@ from dfastllm_ray.models import random_weights, shapes
 from dfastllm_ray.models.layers import RMSNorm
 
 
-@pytest.mark.parametrize("name", ["llada-8b", "dream-7b"])
+@pytest.mark.parametrize("name", ["llada-8b", "dream-7b", "qwen2.5-0.5b"])
 def test_a_shrunk_published_shape_builds_and_runs(monkeypatch, name):
     small = dataclasses.replace(shapes.KNOWN_SHAPES[name], num_layers=2, hidden_size=64,
                                 num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=96)
@@ -23,6 +23,7 @@ def test_a_shrunk_published_shape_builds_and_runs(monkeypatch, name):
     assert 0.015 < float(big.detach().std()) < 0.025
     ids = torch.randint(0, 100, (2, 8))
     assert loaded.model(ids).shape == (2, 8, small.vocab_size)
+    assert getattr(loaded.model, "tie", False) == (name in shapes.TIED_SHAPES)
 
 
 def test_unknown_shape_is_refused_with_the_choices():

@@ -12,7 +12,7 @@ import torch
 from .layers import RMSNorm
 from .loader import LoadedModel, resolve_device, resolve_dtype
 from .registry import ARCHITECTURES
-from .shapes import KNOWN_SHAPES
+from .shapes import KNOWN_SHAPES, TIED_SHAPES
 
 
 def random_model(shape: str, device: str = "auto", dtype: str = "auto", seed: int = 0
@@ -23,7 +23,7 @@ def random_model(shape: str, device: str = "auto", dtype: str = "auto", seed: in
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     with torch.device("meta"):
-        net = ARCHITECTURES[spec.arch].model_cls(spec)
+        net = ARCHITECTURES[spec.arch].model_cls(spec, shape in TIED_SHAPES)
     net = net.to(dt).to_empty(device=dev)
     gen = torch.Generator(device=dev).manual_seed(seed)
     norms = {id(m.weight) for m in net.modules() if isinstance(m, RMSNorm)}

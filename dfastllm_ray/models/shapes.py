@@ -22,7 +22,17 @@ DREAM_7B = ModelSpec(arch="dream", vocab_size=152064, hidden_size=3584, num_laye
                      mask_token_id=151666, eos_token_id=151643, pad_token_id=151643,
                      bos_token_id=151643, eot_token_id=151645, logits_shift=True)
 
-KNOWN_SHAPES = {"llada-8b": LLADA_8B, "dream-7b": DREAM_7B}
+# Qwen/Qwen2.5-0.5B (the APD paper's verifier for Dream-7B): hidden 896, 24 layers, 14 query
+# heads, 2 key/value heads, head 64, mlp 4864, vocab 151936 (<= Dream's 152064: the same ids),
+# q/k/v biases, LM head tied to the embeddings; causal (no mask token)
+QWEN25_05B = ModelSpec(arch="qwen2", vocab_size=151936, hidden_size=896, num_layers=24,
+                       num_heads=14, num_kv_heads=2, head_dim=64, intermediate_size=4864,
+                       rope_theta=1000000.0, rms_norm_eps=1e-6, max_position=32768, qkv_bias=True,
+                       mask_token_id=None, eos_token_id=151643, pad_token_id=None,
+                       bos_token_id=151643, eot_token_id=151645, causal=True)
+
+KNOWN_SHAPES = {"llada-8b": LLADA_8B, "dream-7b": DREAM_7B, "qwen2.5-0.5b": QWEN25_05B}
+TIED_SHAPES = frozenset({"qwen2.5-0.5b"})     # LM head = the embedding matrix
 
 
 def num_parameters(spec: ModelSpec, tied_embeddings: bool = False) -> int:
