@@ -19,6 +19,7 @@ from ..models.loader import LoadedModel
 from ..sampling.dream import transfer_probs
 from ..sampling.params import DEFAULT_MAX_TOKENS, SamplingParams
 from ..sampling.rng import seed_to_int64
+from ..sampling.speed import speed_knobs
 from .config import EngineConfig
 from .detokenizer import Detokenizer
 from ..sampling.batch_policies import BATCH_POLICIES
@@ -99,6 +100,8 @@ class Engine:
                       next(self._arrivals), seed=seed_to_int64(seed))
         if p.is_hybrid:
             self._prepare_hybrid(req)
+        else:
+            req.kv_mode = self.request_kv_mode(p)
         if p.alg is not None:           # Dream's time schedule: computed here, not inside a step
             transfer_probs(req.steps_per_block, p.eps)
         self.scheduler.add(req)
@@ -127,14 +130,34 @@ class Engine:
             raise ValueError(f"cfg_scale={params.cfg_scale} is not supported by the engine (it would "
                              "double every forward); use sampling.llada_generate for guidance")
         p = replace(params, alg=alg)
-        if alg is not None and self.config.kv_cache_mode == "none":   # diffusion_generate: one block
+        if p.speed is not None:
+            p = self._apply_speed(p)
+        mode = self.request_kv_mode(p)
+        if alg is not None and mode == "none":                     # diffusion_generate: one block
             p = replace(p, block_length=p.max_tokens or DEFAULT_MAX_TOKENS)
         p = p.resolve(self.max_model_len, prompt_len)
-        if alg is not None and p.threshold is not None and self.config.kv_cache_mode == "none":
+        if alg is not None and p.threshold is not None and mode == "none":
             if p.max_tokens % p.steps:
                 raise ValueError(f"steps={p.steps} must divide max_tokens={p.max_tokens} for "
                                  "Dream's threshold schedule without a KV cache")
         return p
+
+    def request_kv_mode(self, p: SamplingParams) -> str:
+        """The request's cache mode: its own (`kv_cache_mode`, or its speed's) or the engine's.
+        A request may ask "none" from any engine; prefix / dual need the engine's KV pool."""
+        mode = p.kv_cache_mode or self.config.kv_cache_mode
+        if mode != "none" and self.pool is None:
+            raise ValueError(f"kv_cache_mode={mode!r} needs a KV cache, and this engine has none "
+                             "(EngineConfig.kv_cache_mode='none'): drop the field or use 'none'")
+        return mode
+
+    def _apply_speed(self, p: SamplingParams) -> SamplingParams:
+        """`speed` -> the measured policy, settings and cache mode of this model family
+        (sampling/speed.py); knobs the request set itself are kept."""
+        family = "dream" if self.spec.arch == "dream" else "llada"
+        knobs, mode = speed_knobs(family, p.speed, p.max_tokens or DEFAULT_MAX_TOKENS)
+        mine = {k: v for k, v in knobs.items() if getattr(p, k) is None}
+        return replace(p, **mine, kv_cache_mode=p.kv_cache_mode or mode)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         out = self.scheduler.abort(request_id)

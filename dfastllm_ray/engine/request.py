@@ -54,6 +54,7 @@ class Request:
     generated: Sequence[int] | None = None   # generation positions at the last sync (None: all masks)
     refresh_from: int = 0             # chunked refresh: canvas position the block's refresh resumes at
     kv_written: int = 0               # canvas positions [0, kv_written) hold K/V in the pages
+    kv_mode: str = ""                 # this request's KV cache mode ("": the engine's default)
     curr: int = 0                     # hybrid: first masked canvas position (left to right)
     prev_accept: int = 0              # hybrid: tokens committed by the previous step
     v_len: int = 0                    # hybrid: canvas positions held in the verifier's cache

@@ -83,7 +83,8 @@ class Scheduler:
             raise ValueError(f"canvas of {req.canvas_len} tokens needs {self.pages_needed(req)} KV pages,"
                              f" the pool has {self.allocator.num_pages}: raise kv_cache_memory_gb")
         req.status = RequestStatus.WAITING
-        req.prefix_keys = self._prefix_keys(req)
+        req.kv_mode = req.kv_mode or self.config.kv_cache_mode
+        req.prefix_keys = self._prefix_keys(req) if req.kv_mode != "none" else []
         self.waiting.append(req)
 
     def _prefix_keys(self, req: Request) -> list[bytes]:
@@ -130,7 +131,7 @@ class Scheduler:
         return out
 
     def _plan(self, req: Request) -> ScheduledRequest:
-        return step_plan.plan(req, self.config.kv_cache_mode, self.config.refresh)
+        return step_plan.plan(req, req.kv_mode, self.config.refresh)
 
     def _fit(self, out: SchedulerOutput, req: Request, item: ScheduledRequest, budget: int) -> int:
         """Schedule `item` if it fits the budget (or a chunk of it); returns the tokens taken."""
@@ -164,7 +165,7 @@ class Scheduler:
         req.status = RequestStatus.RUNNING
         req.slot = self.take_slot(req)
         self.running[req.request_id] = req
-        step_plan.open_block(req, self.config.kv_cache_mode)
+        step_plan.open_block(req, req.kv_mode)
 
     def update(self, sched: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
         """Apply each scheduled request's commits; close finished blocks and requests."""
@@ -193,7 +194,7 @@ class Scheduler:
                 req.kv_written = req.canvas_len
             if item.kind == REFRESH and not req.prefix_published:
                 self._publish(req)
-            if step_plan.after_step(req, item, n_committed, self.config.kv_cache_mode):
+            if step_plan.after_step(req, item, n_committed, req.kv_mode):
                 outputs.append(self._close_block(req))
         return outputs
 
@@ -231,7 +232,7 @@ class Scheduler:
         elif last:
             self._finish(req, "length")
         else:
-            step_plan.open_block(req, self.config.kv_cache_mode)
+            step_plan.open_block(req, req.kv_mode)
         return self.make_output(req)
 
     def _stop_cut(self, req: Request) -> int | None:

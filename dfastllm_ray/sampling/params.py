@@ -40,6 +40,8 @@ KLASS_HISTORY = 2             # KLASS: consecutive small-KL steps (the official 
 WINO_THRESHOLD = 0.6          # WINO wide-in threshold (official `decoding_wino` default)
 NEUTRAL = {"top_p": (1.0,)}
 DECODINGS = ("diffusion", "apd", "speculative")
+SPEEDS = ("exact", "balanced", "fast")
+KV_MODES = ("none", "prefix", "dual")
 HYBRID_KNOBS = {"apd_mixture_weight": "apd", "kv_window": "apd", "max_lookahead": "apd",
                 "draft_tokens": "speculative"}
 APD_MIXTURE_WEIGHT = 0.7      # the APD paper's R for Dream-7B + Qwen2.5-0.5B
@@ -95,6 +97,8 @@ class SamplingParams:
     revoke_threshold: float | None = None  # WINO: re-mask committed tokens whose re-check prob < this
     credit_alpha: float | None = None      # dInfer credit fusion weight (threshold rule on fused logits)
     early_exit: bool = True                # stop once a committed block holds EOS/EOT (or a stop string)
+    speed: str | None = None               # "exact" | "balanced" | "fast": a measured policy + cache mode (sampling/speed.py)
+    kv_cache_mode: str | None = None       # this request's cache: "none" | "prefix" | "dual" (None: the engine's)
     decoding: str = "diffusion"            # "diffusion" | "apd" | "speculative" (hybrid: needs a verifier)
     apd_mixture_weight: float | None = None  # APD R: target = R * dLLM + (1 - R) * verifier logits
     kv_window: int | None = None           # APD W: recompute the last W committed positions (drafter cache)
@@ -187,6 +191,10 @@ class SamplingParams:
     def _validate_hybrid(self) -> None:
         """Hybrid diffusion-AR knobs: only with their decoding, each in its range."""
         _check(self.decoding in DECODINGS, "decoding", self.decoding, f"must be one of {DECODINGS}")
+        _check(self.speed is None or self.speed in SPEEDS, "speed", self.speed,
+               f"must be one of {SPEEDS}")
+        _check(self.kv_cache_mode is None or self.kv_cache_mode in KV_MODES, "kv_cache_mode",
+               self.kv_cache_mode, f"must be one of {KV_MODES}")
         for name, mode in HYBRID_KNOBS.items():
             v = getattr(self, name)
             if v is not None:

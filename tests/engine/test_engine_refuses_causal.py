@@ -16,7 +16,7 @@ def test_engine_refuses_a_causal_model():
         Engine(loaded, EngineConfig(num_pages=8))
 
 
-@pytest.mark.parametrize("knob", [{"revoke_threshold": 0.9}, {"kl_threshold": 0.01}])
+@pytest.mark.parametrize("knob", [{"credit_alpha": 0.5}])
 def test_reference_only_policies_are_refused_at_admission(knob):
     import sys
     sys.path.insert(0, str(Path(__file__).parent))
