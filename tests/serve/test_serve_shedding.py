@@ -134,3 +134,33 @@ def test_saturated_refusal_comes_before_body_parsing():
     assert "at capacity" in r.json()["error"]["message"]
     server.admission.leave("fake", 1, None)
     assert TestClient(app).post("/v1/completions", json=BODY).status_code == 200
+
+
+def test_stream_left_mid_way_is_counted_client_closed():
+    """The access record of a response whose last body part was never sent (the client left a
+    stream) is 499 / client_closed, not 200 / ok."""
+    from dfastllm_ray.serve.api import OUTCOMES, RequestContext
+
+    seen = []
+
+    class Metrics:
+        def request(self, model, route, outcome, seconds):
+            seen.append(outcome)
+
+    async def left_mid_stream(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"data: x\n\n", "more_body": True})
+
+    async def whole(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def run(app):
+        async def send(message):
+            pass
+        scope = {"type": "http", "path": "/v1/completions", "method": "POST", "headers": []}
+        await RequestContext(app, Metrics(), add_header=False)(scope, None, send)
+
+    asyncio.run(run(left_mid_stream))
+    asyncio.run(run(whole))
+    assert seen == [OUTCOMES[499], OUTCOMES[200]] == ["client_closed", "ok"]
