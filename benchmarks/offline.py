@@ -27,13 +27,22 @@ How many tokens a step commits:
   the first K masked positions of each window, so the real threshold path commits K tokens per
   forward (Dream's cached modes: 1 at a block's refresh, Fast-dLLM's rule, then K).
 `--random-weights llada-8b | dream-7b` builds the published shape with random weights (no
-download). "reference" is `sampling.llada_generate` variant "llada" (ML-GSAI `generate`: no
+download).
+Hybrid diffusion-AR decoding (docs/hybrid.md): `--decoding diffusion apd speculative` runs each
+listed decoding per cache mode (rows "dual", "dual/apd", "dual/speculative") with a verifier
+from `--verifier DIR` or `--verifier-random-weights qwen2.5-0.5b`; hybrid rows add the verifier's
+forwards per request and per token (NFE and TPF there count the drafter's forwards). Random
+weights accept about one draft token per step, so hybrid tokens/s there is a step-cost floor.
+
+    python benchmarks/offline.py --random-weights dream-7b --verifier-random-weights qwen2.5-0.5b \
+        --decoding diffusion apd speculative --modes dual --batch 32 --skip-reference "reference" is `sampling.llada_generate` variant "llada" (ML-GSAI `generate`: no
 cache, the whole batch in one call), one token per step; LLaDA models only.
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import math
 import platform
@@ -55,10 +64,13 @@ from dfastllm_ray.engine.engine import Engine  # noqa: E402
 from dfastllm_ray.models.loader import LoadedModel, load_model  # noqa: E402
 from dfastllm_ray.models.random_weights import random_model  # noqa: E402
 from dfastllm_ray.models.shapes import KNOWN_SHAPES  # noqa: E402
+from dfastllm_ray.sampling.params import DECODINGS  # noqa: E402
 from dfastllm_ray.sampling.llada_generate import llada_generate as reference_generate  # noqa: E402
 from dfastllm_ray.sampling.params import SamplingParams  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "dfastllm_ray" / "assets" / "tiny-llada"
+DRAFTER_SHAPES = sorted(k for k, v in KNOWN_SHAPES.items() if not v.causal)
+VERIFIER_SHAPES = sorted(k for k, v in KNOWN_SHAPES.items() if v.causal)
 PERCENTILES = (50, 90, 99)
 SCRIPTED_THRESHOLD = 0.9
 
@@ -120,10 +132,16 @@ def threshold_of(args) -> float | None:
 def prompts_for(args, loaded: LoadedModel) -> list[list[int]]:
     rng = torch.Generator().manual_seed(args.seed)
     high = min(loaded.spec.vocab_size, loaded.spec.mask_token_id)
-    return torch.randint(0, high, (args.batch, args.prompt_len), generator=rng).tolist()
+    ids = torch.randint(0, high, (args.batch, args.prompt_len), generator=rng)
+    if any(d != "diffusion" for d in args.decoding):   # APD stops at an EOS anywhere in the canvas
+        stops = torch.tensor(loaded.spec.stop_token_ids or [-1])
+        ids = torch.where(torch.isin(ids, stops), 0, ids)
+    return ids.tolist()
 
 
-def params_for(args) -> SamplingParams:
+def params_for(args, decoding: str = "diffusion") -> SamplingParams:
+    if decoding != "diffusion":
+        return hybrid_params(args, decoding)
     gen, thr = args.gen_len, threshold_of(args)
     if args.scripted_tpf:       # a schedule of K per step, which the scripted model fills exactly
         steps = max(gen // args.scripted_tpf, gen // args.block_len)  # (Dream no-cache: its cap)
@@ -133,6 +151,22 @@ def params_for(args) -> SamplingParams:
         steps = max(gen // args.tokens_per_step, gen // args.block_len)
     return SamplingParams(max_tokens=gen, block_length=args.block_len, steps=steps,
                           threshold=thr, early_exit=not args.no_early_exit)
+
+
+def hybrid_params(args, decoding: str) -> SamplingParams:
+    """APD (R, W, M) or speculative (draft_tokens) at temperature 0 over the whole generation."""
+    apd = decoding == "apd"
+    return SamplingParams(max_tokens=args.gen_len, decoding=decoding,
+                          apd_mixture_weight=args.apd_mixture_weight if apd else None,
+                          kv_window=args.kv_window if apd else None,
+                          max_lookahead=args.max_lookahead if apd else None,
+                          draft_tokens=None if apd else args.draft_tokens)
+
+
+def hybrid_source(args, decoding: str) -> str:
+    if decoding == "apd":
+        return (f"apd R={args.apd_mixture_weight} W={args.kv_window} M={args.max_lookahead}")
+    return f"speculative draft_tokens={args.draft_tokens}"
 
 
 def run_reference(loaded: LoadedModel, prompts, args) -> dict:
@@ -150,21 +184,23 @@ def run_reference(loaded: LoadedModel, prompts, args) -> dict:
                       peak_gb(loaded.device), tpf_source="fixed quota 1/step")
 
 
-def build_engine(loaded: LoadedModel, mode: str, args) -> Engine:
+def build_engine(loaded: LoadedModel, mode: str, args, verifier: LoadedModel | None = None
+                 ) -> Engine:
     canvas = args.prompt_len + args.gen_len
     pages = None if args.kv_cache_gb else args.batch * -(-canvas // args.page_size)  # just enough
     cfg = EngineConfig(kv_cache_mode=mode, max_num_seqs=max(args.batch, 1),
                        max_num_batched_tokens=max(args.batch, 1) * canvas,
                        page_size=args.page_size, compile=args.compile,
                        kv_cache_memory_gb=args.kv_cache_gb, num_pages=pages)
-    return Engine(loaded, cfg)
+    return Engine(loaded, cfg, verifier=verifier)
 
 
-def warm_up(eng: Engine, prompts, args) -> dict:
-    """The timed requests for `--warmup-steps` steps (default: one block and one more step),
-    op-counted, then aborted: every shape the timed run uses is seen once."""
-    params = params_for(args)
-    per_block = params.steps * args.block_len // args.gen_len
+def warm_up(eng: Engine, prompts, args, decoding: str = "diffusion") -> dict:
+    """The timed requests for `--warmup-steps` steps (default: one block and one more step;
+    hybrid: 3 steps, a first one with the verifier's prefill and two drafts), op-counted, then
+    aborted: every shape the timed run uses is seen once."""
+    params = params_for(args, decoding)
+    per_block = params.steps * args.block_len // args.gen_len if params.steps else 2
     n = args.warmup_steps if args.warmup_steps is not None else per_block + 1
     probe = StepProbe(eng, count_ops=not (args.no_count_ops or args.compile))  # no mode in graphs
     for i, ids in enumerate(prompts):
@@ -180,17 +216,19 @@ def warm_up(eng: Engine, prompts, args) -> dict:
     return probe.summary()
 
 
-def run_engine(loaded: LoadedModel, mode: str, prompts, args) -> dict:
+def run_engine(loaded: LoadedModel, mode: str, prompts, args, decoding: str = "diffusion",
+               verifier: LoadedModel | None = None) -> dict:
     reset_peak(loaded.device)
-    eng = build_engine(loaded, mode, args)
-    warm = warm_up(eng, prompts, args)
+    eng = build_engine(loaded, mode, args, verifier)
+    warm = warm_up(eng, prompts, args, decoding)
     probe = StepProbe(eng, sync=args.phase_sync)
-    params, first, done, finals = params_for(args), {}, {}, []
+    params, first, done, finals = params_for(args, decoding), {}, {}, []
     sync(loaded.device)
     t0 = time.perf_counter()
     for i, ids in enumerate(prompts):
         eng.add_request(f"b{i}", ids, params)
-    with tqdm(total=len(prompts), desc=mode, unit="req", disable=args.no_progress,
+    label = mode if decoding == "diffusion" else f"{mode}/{decoding}"
+    with tqdm(total=len(prompts), desc=label, unit="req", disable=args.no_progress,
               leave=False) as bar:
         while eng.has_unfinished():
             outs = probe.step()
@@ -205,14 +243,27 @@ def run_engine(loaded: LoadedModel, mode: str, prompts, args) -> dict:
     seconds = time.perf_counter() - t0
     probe.close()
     by_kind = merge_kinds(probe.summary(), warm)
-    row = result_row(mode, args, sum(len(o.token_ids) for o in finals), seconds,
+    tokens = sum(len(o.token_ids) for o in finals)
+    row = result_row(label, args, tokens, seconds,
                      sum(o.nfe for o in finals) / len(finals), sum(probe.steps.values()),
                      peak_gb(loaded.device), ttfb_ms=percentiles(list(first.values())),
                      latency_ms=percentiles(list(done.values())), by_kind=by_kind,
                      phases_ms_per_step=weighted(by_kind, "phases_ms"),
-                     ops_per_step=weighted(warm, "ops_per_step"))
+                     ops_per_step=weighted(warm, "ops_per_step"),
+                     **hybrid_counts(finals, tokens, args, decoding))
     del eng, probe
     return row
+
+
+def hybrid_counts(finals, tokens: int, args, decoding: str) -> dict:
+    """Hybrid rows' extra fields: the verifier's forwards per request and per returned token
+    (diffusion rows keep the plain row's fields)."""
+    if decoding == "diffusion":
+        return {}
+    vf = sum(o.verifier_forwards for o in finals)
+    return {"decoding": decoding, "verifier_forwards": vf / len(finals),
+            "verifier_forwards_per_token": vf / max(tokens, 1),
+            "tpf_source": hybrid_source(args, decoding)}
 
 
 def merge_kinds(timed: dict, warm: dict) -> dict:
@@ -239,10 +290,13 @@ def fmt(v, spec: str = "8.1f") -> str:
 
 def main_line(r: dict) -> str:
     lat, ttfb = r["latency_ms"] or {}, r["ttfb_ms"] or {}
+    vf = r.get("verifier_forwards_per_token")
+    verifier = f" | verifier fwd/token {vf:5.2f}" if vf is not None else ""
     return (f"{r['path']:<10} batch {r['batch']:>3} | {r['tokens_per_s']:9.1f} tok/s | "
             f"NFE {r['nfe']:6.1f} | TPF {r['tpf']:5.2f} | {r['ms_per_step']:7.1f} ms/step | "
             f"TTFB p50 {fmt(ttfb.get('p50'))} ms | latency p50/p90/p99 {fmt(lat.get('p50'))} "
-            f"{fmt(lat.get('p90'))} {fmt(lat.get('p99'))} ms | peak {fmt(r['peak_gb'], '6.2f')} GB")
+            f"{fmt(lat.get('p90'))} {fmt(lat.get('p99'))} ms | peak {fmt(r['peak_gb'], '6.2f')} GB"
+            f"{verifier}")
 
 
 def kind_lines(r: dict) -> list[str]:
@@ -285,8 +339,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
-    ap.add_argument("--random-weights", choices=sorted(KNOWN_SHAPES), default=None,
+    ap.add_argument("--random-weights", choices=DRAFTER_SHAPES, default=None,
                     help="a published shape with random weights instead of --model")
+    ap.add_argument("--decoding", nargs="+", default=["diffusion"], choices=DECODINGS,
+                    help="decodings to run per cache mode (apd / speculative need a verifier)")
+    ap.add_argument("--verifier", default=None, help="causal verifier folder (same tokenizer)")
+    ap.add_argument("--verifier-random-weights", choices=VERIFIER_SHAPES, default=None,
+                    help="a published causal shape with random weights as the verifier")
+    ap.add_argument("--apd-mixture-weight", type=float, default=0.7, help="APD R")
+    ap.add_argument("--kv-window", type=int, default=None, help="APD W (drafter cache only)")
+    ap.add_argument("--max-lookahead", type=int, default=None, help="APD M (default: the canvas)")
+    ap.add_argument("--draft-tokens", type=int, default=4, help="speculative k (adaptive)")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--gen-len", type=int, default=64)
     ap.add_argument("--block-len", type=int, default=32)
@@ -329,10 +392,29 @@ def check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> argparse.N
         ap.error(f"--block-len {a.block_len} must divide --gen-len {a.gen_len}")
     if a.scripted_tpf is not None and a.scripted_tpf < 1:
         ap.error(f"--scripted-tpf {a.scripted_tpf} is invalid: use an integer >= 1")
+    hybrid = [d for d in a.decoding if d != "diffusion"]
+    if hybrid and not (a.verifier or a.verifier_random_weights):
+        ap.error(f"--decoding {hybrid[0]} needs a verifier: pass --verifier DIR or "
+                 "--verifier-random-weights qwen2.5-0.5b")
+    if a.verifier and a.verifier_random_weights:
+        ap.error("--verifier and --verifier-random-weights exclude each other: pass one")
+    if hybrid and a.scripted_tpf:
+        ap.error("--scripted-tpf scripts diffusion steps only: leave it out with --decoding "
+                 f"{hybrid[0]}")
     if a.scripted_tpf and a.tokens_per_step != 1:
         ap.error("--scripted-tpf and --tokens-per-step exclude each other: the scripted model "
                  "sets the tokens per step through the threshold policy")
     return a
+
+
+def load_verifier(args, loaded: LoadedModel) -> LoadedModel | None:
+    """The verifier, on the model's device and in its dtype (as `LLM(verifier=...)` loads it)."""
+    if args.verifier_random_weights:
+        return random_model(args.verifier_random_weights, str(loaded.device), loaded.dtype,
+                            seed=args.seed + 1)
+    if args.verifier:
+        return load_model(args.verifier, dtype=loaded.dtype, device=str(loaded.device))
+    return None
 
 
 def load(args) -> LoadedModel:
@@ -360,8 +442,13 @@ def main(argv=None) -> list[dict]:
         print(main_line(results[-1]), flush=True)
     elif not args.skip_reference:
         print("# reference: skipped (the ML-GSAI loop is LLaDA's, and runs no scripted model)")
-    for mode in args.modes:
-        results.append(run_engine(loaded, mode, prompts, args))
+    verifier = load_verifier(args, loaded)
+    if verifier is not None:
+        head["verifier"] = verifier.name
+        print(f"# verifier {verifier.name} ({str(verifier.dtype).replace('torch.', '')})")
+    for mode, decoding in itertools.product(args.modes, args.decoding):
+        results.append(run_engine(loaded, mode, prompts, args, decoding,
+                                  verifier if decoding != "diffusion" else None))
         print(main_line(results[-1]), *kind_lines(results[-1]), sep="\n", flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
