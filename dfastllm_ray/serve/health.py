@@ -112,8 +112,8 @@ class ModelHealth:
         try:
             await asyncio.wait_for(ping(), timeout)
         except asyncio.TimeoutError:
-            if self._progress[model] >= t0 - self.poll_s:
-                return            # busy (pings queue behind decoding requests), not dead
+            if self._progress[model] >= t0:
+                return            # blocks streamed during the ping: busy, not dead
             if known:
                 self.mark_down(model, f"no answer to a ping within {timeout:g} s")
             return

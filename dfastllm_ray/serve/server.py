@@ -178,7 +178,6 @@ class OpenAIServer:
                 raise self.health.lost(fan.model) from None
             raise map_downstream_error(exc) from None
         if item is not None:
-            self.health.progress(fan.model)
             out = item[1]
             if out.error is not None and out.error_code == "model_unavailable":
                 self.health.suspect(fan.model, out.error)            # the batcher saw it die
@@ -187,6 +186,7 @@ class OpenAIServer:
                 raise overloaded(out.error, retry_after_s=self.admission.retry_after())
             if out.error is not None:                               # the engine refused it
                 raise from_value_error(ValueError(out.error))
+            self.health.progress(fan.model)                         # a real block: alive
         return item
 
     # ---- running -----------------------------------------------------------------------------

@@ -207,3 +207,27 @@ def test_batcher_replica_loss_record_marks_the_model_down():
     r = TestClient(build_api(server, ApiKeys([]))).post("/v1/completions", json=BODY)
     assert r.status_code == 503 and r.json()["error"]["code"] == "model_unavailable"
     assert r.headers["retry-after"] and server.health.suspected == 1
+
+
+def test_busy_replica_is_not_marked_down_but_a_silent_one_is():
+    """A ping that times out while blocks stream is a busy replica; one with no block during
+    the ping is down (refusal records never count as blocks)."""
+    from dfastllm_ray.serve.health import ModelHealth
+
+    async def scenario():
+        h = ModelHealth(["m"], poll_s=0.01, timeout_s=0.05, wait_s=0)
+
+        async def slow_ping():
+            await asyncio.sleep(1)
+
+        async def streaming():
+            for _ in range(20):
+                h.progress("m")
+                await asyncio.sleep(0.005)
+
+        h.mark_up("m")
+        await asyncio.gather(h.probe("m", slow_ping, known=True), streaming())
+        busy_ok = h.healthy["m"]
+        await h.probe("m", slow_ping, known=True)              # nothing streamed meanwhile
+        return busy_ok, h.healthy["m"], "m" in h.down
+    assert asyncio.run(scenario()) == (True, False, True)
