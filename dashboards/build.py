@@ -99,6 +99,24 @@ def decoding_row(y: int) -> list[dict]:
     ]
 
 
+def hybrid_row(y: int) -> list[dict]:
+    mean = (f"sum by (model) (rate(ray_dfastllm_accepted_tokens_per_verifier_forward_sum{{{F}}}"
+            f"[{RATE}])) / sum by (model) (rate("
+            f"ray_dfastllm_accepted_tokens_per_verifier_forward_count{{{F}}}[{RATE}]))")
+    return [
+        row("Hybrid decoding (APD / speculative)", y),
+        panel("Verifier forwards per second", "Forwards of the causal verifier spent on hybrid "
+              "requests (models served with a `verifier`).",
+              [(rate("ray_dfastllm_verifier_forwards_total"), "{{model}}")], "short",
+              (0, y + 1, 12, 8)),
+        panel("Accepted tokens per verifier forward", "Per hybrid request: generated tokens / "
+              "verifier forwards (speculative: accepted drafts + 1; APD: the accepted run).",
+              [(mean, "mean request {{model}}"),
+               (quantiles("ray_dfastllm_accepted_tokens_per_verifier_forward")[0][0],
+                "median request {{model}}")], "short", (12, y + 1, 12, 8)),
+    ]
+
+
 def capacity_row(y: int) -> list[dict]:
     def gauge(metric: str, how: str = "sum") -> list[tuple[str, str]]:
         return [(f"{how} by (model) ({metric}{{{F}}})", "{{model}}")]
@@ -151,7 +169,8 @@ def variables() -> list[dict]:
 
 
 def dashboard() -> dict:
-    panels = traffic_row(0) + decoding_row(17) + capacity_row(26) + ray_serve_row(35)
+    panels = (traffic_row(0) + decoding_row(17) + hybrid_row(26) + capacity_row(35)
+              + ray_serve_row(44))
     for i, p in enumerate(panels, start=1):
         p["id"] = i
     return {
