@@ -56,3 +56,20 @@ def test_engine_equals_policy_loop(name):
                                loaded.spec.mask_token_id)
         assert finals[str(r)].token_ids == want, f"row {r}"
         assert finals[str(r)].nfe == ref.nfe[r], f"row {r}"
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_cached_modes_keep_the_schedule(mode):
+    """With a KV cache the engine plans PC-Sampler and SchED like `fixed`: PC-Sampler takes
+    exactly steps_per_block forwards per block, SchED at most that, and both fill every block."""
+    loaded = tiny("llada-tiny")
+    rows = prompts(3, 10, loaded.spec)
+    for name, bound in (("pc_sampler", "exact"), ("sched_exit", "at_most")):
+        params = SamplingParams(max_tokens=16, block_length=8, early_exit=False, **SETTINGS[name])
+        finals = run_all(engine("llada-tiny", mode), {str(r): (p, params) for r, p in enumerate(rows)})
+        spb = params.steps // 2
+        for out in finals.values():
+            assert out.num_masks_left == 0
+            assert out.nfe == 2 * spb if bound == "exact" else out.nfe <= 2 * spb
+        if bound == "at_most":                                   # SchED does leave early
+            assert min(out.nfe for out in finals.values()) < 2 * spb
