@@ -2,6 +2,7 @@
 
     python benchmarks/step_profile.py                       # this tree
     python benchmarks/step_profile.py --baseline 583994a    # ... and a commit, side by side
+                                                            # (alternating rounds, --repeats)
 
 For each batch size, B requests run in one engine (threshold 0.9, dual cache by default) and
 every step is measured: its wall time minus the model forwards' (the *host* work a GPU cannot
@@ -9,7 +10,10 @@ overlap: schedule, input build, sampling, commit, bookkeeping), the aten ops dis
 the forward and inside the sampler (views excluded: they launch nothing on a GPU), and the
 data-dependent (syncing) ops. With `--baseline REF`
 the same measurement runs on a `git worktree` of REF in a subprocess, so both engines are
-measured by the same code in one run. Only ratios mean something on a shared CPU.
+measured by the same code in one run. Times are this process's CPU time
+(`time.process_time`), not wall time: on a shared, loaded machine the wall clock also counts
+the time other processes hold the cores, the process clock only the work done. Only ratios
+mean something on a shared CPU.
 """
 from __future__ import annotations
 
@@ -71,9 +75,9 @@ def profile(model: str, batch: int, mode: str, steps: int, params: dict) -> dict
         c = state["counter"]
         if c is not None:
             c.paused = True
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         out = model_fn(*a, **k)
-        state["fwd"] += time.perf_counter() - t0
+        state["fwd"] += time.process_time() - t0
         if c is not None:
             c.paused = False
         return out
@@ -95,10 +99,10 @@ def profile(model: str, batch: int, mode: str, steps: int, params: dict) -> dict
         if not eng.has_unfinished():
             break
         state.update(fwd=0.0, sample_ops=0, counter=Count())
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         with state["counter"]:
             eng.step()
-        host.append((time.perf_counter() - t0 - state["fwd"]) * 1e3)
+        host.append((time.process_time() - t0 - state["fwd"]) * 1e3)
         ops.append(state["counter"].n)
         sample_ops.append(state["sample_ops"])
         syncs.append(state["counter"].syncs)
@@ -129,9 +133,9 @@ def _host_ms_plain(model: str, batch: int, mode: str, steps: int, params: dict) 
     model_fn = eng.runner.model
 
     def timed(*a, **k):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         out = model_fn(*a, **k)
-        fwd[0] += time.perf_counter() - t0
+        fwd[0] += time.process_time() - t0
         return out
     eng.runner.model = timed
     for _ in range(2):
@@ -141,9 +145,9 @@ def _host_ms_plain(model: str, batch: int, mode: str, steps: int, params: dict) 
         if not eng.has_unfinished():
             break
         fwd[0] = 0.0
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         eng.step()
-        out.append((time.perf_counter() - t0 - fwd[0]) * 1e3)
+        out.append((time.process_time() - t0 - fwd[0]) * 1e3)
     return out
 
 
@@ -173,6 +177,23 @@ def run_baseline(args, ref: str) -> list[dict]:
                            capture_output=True)
 
 
+def interleaved(args) -> dict[str, list[dict]]:
+    """`--repeats` rounds, this tree and the baseline alternating (the load of a shared machine
+    drifts: alternating exposes both to it alike); per engine and batch the median host time."""
+    runs: dict[str, list[list[dict]]] = {"this tree": []}
+    for _ in range(args.repeats):
+        runs["this tree"].append(run_all(args))
+        if args.baseline:
+            runs.setdefault(args.baseline, []).append(run_baseline(args, args.baseline))
+    out = {}
+    for name, rounds in runs.items():
+        merged = []
+        for i, first in enumerate(rounds[0]):
+            merged.append({**first, "host_ms": statistics.median(r[i]["host_ms"] for r in rounds)})
+        out[name] = merged
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
@@ -183,16 +204,16 @@ def main() -> None:
     ap.add_argument("--block-length", type=int, default=32)
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--baseline", default=None, help="a git ref to measure side by side")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating rounds (median)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(run_all(args)))
         return
-    rows = {"this tree": run_all(args)}
-    if args.baseline:
-        rows[args.baseline] = run_baseline(args, args.baseline)
+    rows = interleaved(args)
     print(f"mode={args.mode} threshold={args.threshold} max_tokens={args.max_tokens} "
-          f"block={args.block_length} model={Path(args.model).name} (1 torch thread, CPU)")
+          f"block={args.block_length} model={Path(args.model).name} (1 torch thread, CPU, "
+          f"median of {args.repeats} alternating rounds)")
     print(f"{'engine':>12} {'batch':>5} | {'host ms/step':>12} | {'ops outside fwd':>15} | "
           f"{'sampling ops':>12} | {'syncs/step':>10}")
     for name, results in rows.items():
