@@ -141,7 +141,7 @@ class ServerSettings(_Strict):
     request_timeout_s: float = Field(300.0, gt=0)       # aborts the request in the engine
     max_concurrent_requests: int = Field(256, ge=1)     # per ingress replica; beyond: 503
     health_poll_s: float = Field(1.0, gt=0)             # replica readiness refresh
-    health_timeout_s: float = Field(3.0, gt=0)          # a ping unanswered this long, with no
+    health_timeout_s: float = Field(2.0, gt=0)          # a ping unanswered this long, with no
                                                         # block streamed meanwhile: model down
     unavailable_wait_s: float = Field(2.0, ge=0)        # a new request waits this long for a
                                                         # model that is down, then 503
