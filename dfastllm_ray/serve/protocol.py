@@ -15,10 +15,13 @@ from dfastllm_ray.sampling.params import MAX_DRAFT_TOKENS, MAX_HYBRID_WINDOW
 
 # Hybrid diffusion-AR decoding (docs/hybrid.md): only on a model whose config names a verifier.
 HYBRID_FIELDS = ("decoding", "apd_mixture_weight", "kv_window", "max_lookahead", "draft_tokens")
+# The speed dial, the request's cache mode and the newer policies (docs/policies.md).
+POLICY_FIELDS = ("speed", "kv_cache_mode", "pc_lambda", "exit_high", "exit_low", "kl_threshold",
+                 "kl_history", "revoke_threshold")
 # Request fields that map 1:1 onto SamplingParams fields.
 KNOBS = ("steps", "block_length", "threshold", "factor", "entropy_bound", "remasking", "alg",
          "alg_temp", "cfg_scale", "top_k", "eps", "logits_eos_inf", "confidence_eos_eot_inf",
-         "early_exit", "temperature", "top_p", "seed", *HYBRID_FIELDS)
+         "early_exit", "temperature", "top_p", "seed", *HYBRID_FIELDS, *POLICY_FIELDS)
 
 
 class StreamOptions(BaseModel):
@@ -59,6 +62,18 @@ class _Body(BaseModel):
     logits_eos_inf: Optional[bool] = None
     confidence_eos_eot_inf: Optional[bool] = None
     early_exit: Optional[bool] = None
+    # One speed/quality dial (docs/policies.md): a measured policy, settings and cache mode.
+    speed: Optional[Literal["exact", "balanced", "fast"]] = Field(None, description=(
+        "exact: the reference schedule, no approximate cache; balanced / fast: the measured "
+        "points at >= 4 / >= 8 tokens per forward (docs/policies.md). Knobs set by hand win."))
+    kv_cache_mode: Optional[Literal["none", "prefix", "dual"]] = Field(None, description=(
+        "This request's KV cache (default: the model's engine setting)."))
+    pc_lambda: Optional[float] = Field(None, ge=0)         # PC-Sampler position decay
+    exit_high: Optional[float] = Field(None, gt=0, le=1)   # SchED exit threshold at progress 0
+    exit_low: Optional[float] = Field(None, gt=0, le=1)    # SchED exit threshold at progress 1
+    kl_threshold: Optional[float] = Field(None, gt=0)      # KLASS KL stability bound
+    kl_history: Optional[int] = Field(None, ge=1, le=64)   # KLASS consecutive stable steps
+    revoke_threshold: Optional[float] = Field(None, gt=0, le=1)   # WINO narrow-out threshold
     # Hybrid diffusion-AR decoding (needs a model with a `verifier`; docs/hybrid.md).
     decoding: Optional[Literal["diffusion", "apd", "speculative"]] = Field(None, description=(
         "diffusion (default) | apd (Adaptive Parallel Decoding: the dLLM drafts, the verifier "
