@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     if bool(args.prompt) == bool(args.prompt_ids):
         print("pass --prompt (text) or --prompt-ids (token ids), not both", file=sys.stderr)
         return 2
+    if args.decoding != "diffusion" and not args.verifier:
+        print(f"--decoding {args.decoding} needs --verifier DIR (a causal LM over the model's "
+              "tokenizer)", file=sys.stderr)
+        return 2
     if args.model == str(DEFAULT_MODEL) and not DEFAULT_MODEL.is_dir():
         print(f"the bundled tiny model is missing ({DEFAULT_MODEL}); pass --model", file=sys.stderr)
         return 2
