@@ -222,7 +222,6 @@ def test_advance_keeps_top_k_not_the_vocabulary():
     ({"kl_threshold": 0.01, "kl_history": 0}, "kl_history"),
     ({"revoke_threshold": 0.0}, "revoke_threshold"),
     ({"pc_lambda": 0.2, "revoke_threshold": 0.9}, "revoke_threshold"),
-    ({"threshold": 0.9, "exit_high": 0.9}, "threshold"),
 ])
 def test_policy_knob_errors_name_the_field(kw, field):
     with pytest.raises(ValueError, match=f"^{field}="):
@@ -231,6 +230,8 @@ def test_policy_knob_errors_name_the_field(kw, field):
 
 def test_policy_names():
     assert SamplingParams(pc_lambda=0.25).policy == "pc_sampler"
+    # a hand-set threshold wins over PC-Sampler / SchED (a speed preset plus the user's knob)
+    assert SamplingParams(pc_lambda=0.25, threshold=0.95).policy == "threshold"
     assert SamplingParams(exit_high=0.9).policy == "sched_exit"
     assert SamplingParams(kl_threshold=0.015).policy == "klass"
     assert SamplingParams(revoke_threshold=0.9, threshold=0.6).policy == "wino"

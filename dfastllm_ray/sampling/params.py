@@ -172,9 +172,6 @@ class SamplingParams:
                "kl_history", self.kl_history, "must be an integer in [1, 8]")
         _check(self.kl_history is None or self.kl_threshold is not None, "kl_history",
                self.kl_history, "needs kl_threshold (KLASS)")
-        if self.threshold is not None and (self.pc_lambda is not None or self.exit_high is not None):
-            _check(False, "threshold", self.threshold, "would override pc_lambda / exit_high: "
-                   "set one policy")
 
     @property
     def exit_low_or_default(self) -> float:

@@ -33,10 +33,10 @@ SPEED_DIAL: dict[str, dict[str, SpeedPoint | None]] = {
     "llada": {
         "exact": SpeedPoint('reference', {}, 1,
                        accuracy=0.4150, tpf=1.000),
-        "balanced": SpeedPoint('threshold=0.7', {'threshold': 0.7}, 1,
-                       accuracy=0.4400, tpf=9.302),
-        "fast": SpeedPoint('threshold=0.7', {'threshold': 0.7}, 1,
-                       accuracy=0.4400, tpf=9.302),
+        "balanced": SpeedPoint('pc_sampler l=0.25 4/step', {'pc_lambda': 0.25}, 4,
+                       accuracy=0.4275, tpf=4.000),
+        "fast": SpeedPoint('pc_sampler l=0.25 8/step', {'pc_lambda': 0.25}, 8,
+                       accuracy=0.4225, tpf=8.000),
     },
 }
 
