@@ -164,3 +164,27 @@ def test_stream_left_mid_way_is_counted_client_closed():
     asyncio.run(run(left_mid_stream))
     asyncio.run(run(whole))
     assert seen == [OUTCOMES[499], OUTCOMES[200]] == ["client_closed", "ok"]
+
+
+def test_tokenizer_routes_with_the_shipped_tokenizer():
+    """The same routes over the real tokenizer of the shipped tiny model: ids round-trip, the
+    chat form equals what a chat completion would send, and the info names its special tokens."""
+    from transformers import AutoTokenizer
+
+    from dfastllm_ray.serve.config import shipped_tiny_model
+    from dfastllm_ray.serve.prompts import encode_chat
+    from dfastllm_ray.serve.records import ModelCard
+    tok = AutoTokenizer.from_pretrained(shipped_tiny_model())
+    card = ModelCard("tiny", tok, 256, len(tok), {"max_tokens": 8, "block_length": 8}, None, 1)
+    core = ReplicaCore(ModelConfig(model_id="tiny"), FakeEngine(), card)
+    server = OpenAIServer(ServerSettings(api_keys_env=None), {"tiny": LocalClient(core)})
+    c = TestClient(build_api(server, ApiKeys([])))
+    info = c.get("/tokenizer_info").json()
+    assert info["model_max_length"] == 256 and info["eos_token"] == tok.eos_token
+    t = c.post("/tokenize", json={"prompt": "sort 31842", "return_token_strs": True}).json()
+    assert t["tokens"] == tok("sort 31842")["input_ids"] and len(t["token_strs"]) == t["count"]
+    back = c.post("/detokenize", json={"tokens": t["tokens"]}).json()["prompt"]
+    assert "sort 31842" in back
+    msgs = [{"role": "user", "content": "add 1+2"}]
+    chat = c.post("/tokenize", json={"messages": msgs}).json()["tokens"]
+    assert chat == encode_chat(tok, msgs)
