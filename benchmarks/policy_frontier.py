@@ -8,6 +8,7 @@ the same batched policy functions the engine runs. Prints a markdown table (fron
 within 2 points; schedule-fixed TPF first, then the most accurate (`dial`).
 
     python benchmarks/policy_frontier.py --per-task 80 --out benchmarks/results/policy_frontier
+    python benchmarks/policy_frontier.py --engine-cache dual --only ... --out ...   # the engine
 
 Definitions (as benchmarks/quality.py): accuracy = the reply cut at EOT/EOS equals the answer;
 NFE = forwards per request (WINO's forward also carries the block's shadow copy); TPF = decoded
@@ -71,6 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block-length", type=int, default=16)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--only", nargs="*", help="setting names to run (default: all)")
+    p.add_argument("--engine-cache", choices=["none", "prefix", "dual"],
+                   help="run through the engine (offline LLM API) with this KV-cache mode "
+                        "instead of the reference loop; settings the engine refuses are skipped")
     p.add_argument("--out", default="benchmarks/results/policy_frontier")
     return p.parse_args(argv)
 
@@ -97,6 +101,26 @@ def run(loaded, examples, knobs: dict, args) -> dict:
     acc = {t: sum(v) / len(v) for t, v in right.items()}
     acc["mean"] = sum(acc.values()) / len(acc)
     return {"knobs": knobs, "accuracy": acc, "nfe": nfe / len(examples), "tpf": decoded / nfe,
+            "seconds": time.perf_counter() - start}
+
+
+def run_engine(llm, loaded, examples, knobs: dict, args) -> dict:
+    """The same setting through the engine: accuracy of the returned text, TPF as quality.py
+    (blocks skipped by early exit are not decoded)."""
+    params = SamplingParams(max_tokens=args.max_tokens, block_length=args.block_length,
+                            **{"steps": args.max_tokens, **knobs})
+    prompts = [prompt_ids(loaded.tokenizer, ex.prompt) for ex in examples]
+    start = time.perf_counter()
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    right: dict[str, list[bool]] = defaultdict(list)
+    for ex, o in zip(examples, outs):
+        right[ex.task].append(o.text == ex.answer)
+    acc = {t: sum(v) / len(v) for t, v in right.items()}
+    acc["mean"] = sum(acc.values()) / len(acc)
+    spb = params.steps // (args.max_tokens // args.block_length)
+    nfe = sum(o.nfe for o in outs)
+    decoded = sum(args.max_tokens - o.nfe_saved // spb * args.block_length for o in outs)
+    return {"knobs": knobs, "accuracy": acc, "nfe": nfe / len(outs), "tpf": decoded / nfe,
             "seconds": time.perf_counter() - start}
 
 
@@ -148,10 +172,20 @@ def main(argv=None) -> int:
     loaded = load_model(args.model, dtype="float32", device="cpu")
     examples = tasks.heldout_set(args.per_task, args.seed)
     results = {}
+    llm = None
+    if args.engine_cache:
+        from dfastllm_ray import LLM
+        llm = LLM(loaded, dtype="float32", device="cpu", kv_cache_mode=args.engine_cache,
+                  max_num_seqs=args.batch)
     for name, knobs in settings(args.max_tokens).items():
         if args.only and name not in args.only and name != "reference":
             continue
-        results[name] = run(loaded, examples, knobs, args)
+        try:
+            results[name] = (run_engine(llm, loaded, examples, knobs, args) if llm else
+                             run(loaded, examples, knobs, args))
+        except ValueError as exc:                  # the engine refuses the setting
+            print(f"{name}: skipped ({exc})", flush=True)
+            continue
         r = results[name]
         print(f"{name}: mean {100 * r['accuracy']['mean']:.1f}%  NFE {r['nfe']:.2f}  "
               f"TPF {r['tpf']:.2f}  ({r['seconds']:.1f} s)", flush=True)
