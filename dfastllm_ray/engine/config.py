@@ -88,6 +88,12 @@ class EngineConfig:
     compile: bool = False
     """CUDA only: `torch.compile` the model forward (dynamic shapes)."""
 
+    default_speed: str | None = "balanced"
+    """The `speed` a request gets when it sets no decoding knob at all (no steps, threshold,
+    policy knob, speed, cache mode): "balanced" is the measured point at >= 4 tokens per forward
+    within 1 point of the reference (sampling/speed.py); None keeps the reference schedule
+    (one position per step) for such requests."""
+
     cuda_graphs: bool = False
     """Run cached-window forwards on static buffers padded to batch / key buckets, captured
     as CUDA graphs on first use and replayed (engine/graph_runner.py). On CPU the same
@@ -121,6 +127,8 @@ class EngineConfig:
                "max_num_batched_tokens", self.max_num_batched_tokens, "use an integer >= 1")
         _check(self.kv_cache_mode in KV_CACHE_MODES, "kv_cache_mode", self.kv_cache_mode,
                f"use one of {KV_CACHE_MODES}")
+        _check(self.default_speed in (None, "exact", "balanced", "fast"), "default_speed",
+               self.default_speed, 'use "exact", "balanced", "fast" or None')
         _check(self.refresh in REFRESH_MODES, "refresh", self.refresh,
                f"use one of {REFRESH_MODES}")
         _check(not self.chunked_refresh or self.kv_cache_mode != "none", "chunked_refresh",

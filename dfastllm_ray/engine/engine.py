@@ -19,7 +19,7 @@ from ..models.loader import LoadedModel
 from ..sampling.dream import transfer_probs
 from ..sampling.params import DEFAULT_MAX_TOKENS, SamplingParams
 from ..sampling.rng import seed_to_int64
-from ..sampling.speed import speed_knobs
+from ..sampling.speed import SPEED_DIAL, speed_knobs
 from .config import EngineConfig
 from .detokenizer import Detokenizer
 from ..sampling.batch_policies import BATCH_POLICIES
@@ -39,6 +39,17 @@ from .scheduler import Scheduler
 
 ENGINE_POLICIES = set(BATCH_POLICIES) | {"wino", "klass"}
 POLICY_FIELDS = {"klass": "kl_threshold", "wino": "revoke_threshold", "credit": "credit_alpha"}
+
+
+# Fields that mean "this request chose its decoding": with none set, the engine's default speed
+DECODING_KNOBS = ("steps", "threshold", "factor", "entropy_bound", "pc_lambda", "exit_high",
+                  "kl_threshold", "revoke_threshold", "credit_alpha", "kv_cache_mode", "alg",
+                  "alg_temp", "top_p", "top_k")
+
+
+def sets_decoding_knobs(p: SamplingParams) -> bool:
+    return any(getattr(p, k, None) is not None for k in DECODING_KNOBS) or \
+        p.remasking != "low_confidence" or p.temperature > 0 or p.cfg_scale > 0
 
 
 class Engine:
@@ -130,6 +141,8 @@ class Engine:
             raise ValueError(f"cfg_scale={params.cfg_scale} is not supported by the engine (it would "
                              "double every forward); use sampling.llada_generate for guidance")
         p = replace(params, alg=alg)
+        if p.speed is None and self._default_speed() and not sets_decoding_knobs(params):
+            p = replace(p, speed=self.config.default_speed)
         if p.speed is not None:
             p = self._apply_speed(p)
         mode = self.request_kv_mode(p)
@@ -150,6 +163,12 @@ class Engine:
             raise ValueError(f"kv_cache_mode={mode!r} needs a KV cache, and this engine has none "
                              "(EngineConfig.kv_cache_mode='none'): drop the field or use 'none'")
         return mode
+
+    def _default_speed(self) -> bool:
+        """The engine's default speed applies where it is measured for this model family."""
+        family = "dream" if self.spec.arch == "dream" else "llada"
+        speed = self.config.default_speed
+        return speed is not None and SPEED_DIAL.get(family, {}).get(speed) is not None
 
     def _apply_speed(self, p: SamplingParams) -> SamplingParams:
         """`speed` -> the measured policy, settings and cache mode of this model family
