@@ -22,6 +22,7 @@ Definitions (every row, greedy):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -36,7 +37,7 @@ if str(ROOT) not in sys.path:                       # run as a script from a sou
 
 from benchmarks.quality import _portable, accuracy              # noqa: E402
 from dfastllm_ray import LLM, SamplingParams                     # noqa: E402
-from dfastllm_ray.models.loader import load_model                # noqa: E402
+from dfastllm_ray.models.loader import LoadedModel, load_model   # noqa: E402
 from dfastllm_ray.sampling.ar_generate import ar_generate        # noqa: E402
 from dfastllm_ray.train import tasks                             # noqa: E402
 from dfastllm_ray.train.evaluate import prompt_ids               # noqa: E402
@@ -74,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--drafter", default=str(ASSETS / "tiny-llada"), help="diffusion checkpoint")
     p.add_argument("--verifier", default=str(ASSETS / "tiny-ar"), help="causal checkpoint")
+    p.add_argument("--fit-vocabulary", action="store_true",
+                   help="cut a verifier's extra ids (tokens the drafter's tokenizer lacks)")
     p.add_argument("--per-task", type=int, default=40, help="held-out examples per task")
     p.add_argument("--seed", type=int, default=0, help="held-out sampling seed")
     p.add_argument("--max-tokens", type=int, default=32)
@@ -95,6 +98,30 @@ def apd_knobs(text: str) -> dict:
     if len(parts) == 3:
         knobs["kv_window"] = int(parts[2])
     return knobs
+
+
+def fit_vocabulary(verifier: LoadedModel, drafter: LoadedModel) -> LoadedModel:
+    """A verifier whose vocabulary extends the drafter's with tokens the drafter's tokenizer does
+    not have (the trainer grows the tiny vocabulary with Dream's specials, ids 108-111) -> the
+    same model with its embeddings and LM head cut to the drafter's ids, which the engine needs.
+    Refused unless both tokenizers give every shared id the same token."""
+    d = drafter.spec.vocab_size
+    if verifier.spec.vocab_size <= d:
+        return verifier
+    shared = {t: i for t, i in verifier.tokenizer.get_vocab().items() if i < d}
+    if shared != {t: i for t, i in drafter.tokenizer.get_vocab().items() if i < d}:
+        raise SystemExit(f"--fit-vocabulary: the verifier's tokenizer differs from the drafter's "
+                         f"on ids below {d}; the pair does not share a tokenizer")
+    net, spec = verifier.model, dataclasses.replace(verifier.spec, vocab_size=d)
+    emb = net.model.embed_tokens
+    emb.weight = torch.nn.Parameter(emb.weight.data[:d].clone(), requires_grad=False)
+    emb.num_embeddings = d
+    if not net.tie:
+        net.lm_head.weight = torch.nn.Parameter(net.lm_head.weight.data[:d].clone(),
+                                                requires_grad=False)
+        net.lm_head.out_features = d
+    net.spec = spec
+    return dataclasses.replace(verifier, spec=spec, name=f"{verifier.name} (ids < {d})")
 
 
 def engine_row(llm: LLM, name: str, prompts, examples, params: SamplingParams) -> Row:
@@ -127,6 +154,8 @@ def run(args: argparse.Namespace) -> list[Row]:
     examples = tasks.heldout_set(args.per_task, args.seed)
     drafter = load_model(args.drafter, dtype="float32", device="cpu")
     verifier = load_model(args.verifier, dtype="float32", device="cpu")
+    if args.fit_vocabulary:
+        verifier = fit_vocabulary(verifier, drafter)
     prompts = [prompt_ids(drafter.tokenizer, ex.prompt) for ex in examples]
     llm = LLM(drafter, dtype="float32", device="cpu", verifier=verifier, kv_cache_mode="dual",
               max_num_seqs=args.max_num_seqs)
