@@ -34,13 +34,27 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "tests" / "fixtures" / "reference" / "llada-tiny"
 
 
-def profile(model: str, batch: int, mode: str, steps: int, params: dict) -> dict:
-    """Run `batch` requests; measure `steps` steps after 2 warm-up steps."""
-    from dfastllm_ray.engine import sampler
+def loaded_engine(model: str, batch: int, mode: str, params: dict):
+    """An engine over `model` holding `batch` requests of 16 random prompt tokens."""
     from dfastllm_ray.engine.config import EngineConfig
     from dfastllm_ray.engine.engine import Engine
     from dfastllm_ray.models.loader import load_model
     from dfastllm_ray.sampling.params import SamplingParams
+    loaded = load_model(model, dtype="float32", device="cpu")
+    canvas = 16 + params["max_tokens"]
+    eng = Engine(loaded, EngineConfig(kv_cache_mode=mode, max_num_seqs=batch, page_size=16,
+                                      num_pages=batch * (canvas // 16 + 2),
+                                      max_num_batched_tokens=batch * canvas))
+    rng = random.Random(0)
+    for i in range(batch):
+        eng.add_request(str(i), [rng.randrange(1, loaded.spec.vocab_size - 8) for _ in range(16)],
+                        SamplingParams(**params))
+    return eng
+
+
+def profile(model: str, batch: int, mode: str, steps: int, params: dict) -> dict:
+    """Run `batch` requests; measure `steps` steps after 2 warm-up steps."""
+    from dfastllm_ray.engine import sampler
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -59,15 +73,7 @@ def profile(model: str, batch: int, mode: str, steps: int, params: dict) -> dict
                 self.syncs += name in ("_local_scalar_dense", "nonzero", "masked_select") or bool_idx
             return func(*args, **(kwargs or {}))
 
-    loaded = load_model(model, dtype="float32", device="cpu")
-    canvas = 16 + params["max_tokens"]
-    eng = Engine(loaded, EngineConfig(kv_cache_mode=mode, max_num_seqs=batch, page_size=16,
-                                      num_pages=batch * (canvas // 16 + 2),
-                                      max_num_batched_tokens=batch * canvas))
-    rng = random.Random(0)
-    sp = SamplingParams(**params)
-    for i in range(batch):
-        eng.add_request(str(i), [rng.randrange(1, loaded.spec.vocab_size - 8) for _ in range(16)], sp)
+    eng = loaded_engine(model, batch, mode, params)
     state = {"fwd": 0.0, "sample_ops": 0, "counter": None}
     model_fn, sample_fn = eng.runner.model, sampler.sample
 
@@ -116,19 +122,7 @@ def profile(model: str, batch: int, mode: str, steps: int, params: dict) -> dict
 
 def _host_ms_plain(model: str, batch: int, mode: str, steps: int, params: dict) -> list[float]:
     """Non-forward ms per step, measured with no op counting."""
-    from dfastllm_ray.engine.config import EngineConfig
-    from dfastllm_ray.engine.engine import Engine
-    from dfastllm_ray.models.loader import load_model
-    from dfastllm_ray.sampling.params import SamplingParams
-    loaded = load_model(model, dtype="float32", device="cpu")
-    canvas = 16 + params["max_tokens"]
-    eng = Engine(loaded, EngineConfig(kv_cache_mode=mode, max_num_seqs=batch, page_size=16,
-                                      num_pages=batch * (canvas // 16 + 2),
-                                      max_num_batched_tokens=batch * canvas))
-    rng = random.Random(0)
-    for i in range(batch):
-        eng.add_request(str(i), [rng.randrange(1, loaded.spec.vocab_size - 8) for _ in range(16)],
-                        SamplingParams(**params))
+    eng = loaded_engine(model, batch, mode, params)
     fwd = [0.0]
     model_fn = eng.runner.model
 

@@ -20,11 +20,9 @@ def _prompts(n: int, seed: int = 0) -> dict[str, list[int]]:
     return {f"r{i}": [rng.randrange(1, 490) for _ in range(rng.randint(3, 14))] for i in range(n)}
 
 
-@pytest.mark.parametrize("knobs", SETTINGS)
-def test_engine_wino_equals_the_reference_loop_without_cache(knobs):
-    params = SamplingParams(max_tokens=16, block_length=8, **knobs)
+def assert_engine_equals_policy_generate(params: SamplingParams, prompts: dict) -> None:
+    """The engine without a cache == the policy's reference loop, tokens and NFE, per row."""
     loaded = tiny("llada-tiny")
-    prompts = _prompts(6)
     finals = run_all(engine("llada-tiny", "none"), {r: (p, params) for r, p in prompts.items()})
     stops = loaded.spec.stop_token_ids
     for rid, prompt in prompts.items():
@@ -33,6 +31,12 @@ def test_engine_wino_equals_the_reference_loop_without_cache(knobs):
         cut = next((i for i, t in enumerate(gen) if t in stops), len(gen))
         assert finals[rid].token_ids == [t for t in gen[:cut] if t != loaded.spec.mask_token_id]
         assert finals[rid].nfe == run.nfe[0], rid
+
+
+@pytest.mark.parametrize("knobs", SETTINGS)
+def test_engine_wino_equals_the_reference_loop_without_cache(knobs):
+    assert_engine_equals_policy_generate(SamplingParams(max_tokens=16, block_length=8, **knobs),
+                                         _prompts(6))
 
 
 @pytest.mark.parametrize("mode", ["dual", "prefix"])
@@ -82,17 +86,8 @@ def test_a_revoked_token_is_never_streamed(monkeypatch):
 def test_engine_klass_equals_the_reference_loop_without_cache(knobs):
     """KLASS keeps per-position state (top-8 probabilities, a streak) across steps, on the
     device by slot: the engine equals policy_generate token for token and in NFE."""
-    params = SamplingParams(max_tokens=16, block_length=8, **knobs)
-    loaded = tiny("llada-tiny")
-    prompts = _prompts(6, 4)
-    finals = run_all(engine("llada-tiny", "none"), {r: (p, params) for r, p in prompts.items()})
-    stops = loaded.spec.stop_token_ids
-    for rid, prompt in prompts.items():
-        run = policy_generate(loaded.model, torch.tensor([prompt]), params, spec=loaded.spec)
-        gen = run.x[0, len(prompt):].tolist()
-        cut = next((i for i, t in enumerate(gen) if t in stops), len(gen))
-        assert finals[rid].token_ids == [t for t in gen[:cut] if t != loaded.spec.mask_token_id]
-        assert finals[rid].nfe == run.nfe[0], rid
+    assert_engine_equals_policy_generate(SamplingParams(max_tokens=16, block_length=8, **knobs),
+                                         _prompts(6, 4))
 
 
 def test_engine_klass_with_a_cache_batch_equals_alone():
