@@ -8,7 +8,7 @@ import pytest
 
 from dfastllm_ray.engine.outputs import CACHED, PREFILL, REFRESH
 from dfastllm_ray.sampling.params import SamplingParams
-from engine_factories import commit_quota, make_request, make_scheduler, run_to_completion
+from engine_factories import commit_quota, make_request, make_scheduler
 from engine_models import engine, run_all
 from test_batch_invariance import mixed_requests
 
