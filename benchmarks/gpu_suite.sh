@@ -60,6 +60,14 @@ for shape in llada-8b dream-7b; do
   run "$shape-b1-tps1" --random-weights "$shape" --batch 1 --tokens-per-step 1
   run "$shape-b64-tpf4" --random-weights "$shape" --batch 64 --scripted-tpf 4 --warmup-steps 3
 done
+# the GPU paths side by side, dual cache: CUDA graphs, FlexAttention over the pages, incremental
+# refresh (each against the dual rows above)
+run "llada-8b-b1-tps1-graphs" --random-weights llada-8b --batch 1 --tokens-per-step 1 \
+  --modes dual --cuda-graphs
+run "llada-8b-b64-tpf4-flex" --random-weights llada-8b --batch 64 --scripted-tpf 4 \
+  --warmup-steps 3 --modes dual --attention-backend flex
+run "llada-8b-b64-tpf4-incremental" --random-weights llada-8b --batch 64 --scripted-tpf 4 \
+  --warmup-steps 3 --modes dual --refresh incremental
 [[ "$DRY" == 1 ]] && exit 0
 echo "== table done in $((SECONDS - START)) s; JSON in benchmarks/results/gpu/" | tee -a "$LOG"
 if (( SECONDS - START > 480 )); then

@@ -191,7 +191,9 @@ def build_engine(loaded: LoadedModel, mode: str, args, verifier: LoadedModel | N
     cfg = EngineConfig(kv_cache_mode=mode, max_num_seqs=max(args.batch, 1),
                        max_num_batched_tokens=max(args.batch, 1) * canvas,
                        page_size=args.page_size, compile=args.compile,
-                       kv_cache_memory_gb=args.kv_cache_gb, num_pages=pages)
+                       kv_cache_memory_gb=args.kv_cache_gb, num_pages=pages,
+                       cuda_graphs=args.cuda_graphs, attention_backend=args.attention_backend,
+                       refresh=args.refresh, default_speed=None)
     return Engine(loaded, cfg, verifier=verifier)
 
 
@@ -367,6 +369,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--kv-cache-gb", type=float, default=None)
     ap.add_argument("--compile", action="store_true", help="torch.compile the forward (CUDA)")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="cached windows on static buffers, replayed as CUDA graphs")
+    ap.add_argument("--attention-backend", default="sdpa", choices=("sdpa", "flex"),
+                    help="flex: FlexAttention over the pages in place (no gather)")
+    ap.add_argument("--refresh", default="full", choices=("full", "incremental"),
+                    help="what a block's refresh recomputes")
     ap.add_argument("--warmup-steps", type=int, default=None,
                     help="warm-up steps per mode (default: one block's steps + 1)")
     ap.add_argument("--no-count-ops", action="store_true",

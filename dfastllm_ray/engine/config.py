@@ -88,11 +88,12 @@ class EngineConfig:
     compile: bool = False
     """CUDA only: `torch.compile` the model forward (dynamic shapes)."""
 
-    default_speed: str | None = "balanced"
+    default_speed: str | None = None
     """The `speed` a request gets when it sets no decoding knob at all (no steps, threshold,
     policy knob, speed, cache mode): "balanced" is the measured point at >= 4 tokens per forward
-    within 1 point of the reference (sampling/speed.py); None keeps the reference schedule
-    (one position per step) for such requests."""
+    within 1 point of the reference (sampling/speed.py). None (the default until the dial is
+    re-measured on the retrained tiny models) keeps the reference schedule, one position per
+    step, for such requests."""
 
     cuda_graphs: bool = False
     """Run cached-window forwards on static buffers padded to batch / key buckets, captured

@@ -60,12 +60,12 @@ def test_bad_request_modes_name_the_field():
 
 
 def test_a_request_with_no_decoding_knob_gets_the_default_speed():
-    eng = engine("llada-tiny", "dual")
+    eng = engine("llada-tiny", "dual", default_speed="balanced")
     plain = eng.resolve_params(SamplingParams(max_tokens=16), 4)
     assert plain.speed == "balanced"
     for k, v in SPEED_DIAL["llada"]["balanced"].knobs.items():
         assert getattr(plain, k) == v
     chosen = eng.resolve_params(SamplingParams(max_tokens=16, steps=16), 4)
     assert chosen.speed is None and chosen.threshold is None          # the reference schedule
-    off = engine("llada-tiny", "dual", default_speed=None)
+    off = engine("llada-tiny", "dual")                     # default: the reference schedule
     assert off.resolve_params(SamplingParams(max_tokens=16), 4).threshold is None
