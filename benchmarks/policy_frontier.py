@@ -139,7 +139,7 @@ def dial(results: dict[str, dict]) -> dict[str, str | None]:
     """The speed dial's picks: among the settings that meet the rule (TPF bar, accuracy within
     the points of the reference), first those whose TPF the schedule fixes (fixed top-k,
     PC-Sampler: tokens per step = max_tokens / steps on any model, where a confidence rule's TPF
-    and accuracy move with the model's calibration: the issue's unseen model loses 9 points with
+    and accuracy move with the model's calibration: issue 12's unseen model loses 9 points with
     threshold 0.9 and none with 4 tokens/step), then the most accurate, then the faster; None
     when none meets the rule."""
     ref = results["reference"]["accuracy"]["mean"]
