@@ -107,10 +107,13 @@ def tokenizer_ids(tokenizer) -> dict:
         return {}
     ids = {"bos_token_id": tokenizer.bos_token_id}
     vocab = tokenizer.get_vocab()
-    for tok in EOT_TOKENS:
-        if tok in vocab:
-            ids["eot_token_id"] = vocab[tok]
-            break
+    # the end-of-turn token is the one the chat template writes: a vocabulary may hold both
+    # families' (the project's tiny models share one), and only the template tells them apart
+    template = getattr(tokenizer, "chat_template", None) or ""
+    found = [t for t in EOT_TOKENS if t in vocab]
+    for tok in [t for t in found if t in template] + found:
+        ids["eot_token_id"] = vocab[tok]
+        break
     return ids
 
 
