@@ -1,10 +1,12 @@
 """Quality of each decoding policy on the task suite's held-out split, through the real engine.
 
-For every setting (policy x KV-cache mode x early exit) the held-out prompts go through the
-offline `LLM` API; the printed table gives exact-match accuracy per task, mean NFE per request and
-TPF, and the same numbers go to JSON, with a PNG plot of accuracy against TPF.
+For every diffusion model (default: the tiny LLaDA and its Dream twin) and every setting (policy
+x KV-cache mode x early exit) the held-out prompts go through the offline `LLM` API; the printed
+table gives exact-match accuracy per task, mean NFE per request and TPF, and the same numbers go
+to JSON, with a PNG plot of accuracy against TPF per model. The AR model (default: tiny-ar, on the
+same tokenizer) is scored by greedy next-token decoding, its own row.
 
-    python benchmarks/quality.py --model dfastllm_ray/assets/tiny-llada --out results/quality
+    python benchmarks/quality.py --per-task 100 --out benchmarks/results/quality
 
 Definitions:
 * accuracy: the reply text (cut at EOT/EOS by the engine) equals the expected answer exactly.
@@ -15,6 +17,7 @@ Definitions:
 * `reference`: LLaDA's schedule, one token per step (`steps = max_tokens`), greedy,
   `low_confidence` remasking -- the accuracy every faster setting is compared with.
 * `trainer-loop`: the trainer's own engine-free decode of the same schedule (a cross-check).
+* `ar-greedy`: the AR model, one forward per generated token (NFE = max_tokens, no KV cache).
 """
 from __future__ import annotations
 
@@ -35,7 +38,9 @@ from dfastllm_ray.models.loader import load_model                # noqa: E402
 from dfastllm_ray.train import tasks                              # noqa: E402
 from dfastllm_ray.train.evaluate import evaluate, prompt_ids      # noqa: E402
 
-DEFAULT_MODEL = ROOT / "dfastllm_ray" / "assets" / "tiny-llada"
+ASSETS = ROOT / "dfastllm_ray" / "assets"
+DEFAULT_MODELS = [str(ASSETS / "tiny-llada"), str(ASSETS / "tiny-dream")]
+DEFAULT_AR = str(ASSETS / "tiny-ar")
 POLICIES = {                                        # name -> SamplingParams knobs
     "reference": {},
     "threshold=0.9": {"threshold": 0.9},
@@ -63,13 +68,16 @@ class Setting:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint folder")
+    p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, help="diffusion checkpoint folders")
+    p.add_argument("--ar-model", default=DEFAULT_AR, help="AR checkpoint folder ('' to skip)")
     p.add_argument("--per-task", type=int, default=100, help="held-out examples per task")
     p.add_argument("--seed", type=int, default=0, help="held-out sampling seed")
-    p.add_argument("--max-tokens", type=int, default=16, help="generation length (gen_length)")
+    p.add_argument("--max-tokens", type=int, default=32,
+                   help="generation length (gen_length; 32: configs/tiny.yaml's default, and the "
+                        "greeting's 31 characters + EOT fit)")
     p.add_argument("--block-length", type=int, default=8,
-                   help="block length; divides max-tokens (8: an answer and its EOT fit the first "
-                        "block, so early exit can skip the second)")
+                   help="block length; divides max-tokens (8: a task answer and its EOT fit the "
+                        "first block, so early exit can skip the other three)")
     p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
     p.add_argument("--cache-modes", nargs="+", default=list(CACHE_MODES), choices=CACHE_MODES)
     p.add_argument("--early-exit", nargs="+", default=["on", "off"], choices=["on", "off"])
@@ -111,7 +119,19 @@ def trainer_loop(loaded, examples: list[tasks.Example], args: argparse.Namespace
     start = time.perf_counter()
     s.accuracy = evaluate(loaded.model, loaded.tokenizer, examples, args.max_tokens,
                           args.block_length, loaded.spec.mask_token_id,
-                          set(loaded.spec.stop_token_ids))
+                          set(loaded.spec.stop_token_ids), logits_shift=loaded.spec.logits_shift)
+    s.seconds = time.perf_counter() - start
+    s.nfe, s.tpf = float(args.max_tokens), 1.0
+    return s
+
+
+def ar_greedy(folder: str, examples: list[tasks.Example], args: argparse.Namespace) -> Setting:
+    """The AR model's own accuracy: greedy next-token decoding, max_tokens forwards."""
+    loaded = load_model(folder, dtype="float32", device="cpu")
+    s = Setting("ar-greedy", "none", False)
+    start = time.perf_counter()
+    s.accuracy = evaluate(loaded.model, loaded.tokenizer, examples, args.max_tokens,
+                          args.max_tokens, None, set(loaded.spec.stop_token_ids), causal=True)
     s.seconds = time.perf_counter() - start
     s.nfe, s.tpf = float(args.max_tokens), 1.0
     return s
@@ -128,13 +148,14 @@ def format_table(results: list[Setting]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[Setting], path: Path) -> None:
+def plot(results: list[Setting], path: Path, title: str) -> None:
     """Mean accuracy against TPF: one colour per policy, one marker per cache mode; hollow
     markers are runs without early exit."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    colours = dict(zip(list(POLICIES) + ["trainer-loop"], plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    colours = dict(zip(list(POLICIES) + ["trainer-loop", "ar-greedy"],
+                       plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     markers = {"none": "o", "prefix": "s", "dual": "^"}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for s in results:
@@ -147,17 +168,16 @@ def plot(results: list[Setting], path: Path) -> None:
         ax.scatter([], [], marker=m, facecolors="none", edgecolors="gray", label=f"cache={cache}")
     ax.set_xlabel("tokens per forward (TPF)")
     ax.set_ylabel("held-out accuracy, mean over tasks (%)")
-    ax.set_title("tiny-llada: accuracy vs parallelism (hollow: no early exit)")
+    ax.set_title(f"{title}: accuracy vs parallelism (hollow: no early exit)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
-    examples = tasks.heldout_set(args.per_task, args.seed)
+def diffusion_settings(folder: str, examples: list[tasks.Example],
+                       args: argparse.Namespace) -> list[Setting]:
+    loaded = load_model(folder, dtype=args.dtype, device=args.device)
     prompts = [prompt_ids(loaded.tokenizer, ex.prompt) for ex in examples]
     results = [trainer_loop(loaded, examples, args)]
     for cache in args.cache_modes:
@@ -165,18 +185,33 @@ def main(argv: list[str] | None = None) -> int:
                   max_num_seqs=args.max_num_seqs)
         for policy, ee in itertools.product(args.policies, args.early_exit):
             s = run_setting(llm, prompts, examples, Setting(policy, cache, ee == "on"), args)
-            print(f"{s.name}: mean {100 * s.accuracy['mean']:.1f}%  NFE {s.nfe:.2f}  "
-                  f"TPF {s.tpf:.2f}  ({s.seconds:.1f} s)", flush=True)
+            print(f"{Path(folder).name} {s.name}: mean {100 * s.accuracy['mean']:.1f}%  "
+                  f"NFE {s.nfe:.2f}  TPF {s.tpf:.2f}  ({s.seconds:.1f} s)", flush=True)
             results.append(s)
-    print(format_table(results))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    examples = tasks.heldout_set(args.per_task, args.seed)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {k: v for k, v in vars(args).items() if k != "out"}
-    meta["model"] = _portable(args.model)          # no machine paths in committed results
+    tables: dict[str, list[Setting]] = {}
+    for folder in args.models:
+        tables[_portable(folder)] = diffusion_settings(folder, examples, args)
+        plot(tables[_portable(folder)], out.with_name(f"{out.name}-{Path(folder).name}.png"),
+             Path(folder).name)
+    if args.ar_model:
+        tables[_portable(args.ar_model)] = [ar_greedy(args.ar_model, examples, args)]
+    for name, results in tables.items():
+        print(f"\n{name}\n{format_table(results)}")
+    meta = {k: v for k, v in vars(args).items() if k not in ("out", "models", "ar_model")}
+    meta["models"] = [_portable(m) for m in args.models]   # no machine paths in committed results
+    meta["ar_model"] = _portable(args.ar_model) if args.ar_model else ""
     out.with_suffix(".json").write_text(json.dumps(
-        {"args": meta, "results": [dict(vars(s), name=s.name) for s in results]}, indent=2) + "\n")
-    plot(results, out.with_suffix(".png"))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+        {"args": meta, "results": {name: [dict(vars(s), name=s.name) for s in results]
+                                   for name, results in tables.items()}}, indent=2) + "\n")
+    print(f"wrote {out.with_suffix('.json')} and {out.name}-<model>.png")
     return 0
 
 

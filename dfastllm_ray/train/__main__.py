@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     p.add_argument("--eval-final", type=int, default=100,
                    help="held-out examples per task to score the written folder with (0: skip)")
     p.add_argument("--eval-gen-length", type=int, default=32, help="generation length when scoring")
+    p.add_argument("--eval-block-length", type=int, default=8,
+                   help="block length when scoring (8: configs/tiny.yaml's default)")
     args = p.parse_args(argv)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in known}), args
@@ -63,21 +65,22 @@ def main(argv: list[str] | None = None, reexec: bool = False) -> int:
         pin_threads(cfg.threads, argv)
     summary = train(cfg)
     if args.eval_final:
-        summary["heldout_accuracy"] = score(cfg.out, args.eval_final, args.eval_gen_length)
+        summary["heldout_accuracy"] = score(cfg.out, args.eval_final, args.eval_gen_length,
+                                            args.eval_block_length)
     print(json.dumps(summary, indent=2))
     return 0
 
 
-def score(folder: str, per_task: int, gen_length: int) -> dict[str, float]:
+def score(folder: str, per_task: int, gen_length: int, block_length: int) -> dict[str, float]:
     """Reload the written folder through the project's loader and score the held-out split
-    (seed 0) with the reference schedule, one block."""
+    (seed 0) with the reference schedule (one token per step, low-confidence order)."""
     from ..models.loader import load_model
     from . import tasks
     from .evaluate import evaluate
     loaded = load_model(folder, dtype="float32", device="cpu")
     spec = loaded.spec
     return evaluate(loaded.model, loaded.tokenizer, tasks.heldout_set(per_task), gen_length,
-                    gen_length, spec.mask_token_id, set(spec.stop_token_ids),
+                    block_length, spec.mask_token_id, set(spec.stop_token_ids),
                     logits_shift=spec.logits_shift, causal=spec.mask_token_id is None)
 
 

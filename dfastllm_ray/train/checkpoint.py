@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -67,8 +67,9 @@ def load_state(path: Path, cfg) -> dict:
                                 "--resume, or pass the --state-dir of an earlier run")
     state = torch.load(path, weights_only=False)
     saved, now = state["config"], asdict(cfg)
-    for k, v in now.items():
-        if k not in RESUMABLE_CHANGES and saved.get(k) != v:
+    defaults = {f.name: f.default for f in fields(cfg)}
+    for k, v in now.items():   # a field newer than the saved run counts as its default
+        if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != v:
             raise ValueError(f"{k}={v!r} differs from the run being resumed ({saved.get(k)!r}): "
                              f"resume with the same value, or start a new --state-dir")
     return state
