@@ -96,7 +96,13 @@ def load_tokenizer(folder: Path):
     """The checkpoint's own tokenizer and chat template, or None when the folder has none."""
     if not (folder / "tokenizer.json").exists() and not (folder / "tokenizer_config.json").exists():
         return None
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    config = folder / "tokenizer_config.json"
+    if config.exists() and read_json(config).get("tokenizer_class") == "PreTrainedTokenizerFast":
+        # the folder's tokenizer.json as written: for a known model_type (qwen2) AutoTokenizer
+        # substitutes that model's class and rebuilds the pipeline, which splits the project's
+        # tiny-ar vocabulary differently from its tiny-llada drafter
+        return PreTrainedTokenizerFast.from_pretrained(str(folder))
     # trust_remote_code=False: a real LLaDA folder names hub code in config.json `auto_map`, and
     # transformers would otherwise stop to ask on stdin; we never run that code
     return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
