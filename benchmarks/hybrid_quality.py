@@ -151,23 +151,31 @@ def ar_row(verifier, prompts, examples, max_tokens: int) -> Row:
 
 
 def run(args: argparse.Namespace) -> list[Row]:
-    examples = tasks.heldout_set(args.per_task, args.seed)
-    drafter = load_model(args.drafter, dtype="float32", device="cpu")
-    verifier = load_model(args.verifier, dtype="float32", device="cpu")
-    if args.fit_vocabulary:
+    return hybrid_rows(args.drafter, args.verifier, tasks.heldout_set(args.per_task, args.seed),
+                       args.max_tokens, args.block_length, args.apd, args.draft_tokens,
+                       args.max_num_seqs, args.fit_vocabulary)
+
+
+def hybrid_rows(drafter_dir: str, verifier_dir: str, examples: list[tasks.Example], gen: int,
+                block_length: int, apd: list[str] = DEFAULT_APD,
+                draft_tokens: list[int] = DEFAULT_DRAFT, max_num_seqs: int = 64,
+                fit: bool = False) -> list[Row]:
+    """Every row, printed as it finishes (also `benchmarks/quality.py --hybrid`)."""
+    drafter = load_model(drafter_dir, dtype="float32", device="cpu")
+    verifier = load_model(verifier_dir, dtype="float32", device="cpu")
+    if fit:
         verifier = fit_vocabulary(verifier, drafter)
     prompts = [prompt_ids(drafter.tokenizer, ex.prompt) for ex in examples]
     llm = LLM(drafter, dtype="float32", device="cpu", verifier=verifier, kv_cache_mode="dual",
-              max_num_seqs=args.max_num_seqs)
-    gen = args.max_tokens
+              max_num_seqs=max_num_seqs)
     settings = [("drafter 1 token/step", SamplingParams(max_tokens=gen, steps=gen,
-                                                        block_length=args.block_length))]
-    for text in args.apd:
+                                                        block_length=block_length))]
+    for text in apd:
         k = apd_knobs(text)
         label = f"apd R={k['apd_mixture_weight']} M={k['max_lookahead']}" + (
             f" W={k['kv_window']}" if "kv_window" in k else "")
         settings.append((label, SamplingParams(max_tokens=gen, **k)))
-    for n in args.draft_tokens:
+    for n in draft_tokens:
         settings.append((f"speculative k={n}", SamplingParams(max_tokens=gen,
                                                               decoding="speculative",
                                                               draft_tokens=n)))
@@ -197,24 +205,32 @@ def table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
+def lossless(rows: list[Row]) -> bool:
+    """Every speculative row returned the AR row's (the last) texts."""
+    return all(r.texts == rows[-1].texts for r in rows if r.name.startswith("speculative"))
+
+
+def rows_json(rows: list[Row]) -> list[dict]:
+    return [{**{k: v for k, v in asdict(r).items() if k != "texts"}, "tpf": r.tpf,
+             "verifier_forwards_per_token": r.verifier_per_token, "tokens_per_s": r.tokens_per_s}
+            for r in rows]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = run(args)
-    spec = [r for r in rows if r.name.startswith("speculative")]
-    lossless = all(r.texts == rows[-1].texts for r in spec)
-    print(f"\n{table(rows)}\n\nspeculative == AR greedy on every prompt: {lossless}")
+    same = lossless(rows)
+    print(f"\n{table(rows)}\n\nspeculative == AR greedy on every prompt: {same}")
     if args.out:
         out = Path(args.out).with_suffix(".json")
         out.parent.mkdir(parents=True, exist_ok=True)
         meta = {**vars(args), "drafter": _portable(args.drafter),
                 "verifier": _portable(args.verifier)}
-        out.write_text(json.dumps({"args": meta, "speculative_equals_ar": lossless, "rows": [
-            {**{k: v for k, v in asdict(r).items() if k != "texts"}, "tpf": r.tpf,
-             "verifier_forwards_per_token": r.verifier_per_token, "tokens_per_s": r.tokens_per_s}
-            for r in rows]}, indent=2) + "\n")
+        out.write_text(json.dumps({"args": meta, "speculative_equals_ar": same,
+                                   "rows": rows_json(rows)}, indent=2) + "\n")
         print(f"wrote {out}")
-    return 0 if lossless else 1
+    return 0 if same else 1
 
 
 if __name__ == "__main__":

@@ -85,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--out", default="results/quality", help="writes OUT.json and OUT.png")
+    p.add_argument("--hybrid", action="store_true",
+                   help="also APD / speculative rows (benchmarks/hybrid_quality.py): the first "
+                        "--models checkpoint drafting, --ar-model verifying")
     return p.parse_args(argv)
 
 
@@ -205,14 +208,27 @@ def main(argv: list[str] | None = None) -> int:
         tables[_portable(args.ar_model)] = [ar_greedy(args.ar_model, examples, args)]
     for name, results in tables.items():
         print(f"\n{name}\n{format_table(results)}")
+    hybrid = hybrid_section(args, examples) if args.hybrid and args.ar_model else None
     meta = {k: v for k, v in vars(args).items() if k not in ("out", "models", "ar_model")}
     meta["models"] = [_portable(m) for m in args.models]   # no machine paths in committed results
     meta["ar_model"] = _portable(args.ar_model) if args.ar_model else ""
     out.with_suffix(".json").write_text(json.dumps(
         {"args": meta, "results": {name: [dict(vars(s), name=s.name) for s in results]
-                                   for name, results in tables.items()}}, indent=2) + "\n")
+                                   for name, results in tables.items()},
+         **({"hybrid": hybrid} if hybrid else {})}, indent=2) + "\n")
     print(f"wrote {out.with_suffix('.json')} and {out.name}-<model>.png")
     return 0
+
+
+def hybrid_section(args: argparse.Namespace, examples: list[tasks.Example]) -> dict:
+    """APD and speculative rows (accuracy, TPF, verifier forwards per token) beside the drafter
+    at one token per step and the AR model alone, printed; their JSON."""
+    from benchmarks import hybrid_quality as hq
+    rows = hq.hybrid_rows(args.models[0], args.ar_model, examples, args.max_tokens,
+                          args.block_length, max_num_seqs=args.max_num_seqs)
+    pair = f"{_portable(args.models[0])} + {_portable(args.ar_model)}"
+    print(f"\nhybrid: {pair}\n{hq.table(rows)}\nspeculative == AR greedy: {hq.lossless(rows)}")
+    return {"pair": pair, "speculative_equals_ar": hq.lossless(rows), "rows": hq.rows_json(rows)}
 
 
 def _portable(path: str) -> str:
