@@ -225,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         out = Path(args.out).with_suffix(".json")
         out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {**vars(args), "drafter": _portable(args.drafter),
-                "verifier": _portable(args.verifier)}
+        meta = {**{k: v for k, v in vars(args).items() if k != "out"},   # no machine paths
+                "drafter": _portable(args.drafter), "verifier": _portable(args.verifier)}
         out.write_text(json.dumps({"args": meta, "speculative_equals_ar": same,
                                    "rows": rows_json(rows)}, indent=2) + "\n")
         print(f"wrote {out}")
