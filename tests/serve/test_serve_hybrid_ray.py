@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 from serve_testutil import API_KEY, FAST_SHUTDOWN
-from tiny_pair import DRAFTER, verifier_folder
+from tiny_pair import DRAFTER, multi_step_prompt, verifier_folder
 
 pytestmark = pytest.mark.ray
 MODEL = "tiny-apd"
@@ -62,12 +62,12 @@ def offline(verifier):
     return LLM(str(DRAFTER), device="cpu", dtype="float32", verifier=str(verifier))
 
 
-def expected(offline, knobs: dict, chat: bool):
+def expected(offline, knobs: dict, chat: bool, prompt: str = PROMPT):
     from dfastllm_ray import SamplingParams
     params = SamplingParams(max_tokens=16, temperature=0.0, **knobs)
     if chat:
-        return offline.chat([{"role": "user", "content": PROMPT}], params, use_tqdm=False)[0]
-    return offline.generate([PROMPT], params, use_tqdm=False)[0]
+        return offline.chat([{"role": "user", "content": prompt}], params, use_tqdm=False)[0]
+    return offline.generate([prompt], params, use_tqdm=False)[0]
 
 
 def check_usage(usage, want) -> None:
@@ -95,7 +95,8 @@ def test_completion_and_chat_equal_offline(client, offline, mode):
 @pytest.mark.parametrize("mode", KNOBS)
 def test_streams_send_every_committed_span(client, offline, mode):
     knobs = KNOBS[mode]
-    stream = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0.0,
+    prompt = multi_step_prompt(offline, knobs)       # two hybrid steps or more on this pair
+    stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0.0,
                                        stream=True, stream_options={"include_usage": True},
                                        extra_body=knobs)
     texts, usage = [], None
@@ -104,8 +105,9 @@ def test_streams_send_every_committed_span(client, offline, mode):
             texts.append(chunk.choices[0].text)
         else:
             usage = chunk.usage
-    want = expected(offline, knobs, chat=False)
-    assert "".join(texts) == want.text and sum(1 for t in texts if t) >= 2, texts
+    want = expected(offline, knobs, chat=False, prompt=prompt)
+    assert "".join(texts) == want.text
+    assert len(texts) == want.verifier_forwards >= 2, texts      # one chunk per hybrid step
     check_usage(usage, want)
     chat = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=16,

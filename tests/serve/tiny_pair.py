@@ -65,3 +65,23 @@ def random_verifier(folder: Path, seed: int = 0) -> Path:
 
 def verifier_folder(tmp: Path) -> Path:
     return shipped_verifier() or random_verifier(tmp / "tiny-verifier")
+
+
+# Completion prompts to stream: raw text and trained task prompts in the chat template's text.
+STREAM_CANDIDATES = ("Reverse the string: abcdef", "hi there!", "copy rid0yw", "reverse dhmim")
+
+
+def multi_step_prompt(llm, knobs: dict, max_tokens: int = 16) -> str:
+    """The first candidate (raw, then chat-templated) that this pair decodes in two hybrid
+    steps or more at temperature 0, so a stream of it must have several chunks."""
+    from dfastllm_ray import SamplingParams
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, **knobs)
+    tok = llm.tokenizer
+    texts = [*STREAM_CANDIDATES, *(tok.apply_chat_template([{"role": "user", "content": p}],
+                                                           add_generation_prompt=True,
+                                                           tokenize=False)
+                                   for p in STREAM_CANDIDATES)]
+    for text in texts:
+        if llm.generate([text], params, use_tqdm=False)[0].verifier_forwards >= 2:
+            return text
+    raise AssertionError(f"no candidate prompt takes two hybrid steps with {knobs}")
