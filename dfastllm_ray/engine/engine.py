@@ -65,6 +65,8 @@ class Engine:
         self.device, self.dtype = loaded.device, loaded.dtype
         self.max_model_len = min(self.config.max_model_len or self.spec.max_position,
                                  self.spec.max_position)
+        if verifier is not None:        # a hybrid canvas must fit the verifier's context too
+            self.max_model_len = min(self.max_model_len, verifier.spec.max_position)
         self.pool = self._build_pool()
         allocator = PageAllocator(self.pool.num_pages if self.pool else 0, self.config.page_size,
                                   self.config.enable_prefix_caching)
