@@ -95,13 +95,17 @@ def test_gpu_suite_parses_and_its_commands_are_valid_offline_flags():
     subprocess.run(["bash", "-n", str(SUITE)], check=True)
     out = subprocess.run(["bash", str(SUITE), "--dry-run"], check=True, capture_output=True,
                          text=True).stdout.splitlines()
-    assert len(out) == 4                                  # 2 shapes x (batch 1, batch 64)
-    for line in out:
+    assert len(out) == 7       # 2 shapes x (batch 1, batch 64), then graphs / flex / incremental
+    for i, line in enumerate(out):
         args = offline.parse_args(shlex.split(line)[1:])
-        assert args.random_weights in ("llada-8b", "dream-7b") and args.modes == [
-            "none", "prefix", "dual"]
+        assert args.random_weights in ("llada-8b", "dream-7b")
+        assert args.modes == (["none", "prefix", "dual"] if i < 4 else ["dual"])
         assert (args.batch, args.tokens_per_step, args.scripted_tpf) in ((1, 1, None), (64, 1, 4))
         assert args.json.startswith("benchmarks/results/gpu/")
+    extra = [offline.parse_args(shlex.split(line)[1:]) for line in out[4:]]
+    assert [a.cuda_graphs for a in extra] == [True, False, False]
+    assert [a.attention_backend for a in extra] == ["sdpa", "flex", "sdpa"]
+    assert [a.refresh for a in extra] == ["full", "full", "incremental"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
