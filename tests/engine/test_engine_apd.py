@@ -59,16 +59,19 @@ def test_engine_apd_equals_apd_generate(folder, name):
     assert eng.runner.hybrid.allocator.num_free_pages == eng.runner.hybrid.allocator.num_pages
 
 
-def test_mixed_batch_of_apd_and_diffusion_equals_each_alone():
+def test_mixed_batch_of_apd_speculative_and_diffusion_equals_each_alone():
     folder = APD[0][0]
     pair = load_pair(folder)
     cases = [pair.case(n) for f, n in APD if f == folder and
-             not pair.case(n).get("config_use_cache")][:12]
+             not pair.case(n).get("config_use_cache")][:8]
     reqs = {c["name"]: (pair.tensors[c["prompt"]][0].tolist(), apd_request(c)) for c in cases}
     rng = random.Random(0)
-    for i in range(4):                      # plain diffusion requests in the same steps
+    for i in range(4):                      # plain diffusion and speculative requests beside them
         reqs[f"d{i}"] = ([rng.randrange(1, 200) for _ in range(rng.randint(3, 12))],
                          SamplingParams(max_tokens=16, block_length=8, alg="entropy"))
+        reqs[f"s{i}"] = ([rng.randrange(1, 200) for _ in range(rng.randint(3, 12))],
+                         SamplingParams(max_tokens=12, decoding="speculative", draft_tokens=i + 1,
+                                        temperature=0.5 * (i % 2), seed=i))
     together = run_all(hybrid_engine(pair), reqs)
     staggered = run_all(hybrid_engine(pair), reqs, stagger=2)
     for rid, req in reqs.items():
