@@ -403,7 +403,14 @@ def test_launcher_drains_on_sigterm(tmp_path):
             assert time.time() < deadline, "the requests were never admitted"
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
-        deadline = time.time() + 30
+        deadline = time.time() + 30                       # the launcher has seen the signal
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"{url}/health/ready", timeout=2).status_code == 503:
+                    break
+            except httpx.TransportError:
+                break
+            time.sleep(0.05)
         late, codes = None, []
         while time.time() < deadline and proc.poll() is None:   # draining: nothing admitted
             try:
