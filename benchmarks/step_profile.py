@@ -29,9 +29,30 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "tests" / "fixtures" / "reference" / "llada-tiny"
+
+
+class Count(TorchDispatchMode):
+    """Kernels (views excluded: they launch nothing on a GPU) and data-dependent ops; pausable
+    around the forward. Self-contained, so the same counter measures a baseline tree."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = self.syncs = 0
+        self.paused = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused and not func.is_view:
+            self.n += 1
+            name = func.overloadpacket.__name__
+            index = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else []
+            bool_idx = name in ("index", "index_put_", "index_put") and any(
+                isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in index)
+            self.syncs += name in ("_local_scalar_dense", "nonzero", "masked_select") or bool_idx
+        return func(*args, **(kwargs or {}))
 
 
 def loaded_engine(model: str, batch: int, mode: str, params: dict):
@@ -55,24 +76,6 @@ def loaded_engine(model: str, batch: int, mode: str, params: dict):
 def profile(model: str, batch: int, mode: str, steps: int, params: dict) -> dict:
     """Run `batch` requests; measure `steps` steps after 2 warm-up steps."""
     from dfastllm_ray.engine import sampler
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.n = self.syncs = 0
-            self.paused = False
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not self.paused and not func.is_view:      # views launch nothing on a GPU
-                self.n += 1
-                name = func.overloadpacket.__name__
-                bool_idx = name in ("index", "index_put_", "index_put") and any(
-                    isinstance(t, torch.Tensor) and t.dtype == torch.bool
-                    for t in (args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else []))
-                self.syncs += name in ("_local_scalar_dense", "nonzero", "masked_select") or bool_idx
-            return func(*args, **(kwargs or {}))
-
     eng = loaded_engine(model, batch, mode, params)
     state = {"fwd": 0.0, "sample_ops": 0, "counter": None}
     model_fn, sample_fn = eng.runner.model, sampler.sample

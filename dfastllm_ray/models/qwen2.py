@@ -15,11 +15,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .causal_kv import CausalKV
-from .dream import DreamLayer
-from .layers import KVHook, RMSNorm, default_positions, gather_rows, rope_cos_sin
+from .dream import DreamModel
+from .layers import KVHook, default_positions, gather_rows, rope_cos_sin
 from .spec import ModelSpec
 
 
@@ -85,19 +85,12 @@ def key_positions(positions: Tensor, kv: Optional[KVHook]) -> Tensor:
     return torch.cat((past, positions), dim=1)
 
 
-class Qwen2ForCausalLM(nn.Module):
-    """`model.{embed_tokens, layers, norm}` + `lm_head` (absent when tied), official names."""
+class Qwen2ForCausalLM(DreamModel):
+    """`model.{embed_tokens, layers, norm}` + `lm_head` (absent when tied), official names:
+    Dream's module tree (Dream is a Qwen2 run bidirectionally); only the forward's mask differs."""
 
     def __init__(self, spec: ModelSpec, tie_word_embeddings: bool = False):
-        super().__init__()
-        self.spec = spec
-        self.tie = tie_word_embeddings
-        self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.model.layers = nn.ModuleList(DreamLayer(spec) for _ in range(spec.num_layers))
-        self.model.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        if not tie_word_embeddings:
-            self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        super().__init__(spec, tie_word_embeddings)
         # a tied checkpoint's lm_head.weight is a copy of the embeddings: the loader skips it
         self.ignored_checkpoint_tensors = ("lm_head.weight",) if tie_word_embeddings else ()
 
