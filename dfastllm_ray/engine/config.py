@@ -44,6 +44,13 @@ class EngineConfig:
     K/V, and only the new block's masks compete. Cheaper refreshes, an approximation: its
     accuracy cost is measured by benchmarks/quality.py."""
 
+    refresh_every: int | None = None
+    """With a KV cache, a block also re-runs its refresh forward every N of its steps (a request's
+    `refresh_every` overrides it). The first refresh writes the prompt's K/V while the block is
+    all masks; bidirectional attention makes those keys depend on the block, so they go stale as
+    it fills (the cache's accuracy cost, measured in docs/policies.md). None: at a block's first
+    step only (Fast-dLLM)."""
+
     chunked_refresh: bool = False
     """Split a refresh forward that does not fit the step's remaining token budget into chunks
     over several steps (as chunked prefill does), so cached requests keep stepping: each chunk
@@ -130,6 +137,10 @@ class EngineConfig:
                f"use one of {KV_CACHE_MODES}")
         _check(self.default_speed in (None, "exact", "balanced", "fast"), "default_speed",
                self.default_speed, 'use "exact", "balanced", "fast" or None')
+        _check(self.refresh_every is None or (isinstance(self.refresh_every, int)
+                                              and self.refresh_every >= 1),
+               "refresh_every", self.refresh_every, "use an integer >= 1 (block steps between "
+               "refreshes) or None (a block's first step only)")
         _check(self.refresh in REFRESH_MODES, "refresh", self.refresh,
                f"use one of {REFRESH_MODES}")
         _check(not self.chunked_refresh or self.kv_cache_mode != "none", "chunked_refresh",

@@ -43,7 +43,7 @@ POLICY_FIELDS = {"klass": "kl_threshold", "wino": "revoke_threshold", "credit": 
 
 # Fields that mean "this request chose its decoding": with none set, the engine's default speed
 DECODING_KNOBS = ("steps", "threshold", "factor", "entropy_bound", "pc_lambda", "exit_high",
-                  "kl_threshold", "revoke_threshold", "credit_alpha", "kv_cache_mode", "alg",
+                  "kl_threshold", "revoke_threshold", "credit_alpha", "kv_cache_mode", "refresh_every", "alg",
                   "alg_temp", "top_p", "top_k")
 
 
@@ -148,6 +148,7 @@ class Engine:
         if p.speed is not None:
             p = self._apply_speed(p)
         mode = self.request_kv_mode(p)
+        p = self._resolve_refresh(p, mode)
         if alg is not None and mode == "none":                     # diffusion_generate: one block
             p = replace(p, block_length=p.max_tokens or DEFAULT_MAX_TOKENS)
         p = p.resolve(self.max_model_len, prompt_len)
@@ -165,6 +166,16 @@ class Engine:
             raise ValueError(f"kv_cache_mode={mode!r} needs a KV cache, and this engine has none "
                              "(EngineConfig.kv_cache_mode='none'): drop the field or use 'none'")
         return mode
+
+    def _resolve_refresh(self, p: SamplingParams, mode: str) -> SamplingParams:
+        """refresh_every: the request's, else the engine's; only a cached request refreshes."""
+        if mode == "none":
+            if p.refresh_every is not None:
+                raise ValueError(f"refresh_every={p.refresh_every} refreshes a KV cache, and this "
+                                 "request has none (kv_cache_mode='none'): drop the field or set "
+                                 "kv_cache_mode 'prefix' or 'dual'")
+            return p
+        return replace(p, refresh_every=p.refresh_every or self.config.refresh_every)
 
     def _default_speed(self) -> bool:
         """The engine's default speed applies where it is measured for this model family."""

@@ -69,7 +69,7 @@ def plan(req: Request, mode: str, refresh: str = "full") -> ScheduledRequest:
     length, s, e = req.canvas_len, req.block_start, req.block_end
     if mode == "none":
         kind, q_start, q_len = FULL, 0, length
-    elif req.block_step == 0:
+    elif req.block_step == 0 or refresh_due(req):
         kind, q_start = REFRESH, refresh_start(req, refresh)
         q_len = length - q_start
     else:
@@ -79,7 +79,7 @@ def plan(req: Request, mode: str, refresh: str = "full") -> ScheduledRequest:
                             kv_len=length, cand_start=s, cand_end=e, num_candidates=0, quota=0,
                             k=0, policy="", schedule_step=req.block_step,
                             schedule_len=req.steps_per_block, slot=req.slot)
-    if kind == REFRESH and is_dream(req):
+    if kind == REFRESH and is_dream(req) and req.block_step == 0:
         item.num_candidates, item.quota, item.k, item.force_position = 1, 1, 1, s
         item.policy, item.conf_alg = "force", req.params.alg
         return item
@@ -90,14 +90,23 @@ def plan(req: Request, mode: str, refresh: str = "full") -> ScheduledRequest:
         item.num_candidates = req.params.block_length
     elif req.params.policy in UNBOUNDED:  # KLASS: the block's masks (its state is per block slot)
         item.num_candidates = req.masked_block
-    elif kind == CACHED or q_start > frozen_start(req):
-        item.num_candidates = req.masked_block
+    elif kind == CACHED or q_start > frozen_start(req) or req.block_step > 0:
+        item.num_candidates = req.masked_block        # (a mid-block refresh decodes as cached)
     else:
         item.cand_start, item.num_candidates = q_start, req.masked_upto_block_end
     item.quota = quota(req, mode, item.num_candidates)
-    item.policy, item.conf_alg = step_policy(req, kind)
+    item.policy, item.conf_alg = step_policy(req, CACHED if req.block_step > 0 else kind)
     item.k = commit_count(item.policy, item.quota, item.num_candidates)
     return item
+
+
+def refresh_due(req: Request) -> bool:
+    """A mid-block refresh (`refresh_every` N): the block's step N, 2N, ... recomputes the window
+    a block's first forward does, so the prompt's and committed tokens' K/V stop reflecting the
+    all-masked block the first refresh saw. It decodes like a cached step (block masks only,
+    the cached policy) and writes the K/V of the whole window again."""
+    n = req.params.refresh_every
+    return bool(n) and req.block_step > 0 and req.block_step % n == 0
 
 
 def frozen_start(req: Request) -> int:
@@ -169,6 +178,7 @@ def quota(req: Request, mode: str, masked: int) -> float:
 def after_step(req: Request, item: ScheduledRequest, num_committed: int, mode: str) -> bool:
     """Advance the block counters after a step's commits; True when the block is done."""
     req.block_step += 1
+    req.refresh_from = 0                 # the next (mid-block) refresh recomputes its window whole
     if req.carry is not None and mode == "none":
         req.carry.update(item.schedule_step, int(item.quota), num_committed)
     left = req.masked_block

@@ -42,6 +42,7 @@ NEUTRAL = {"top_p": (1.0,)}
 DECODINGS = ("diffusion", "apd", "speculative")
 SPEEDS = ("exact", "balanced", "fast")
 KV_MODES = ("none", "prefix", "dual")
+MAX_REFRESH_EVERY = 4096    # a refresh every N block steps; past any block length it never fires
 HYBRID_KNOBS = {"apd_mixture_weight": "apd", "kv_window": "apd", "max_lookahead": "apd",
                 "draft_tokens": "speculative"}
 APD_MIXTURE_WEIGHT = 0.7      # the APD paper's R for Dream-7B + Qwen2.5-0.5B
@@ -99,6 +100,7 @@ class SamplingParams:
     early_exit: bool = True                # stop once a committed block holds EOS/EOT (or a stop string)
     speed: str | None = None               # "exact" | "balanced" | "fast": a measured policy + cache mode (sampling/speed.py)
     kv_cache_mode: str | None = None       # this request's cache: "none" | "prefix" | "dual" (None: the engine's)
+    refresh_every: int | None = None       # with a KV cache: also refresh a block's K/V every N of its steps (None: the engine's)
     decoding: str = "diffusion"            # "diffusion" | "apd" | "speculative" (hybrid: needs a verifier)
     apd_mixture_weight: float | None = None  # APD R: target = R * dLLM + (1 - R) * verifier logits
     kv_window: int | None = None           # APD W: recompute the last W committed positions (drafter cache)
@@ -192,6 +194,10 @@ class SamplingParams:
                f"must be one of {SPEEDS}")
         _check(self.kv_cache_mode is None or self.kv_cache_mode in KV_MODES, "kv_cache_mode",
                self.kv_cache_mode, f"must be one of {KV_MODES}")
+        _check(self.refresh_every is None or (isinstance(self.refresh_every, int)
+                                              and 1 <= self.refresh_every <= MAX_REFRESH_EVERY),
+               "refresh_every", self.refresh_every,
+               f"must be an integer in [1, {MAX_REFRESH_EVERY}] (steps between K/V refreshes)")
         for name, mode in HYBRID_KNOBS.items():
             v = getattr(self, name)
             if v is not None:

@@ -84,3 +84,46 @@ def test_chunked_refresh_counts_each_chunk_as_a_forward():
     params = SamplingParams(max_tokens=8, block_length=8, steps=8)
     finals = run_all(eng, {"a": (list(range(5, 45)), params)})        # canvas 48 > 24
     assert finals["a"].nfe > 8 and eng.stats()["num_steps"] >= finals["a"].nfe
+
+
+def test_refresh_every_n_reruns_the_window_mid_block():
+    """refresh_every=3: a block of 8 steps refreshes at its steps 0, 3 and 6, each over the
+    window the block's first refresh covers; the others stay cached windows of the block."""
+    s = make_scheduler(kv_cache_mode="dual")
+    s.add(make_request("a", prompt_len=12, max_tokens=16, block_length=8, steps=16,
+                       refresh_every=3))
+    kinds = [w[0] for w in _windows(s)]
+    block = [REFRESH, CACHED, CACHED, REFRESH, CACHED, CACHED, REFRESH, CACHED]
+    assert kinds == block * 2
+    assert s.allocator.num_free_pages == 64
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_refresh_every_step_equals_no_cache(mode):
+    """A refresh at every step recomputes what a no-cache forward does (the whole canvas), so the
+    tokens equal kv_cache_mode="none" exactly: cached == uncached where exact."""
+    prompts = {f"r{i}": list(range(3 + i, 3 + i + 6 + 2 * i)) for i in range(4)}
+    params = SamplingParams(max_tokens=16, block_length=8, steps=16)
+    ref = run_all(engine("llada-tiny", "none"), {k: (v, params) for k, v in prompts.items()})
+    every = SamplingParams(max_tokens=16, block_length=8, steps=16, refresh_every=1)
+    got = run_all(engine("llada-tiny", mode), {k: (v, every) for k, v in prompts.items()})
+    assert {k: o.token_ids for k, o in got.items()} == {k: o.token_ids for k, o in ref.items()}
+
+
+def test_refresh_every_mid_block_changes_the_cached_result_toward_no_cache():
+    """Stale prompt keys are what a mid-block refresh removes: on some request of a batch the
+    Fast-dLLM cache (first step only) differs from no cache, and refreshing each step does not."""
+    prompts = {f"r{i}": list(range(3 + i, 3 + i + 6 + 2 * i)) for i in range(8)}
+    params = SamplingParams(max_tokens=16, block_length=16, steps=16)
+    ref = run_all(engine("llada-tiny", "none"), {k: (v, params) for k, v in prompts.items()})
+    dual = run_all(engine("llada-tiny", "dual"), {k: (v, params) for k, v in prompts.items()})
+    assert any(dual[k].token_ids != ref[k].token_ids for k in prompts)
+
+
+def test_refresh_every_is_refused_without_a_cache():
+    eng = engine("llada-tiny", "dual")
+    with pytest.raises(ValueError, match="refresh_every=2 refreshes a KV cache"):
+        eng.add_request("a", [5, 6, 7], SamplingParams(max_tokens=8, refresh_every=2,
+                                                       kv_cache_mode="none"))
+    with pytest.raises(ValueError, match=r"refresh_every=0 is invalid"):
+        SamplingParams(refresh_every=0)
