@@ -47,7 +47,15 @@ POLICY_PARAMS = {
     "pc_sampler": lambda rng: {"pc_lambda": rng.choice([0.0, 0.25, 1.0])},
     "sched_exit": lambda rng: {"exit_high": rng.choice([0.9, 0.6]),
                                "exit_low": rng.choice([0.3, 0.5])},
+    "dus": lambda rng: {"dilated": True, "max_tokens": N, "steps": rng.choice([1, 2, 3, 4, 6])},
 }
+
+
+def dus_visit(s: int) -> list[int]:
+    """DUS's group order for s groups: residues by their reversed binary digits (s = 4:
+    0, 2, 1, 3), written out digit by digit."""
+    bits = max((s - 1).bit_length(), 0)
+    return sorted(range(s), key=lambda r: int(format(r, f"0{bits}b")[::-1] or "0", 2))
 
 
 def plain_rule(name: str, conf: list[float], valid: list[bool], p: SamplingParams, k: int,
@@ -57,6 +65,9 @@ def plain_rule(name: str, conf: list[float], valid: list[bool], p: SamplingParam
     idx = [j for j in range(N) if valid[j]]
     if name == "pc_sampler":
         score = {j: conf[j] * math.exp(-p.pc_lambda * j) for j in idx}
+    elif name == "dus":                           # group first (visit order), confidence within
+        visit = dus_visit(p.steps)
+        score = {j: conf[j] - 2 * visit.index(j % p.steps) for j in idx}
     else:
         score = {j: conf[j] for j in idx}
         mean = sum(conf[j] for j in idx) / len(idx)
@@ -86,6 +97,23 @@ def test_stateless_policy_batch_equals_rows_and_rule(name):
             want = plain_rule(name, conf[r].tolist(), valid[r].tolist(), params[r], k[r],
                               starts[r], N)
             assert got[r].tolist() == want, (trial, r, conf[r], valid[r], k[r])
+
+
+def test_dus_commits_one_dilated_group_per_step_and_no_neighbours():
+    """16 offsets, 4 steps of 4: the groups are offsets = 0, 2, 1, 3 (mod 4) in that order,
+    whatever the confidences say; within a step no two committed offsets are adjacent."""
+    p = SamplingParams(dilated=True, max_tokens=16, block_length=16, steps=4)
+    conf = torch.rand(1, 16, generator=torch.Generator().manual_seed(0))
+    open_ = torch.ones(1, 16, dtype=torch.bool)
+    groups = []
+    for _ in range(4):
+        knobs = batch_knobs([p], [5], open_, [4])
+        c = conf.masked_fill(~open_, float("-inf"))
+        out = BATCH_POLICIES["dus"](c, knobs, Ranked(c, lambda: None, knobs))
+        groups.append(out[0].nonzero().flatten().tolist())
+        open_ &= ~out
+    assert groups == [[0, 4, 8, 12], [2, 6, 10, 14], [1, 5, 9, 13], [3, 7, 11, 15]]
+    assert dus_visit(8) == [0, 4, 2, 6, 1, 5, 3, 7]
 
 
 def test_pc_sampler_weights_block_offsets_not_canvas_positions():

@@ -16,14 +16,15 @@ import math
 import torch
 
 from ..sampling.batch import CONF_MARGIN, CONF_NEG_ENTROPY, CONF_PROB
-from ..sampling.params import SamplingParams
+from ..sampling.params import SamplingParams, dus_groups
 from .kv_pool import to_device
 from .paged_attention import PageMap
 
 # Columns of the float64 knob table, one row per slot.
 KNOBS = ("temperature", "threshold", "factor", "entropy_bound", "alg_temp", "top_p", "top_k",
          "random_remask", "logits_eos_inf", "conf_eos_eot_inf", "conf_alg", "pc_lambda",
-         "exit_high", "exit_low", "block_length", "revoke_threshold", "kl_threshold", "kl_history")
+         "exit_high", "exit_low", "block_length", "revoke_threshold", "kl_threshold", "kl_history",
+         "dus_groups")
 COL = {name: i for i, name in enumerate(KNOBS)}
 CONF_ALGS = {None: CONF_PROB, "origin": CONF_PROB, "maskgit_plus": CONF_PROB,
              "topk_margin": CONF_MARGIN, "entropy": CONF_NEG_ENTROPY}
@@ -45,7 +46,8 @@ def knob_row(p: SamplingParams) -> list[float]:
             float(p.block_length or 0),
             nan if p.revoke_threshold is None else p.revoke_threshold,
             nan if p.kl_threshold is None else p.kl_threshold,
-            nan if p.kl_history is None else float(p.kl_history)]
+            nan if p.kl_history is None else float(p.kl_history), dus_groups(p)]
+
 
 
 class InputBatch:

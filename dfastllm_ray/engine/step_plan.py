@@ -32,10 +32,10 @@ REVOCABLE = ("wino",)                  # policies that may re-mask committed blo
 UNBOUNDED = ("wino", "klass")          # blocks that run until no mask is left (not the schedule)
 # Policies whose quota is a count the schedule may set to 0: that step's forward commits nothing.
 QUOTA_POLICIES = ("fixed", "dream_topk", "dream_alg_temp", "dream_threshold", "pc_sampler",
-                  "sched_exit")
+                  "sched_exit", "dus")
 # LLaDA policies on the fixed schedule: a block ends after steps_per_block forwards, as `fixed`
 # (PC-Sampler reorders the schedule's commits; SchED's exit only ends a block sooner).
-SCHEDULED_POLICIES = ("fixed", "pc_sampler", "sched_exit")
+SCHEDULED_POLICIES = ("fixed", "pc_sampler", "sched_exit", "dus")
 
 
 def is_dream(req: Request) -> bool:

@@ -59,6 +59,7 @@ class RowKnobs:
     exit_high = property(lambda self: self._knob("exit_high"))               # SchED tau at progress 0
     exit_low = property(lambda self: self._knob("exit_low"))                 # SchED tau at progress 1
     block_length = property(lambda self: self._knob("block_length"))
+    dus_groups = property(lambda self: self._knob("dus_groups"))             # DUS: steps per block
 
     # per-step values (packed metadata)
     k = property(lambda self: self._imeta[:, self._mcol["k"]])              # commit count (0: none)

@@ -145,6 +145,42 @@ def pc_sampler(conf: Tensor, knobs: RowKnobs, ranked: Ranked) -> Tensor:
     return (ranks_of(order) < knobs.k[:, None]) & knobs.valid
 
 
+REV_BITS = 12                           # groups per block up to 4096 (= MAX_REFRESH-like bound)
+_REV: dict[torch.device, Tensor] = {}
+
+
+def bit_reversed(r: Tensor, bits: Tensor) -> Tensor:
+    """r (B, n) int64 < 2**bits, bits (B, 1) int64 -> r's `bits` low bits reversed: a table of
+    the 12-bit reversals (built once per device) and a shift, two ops for any row mix."""
+    table = _REV.get(r.device)
+    if table is None:
+        v = torch.arange(1 << REV_BITS)
+        rev = torch.zeros_like(v)
+        for b in range(REV_BITS):
+            rev |= ((v >> b) & 1) << (REV_BITS - 1 - b)
+        table = _REV[r.device] = rev.to(r.device)
+    return table[r] >> (REV_BITS - bits)
+
+
+def dus(conf: Tensor, knobs: RowKnobs, ranked: Ranked) -> Tensor:
+    """DUS, dilated unmasking (Luxembourg et al. 2025, "Plan for Speed: Dilated Scheduling for
+    Masked Diffusion Language Models"), as a fixed schedule: with s steps per block, the block's
+    offsets fall into s dilated groups (offset mod s), and each step commits one group, the groups
+    taken in bit-reversed order (s = 4: offsets 0,4,8.. then 2,6,.. then 1,5,.. then 3,7,..). No
+    two neighbours commit in the same step while any group is left, so tokens that depend on
+    each other (a carry, a sorted run) are decoded apart and each later group sees both of its
+    neighbours. The schedule's quota k is the group's size; ranking is group first, confidence
+    within (a group with positions already committed, e.g. by a shorter last block, tops up
+    from the next)."""
+    s = knobs.dus_groups[:, None].to(torch.int64).clamp(min=1)                # (B, 1)
+    rel = (knobs.positions - knobs.block_start[:, None]).clamp(min=0)         # (B, n)
+    bits = torch.ceil(torch.log2(s.to(torch.float64))).to(torch.int64)        # (B, 1)
+    group = bit_reversed(rel % s, bits).to(conf.dtype)                         # (B, n) visit order
+    score = conf - 2.0 * group                                                # conf <= 1: group first
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices
+    return (ranks_of(order) < knobs.k[:, None]) & knobs.valid
+
+
 def sched_exit(conf: Tensor, knobs: RowKnobs, ranked: Ranked) -> Tensor:
     """SchED (Mohamed et al. 2025, arXiv 2512.02892): progress-aware early exit. When the block's
     aggregate confidence reaches a threshold that falls smoothly with progress, every remaining
@@ -177,4 +213,5 @@ BATCH_POLICIES: dict[str, BatchPolicy] = {
     "force": force,
     "pc_sampler": pc_sampler,
     "sched_exit": sched_exit,
+    "dus": dus,
 }

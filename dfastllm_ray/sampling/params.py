@@ -29,11 +29,11 @@ DREAM_ONLY = {"alg": None, "alg_temp": None, "top_p": None, "top_k": None, "eps"
 LLADA_ONLY = {"remasking": "low_confidence", "cfg_scale": 0.0, "factor": None,
               "entropy_bound": None, "logits_eos_inf": False, "confidence_eos_eot_inf": False,
               "pc_lambda": None, "exit_high": None, "exit_low": None, "kl_threshold": None,
-              "kl_history": None, "revoke_threshold": None, "credit_alpha": None}
+              "kl_history": None, "revoke_threshold": None, "credit_alpha": None, "dilated": None}
 
 # Policy knobs (docs/policies.md): each selects its policy; the papers' defaults fill the rest.
 POLICY_KNOBS = ("factor", "entropy_bound", "pc_lambda", "exit_high", "kl_threshold",
-                "revoke_threshold", "credit_alpha")
+                "revoke_threshold", "credit_alpha", "dilated")
 SCHED_EXIT_LOW = 0.6          # SchED: tau at the end of the block when only exit_high is set
 KLASS_CONF = 0.6              # KLASS / WINO confidence threshold when `threshold` is unset
 KLASS_HISTORY = 2             # KLASS: consecutive small-KL steps (the official LLaDA scripts)
@@ -58,6 +58,13 @@ def unused_knobs(fields: dict[str, Any], arch: str) -> list[str]:
     foreign = LLADA_ONLY if arch == "dream" else DREAM_ONLY
     return [k for k, unset in foreign.items()
             if k in fields and fields[k] != unset and fields[k] not in NEUTRAL.get(k, ())]
+
+
+def dus_groups(p: SamplingParams) -> float:
+    """DUS's group count: the request's steps per block (NaN when DUS is off)."""
+    if not p.dilated or not p.steps or not p.max_tokens or not p.block_length:
+        return float("nan")
+    return float(max(p.steps // (p.max_tokens // p.block_length), 1))
 
 
 def canvas_length(max_tokens: int, block_length: int) -> int:
@@ -97,6 +104,7 @@ class SamplingParams:
     kl_history: int | None = None          # KLASS: consecutive steps the KL must stay small (default 2)
     revoke_threshold: float | None = None  # WINO: re-mask committed tokens whose re-check prob < this
     credit_alpha: float | None = None      # dInfer credit fusion weight (threshold rule on fused logits)
+    dilated: bool | None = None            # DUS: each step commits one dilated group (offset mod steps per block)
     early_exit: bool = True                # stop once a committed block holds EOS/EOT (or a stop string)
     speed: str | None = None               # "exact" | "balanced" | "fast": a measured policy + cache mode (sampling/speed.py)
     kv_cache_mode: str | None = None       # this request's cache: "none" | "prefix" | "dual" (None: the engine's)
@@ -157,6 +165,8 @@ class SamplingParams:
                    f"does {set_[0]}: set only one of {POLICY_KNOBS}")
         _check(self.pc_lambda is None or self.pc_lambda >= 0, "pc_lambda", self.pc_lambda,
                "must be >= 0")
+        _check(self.dilated in (None, True), "dilated", self.dilated,
+               "must be true (DUS) or left out (null)")
         for name in ("exit_high", "exit_low", "revoke_threshold"):
             v = getattr(self, name)
             _check(v is None or 0 < v <= 1, name, v, "must be in (0, 1]")
@@ -266,4 +276,6 @@ class SamplingParams:
             return "pc_sampler"
         if self.exit_high is not None:
             return "sched_exit"
+        if self.dilated:
+            return "dus"
         return "fixed"

@@ -36,14 +36,14 @@ from .batch_policies import BATCH_POLICIES, Ranked
 from .batch_propose import propose_batch
 from .credit import CREDIT_THRESHOLD, CreditState, credit_fuse, credit_update
 from .klass import KLASS_HISTORY, KLASS_KL, TOP_K, KlassState, klass
-from .params import SamplingParams
+from .params import SamplingParams, dus_groups
 from .schedule import transfer_counts
 from .wino import WINO_REVOKE, shadow_bias, wino
 
-SCHEDULED = ("fixed", "pc_sampler", "sched_exit")
+SCHEDULED = ("fixed", "pc_sampler", "sched_exit", "dus")
 KNOB_COLS = ("temperature", "threshold", "factor", "entropy_bound", "alg_temp", "top_p", "top_k",
              "random_remask", "logits_eos_inf", "conf_eos_eot_inf", "conf_alg", "pc_lambda",
-             "exit_high", "exit_low", "block_length")
+             "exit_high", "exit_low", "block_length", "dus_groups")
 META_COLS = ("k", "quota", "policy", "step", "conf_alg", "block_start")
 
 
@@ -67,7 +67,8 @@ def knob_values(p: SamplingParams) -> list[float]:
     return [p.temperature, opt(p.threshold), opt(p.factor), opt(p.entropy_bound), 0.0, 1.0, 0.0,
             float(p.remasking == "random"), float(p.logits_eos_inf),
             float(p.confidence_eos_eot_inf), 0.0, opt(p.pc_lambda), opt(p.exit_high),
-            p.exit_low_or_default if p.exit_high is not None else nan, float(p.block_length or 0)]
+            p.exit_low_or_default if p.exit_high is not None else nan, float(p.block_length or 0),
+            dus_groups(p)]
 
 
 def row_knobs(p: SamplingParams, s: int, valid: Tensor, k: list[int], nfe: list[int],

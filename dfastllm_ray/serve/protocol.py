@@ -16,8 +16,8 @@ from dfastllm_ray.sampling.params import MAX_DRAFT_TOKENS, MAX_HYBRID_WINDOW
 # Hybrid diffusion-AR decoding (docs/hybrid.md): only on a model whose config names a verifier.
 HYBRID_FIELDS = ("decoding", "apd_mixture_weight", "kv_window", "max_lookahead", "draft_tokens")
 # The speed dial, the request's cache mode and the newer policies (docs/policies.md).
-POLICY_FIELDS = ("speed", "kv_cache_mode", "pc_lambda", "exit_high", "exit_low", "kl_threshold",
-                 "kl_history", "revoke_threshold")
+POLICY_FIELDS = ("speed", "kv_cache_mode", "refresh_every", "pc_lambda", "exit_high", "exit_low",
+                 "kl_threshold", "kl_history", "revoke_threshold", "dilated")
 # Request fields that map 1:1 onto SamplingParams fields.
 KNOBS = ("steps", "block_length", "threshold", "factor", "entropy_bound", "remasking", "alg",
          "alg_temp", "cfg_scale", "top_k", "eps", "logits_eos_inf", "confidence_eos_eot_inf",
@@ -68,7 +68,11 @@ class _Body(BaseModel):
         "points at >= 4 / >= 8 tokens per forward (docs/policies.md). Knobs set by hand win."))
     kv_cache_mode: Optional[Literal["none", "prefix", "dual"]] = Field(None, description=(
         "This request's KV cache (default: the model's engine setting)."))
+    refresh_every: Optional[int] = Field(None, ge=1, le=4096, description=(
+        "With a KV cache: also refresh the block's K/V every N of its steps (default: the "
+        "model's engine setting; docs/policies.md)."))
     pc_lambda: Optional[float] = Field(None, ge=0)         # PC-Sampler position decay
+    dilated: Optional[bool] = None                         # DUS: one dilated group per step
     exit_high: Optional[float] = Field(None, gt=0, le=1)   # SchED exit threshold at progress 0
     exit_low: Optional[float] = Field(None, gt=0, le=1)    # SchED exit threshold at progress 1
     kl_threshold: Optional[float] = Field(None, gt=0)      # KLASS KL stability bound

@@ -19,6 +19,8 @@ SETTINGS = {
     "pc_sampler": {"pc_lambda": 0.25, "steps": 8},
     "pc_sampler_strong": {"pc_lambda": 2.0, "steps": 16},
     "sched_exit": {"exit_high": 0.9, "exit_low": 0.05, "steps": 16},   # exits mid-block
+    "dus": {"dilated": True, "steps": 4},
+    "dus_3": {"dilated": True, "steps": 6},                 # 3 groups per block of 8: 3, 3, 2
 }
 
 
@@ -50,7 +52,7 @@ def test_engine_equals_policy_loop(name):
     loaded, params, rows, ref = reference(name)
     finals = run_all(engine("llada-tiny", "none"),
                      {str(r): (p, params) for r, p in enumerate(rows)})
-    assert params.policy == name.replace("_strong", "")
+    assert params.policy == name.replace("_strong", "").replace("_3", "")
     for r in range(len(rows)):
         want = expected_tokens(ref.x[r].tolist(), 10, loaded.spec.stop_token_ids,
                                loaded.spec.mask_token_id)
@@ -64,7 +66,7 @@ def test_cached_modes_keep_the_schedule(mode):
     exactly steps_per_block forwards per block, SchED at most that, and both fill every block."""
     loaded = tiny("llada-tiny")
     rows = prompts(3, 10, loaded.spec)
-    for name, bound in (("pc_sampler", "exact"), ("sched_exit", "at_most")):
+    for name, bound in (("pc_sampler", "exact"), ("dus", "exact"), ("sched_exit", "at_most")):
         params = SamplingParams(max_tokens=16, block_length=8, early_exit=False, **SETTINGS[name])
         finals = run_all(engine("llada-tiny", mode), {str(r): (p, params) for r, p in enumerate(rows)})
         spb = params.steps // 2
