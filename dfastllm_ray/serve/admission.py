@@ -19,6 +19,8 @@ from .errors import APIError, overloaded
 
 EWMA_WEIGHT = 0.1            # weight of the newest request latency in the running mean
 MAX_RETRY_AFTER_S = 10
+DRAINING = "The server is shutting down; retry on another replica."
+TOO_MANY = "Too many requests in flight; retry shortly."
 
 
 class Admission:
@@ -27,6 +29,8 @@ class Admission:
         self.max_total = max_total                    # HTTP requests in flight, all models
         self.inflight: dict[str, int] = {m: 0 for m in limits}   # engine requests per model
         self.requests = 0                             # HTTP requests in flight
+        # generations let through the front gate whose body (and model) is not parsed yet
+        self.pending = 0
         self.latency_s = 1.0                          # EWMA of finished requests' latency
         self.refused = 0
         self.refusal_s: deque[float] = deque(maxlen=4096)   # ingress-side time of each 429/503
@@ -45,23 +49,39 @@ class Admission:
         wait = self.latency_s * random.uniform(0.5, 1.5)
         return max(1, min(MAX_RETRY_AFTER_S, math.ceil(wait)))
 
-    def saturated(self) -> Optional[APIError]:
-        """The refusal for any generation request while draining or while every capped model
-        is full: checked before routing and body parsing (the request's model is not known
-        yet, so only when no model could take it)."""
-        if self.draining or self.requests >= self.max_total:
-            return self._refusal_for(None)
-        capped = [m for m, limit in self.limits.items() if limit is not None]
-        if capped and len(capped) == len(self.limits) and all(
-                self.inflight.get(m, 0) >= self.limits[m] for m in capped):
-            return self._refusal_for(capped[0] if len(capped) == 1 else None)
-        return None
+    def front(self) -> Optional[APIError]:
+        """The gate at the very front of a generation request, before any await (the body is
+        not received yet): the refusal while draining or while the requests already let in
+        fill every capped model, else a pending place that `settle` gives back once the
+        request's model is known. Counting the pending places is what stops a burst: 200
+        arrivals all pass a gate that only counts admitted requests, since none is admitted
+        until its body has come in."""
+        refusal = self.saturated()
+        if refusal is None:
+            self.pending += 1
+        return refusal
 
-    def _refusal_for(self, model: Optional[str]) -> APIError:
-        try:
-            self.check(model)
-        except APIError as exc:
-            return exc
+    def settle(self) -> None:
+        self.pending -= 1
+
+    def saturated(self) -> Optional[APIError]:
+        """The refusal for any generation request while draining, or while the admitted and
+        pending requests fill the free places of every capped model (a pending request may be
+        for any model, so with several models this refuses a burst a little early; the
+        per-model check after parsing is exact)."""
+        if self.draining:
+            return self._refuse(DRAINING)
+        if self.requests + self.pending >= self.max_total:
+            return self._refuse(TOO_MANY)
+        capped = [m for m, limit in self.limits.items() if limit is not None]
+        if not capped or len(capped) < len(self.limits):
+            return None
+        free = sum(max(0, self.limits[m] - self.inflight.get(m, 0)) for m in capped)
+        if free > self.pending:
+            return None
+        if len(capped) == 1:
+            return self._refuse(f"Model {capped[0]!r} is at capacity ({self.limits[capped[0]]} "
+                                "requests admitted); retry shortly.")
         return self._refuse("Every model is at capacity; retry shortly.")
 
     def _refuse(self, message: str) -> APIError:
@@ -71,9 +91,9 @@ class Admission:
     def check(self, model: Optional[str] = None) -> None:
         """Before any work: refuse while draining or full (503 + Retry-After)."""
         if self.draining:
-            raise self._refuse("The server is shutting down; retry on another replica.")
+            raise self._refuse(DRAINING)
         if self.requests >= self.max_total:
-            raise self._refuse("Too many requests in flight; retry shortly.")
+            raise self._refuse(TOO_MANY)
         self.check_model(model)
 
     def check_model(self, model: Optional[str], more: int = 0) -> None:

@@ -11,13 +11,14 @@ import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable, Optional, Union
+from typing import Any, AsyncIterator, Optional, Union
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .admission import Admission
 from .errors import APIError, error_body, validation_error
 from .guards import ApiKeys, RateLimiter
 from .metrics import IngressMetrics
@@ -36,24 +37,26 @@ class RequestContext:
     on every request, response and log line, one JSON access log line and outcome metrics."""
 
     def __init__(self, app: Any, metrics: Optional[IngressMetrics], add_header: bool,
-                 refusals: Optional[Any] = None,
-                 shed: Optional[Callable[[], Optional[APIError]]] = None) -> None:
+                 admission: Optional[Admission] = None) -> None:
         self.app, self.metrics, self.add_header = app, metrics, add_header
-        self.refusals = refusals      # a deque: seconds each 429/503 spent in this ingress
-        self.shed = shed              # a generation refused before routing and body parsing
+        self.admission = admission    # its front gate refuses before routing and body parsing
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         rid = headers.get(b"x-request-id", b"").decode() or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = rid
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
         status, t0, complete = [499], time.perf_counter(), [False]
-        if self.shed is not None and scope.get("path") in GENERATION_PATHS:
-            refusal = self.shed()
-            if refusal is not None:   # every model full, or draining: the cheapest refusal
+        if self.admission is not None and scope.get("path") in GENERATION_PATHS:
+            # Decided here, synchronously, before the first await: a refusal never waits for
+            # its body to come in from the proxy, nor behind the requests it would queue with.
+            refusal = self.admission.front()
+            if refusal is not None:
                 await _send_error(send, refusal, rid if self.add_header else None)
                 return self._record(scope, rid, refusal.status, time.perf_counter() - t0)
+            state[FRONT_HELD] = True
 
         async def send_with_id(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -71,6 +74,8 @@ class RequestContext:
             status[0] = 500 if status[0] == 499 else status[0]
             raise
         finally:
+            if state.pop(FRONT_HELD, False):      # never reached `generate` (401, 422, ...)
+                self.admission.settle()
             # 499 (nginx's "client closed request"): cancelled before any response, or a
             # response (a stream) the client left before its last byte
             if not complete[0] and status[0] < 400:
@@ -83,13 +88,14 @@ class RequestContext:
         log.info("%s %s %d", scope.get("method"), path, status,
                  extra={"request_id": rid, "route": path, "status": status, "model": model,
                         "latency_ms": round(seconds * 1000, 2)})
-        if self.refusals is not None and status in (429, 503):
-            self.refusals.append(seconds)
+        if self.admission is not None and status in (429, 503):
+            self.admission.refusal_s.append(seconds)
         if self.metrics is not None and path.startswith("/v1/"):
             self.metrics.request(model, path, OUTCOMES.get(status, "error"), seconds)
 
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+FRONT_HELD = "admission_pending"   # scope state: holds a pending place of the front gate
 
 
 async def _send_error(send: Any, err: APIError, rid: Optional[str]) -> None:
@@ -137,7 +143,7 @@ def build_api(server: OpenAIServer, keys: ApiKeys, limiter: Optional[RateLimiter
     app = FastAPI(title="dfastllm-ray", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.add_middleware(RequestContext, metrics=metrics, add_header=add_request_id_header,
-                       refusals=server.admission.refusal_s, shed=server.admission.saturated)
+                       admission=server.admission)
     _install_error_handlers(app)
 
     def guard(request: Request) -> None:
@@ -204,6 +210,8 @@ def _add_generation_routes(app: FastAPI, server: OpenAIServer, guard: Any) -> No
     async def generate(request: Request, body: Union[CompletionRequest, ChatCompletionRequest]):
         request.state.model = body.model
         admission = server.admission
+        if request.scope["state"].pop(FRONT_HELD, False):
+            admission.settle()                # the front gate's place becomes the model's
         admission.check(body.model)           # shed before any work: 503 + Retry-After
         admission.requests += 1
         admission.enter(body.model, 1)        # reserved now: no await between check and enter

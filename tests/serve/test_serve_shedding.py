@@ -188,3 +188,48 @@ def test_tokenizer_routes_with_the_shipped_tokenizer():
     msgs = [{"role": "user", "content": "add 1+2"}]
     chat = c.post("/tokenize", json={"messages": msgs}).json()["tokens"]
     assert chat == encode_chat(tok, msgs)
+
+
+def test_burst_is_refused_at_the_front_before_any_body_comes_in():
+    """Three generations arrive while no body has been received yet and the model takes two:
+    the third is refused without its body ever being read (the front gate counts the places
+    of requests let in but not parsed yet); the first two are served once their bodies come
+    in, and a request that fails before `generate` (422) gives its place back."""
+    import json
+
+    app, server = make_limited(2, FakeEngine())
+    body = json.dumps(BODY).encode()
+
+    async def call(gate: asyncio.Event, reads: list[int]) -> int:
+        status: list[int] = []
+
+        async def receive():
+            reads.append(1)
+            await gate.wait()
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers":
+                 [(b"content-type", b"application/json")], "query_string": b"",
+                 "client": ("127.0.0.1", 1), "server": ("t", 80), "scheme": "http",
+                 "root_path": "", "http_version": "1.1"}
+        await app(scope, receive, send)
+        return status[0]
+
+    async def burst():
+        gate, reads = asyncio.Event(), [[], [], []]
+        tasks = [asyncio.create_task(call(gate, r)) for r in reads]
+        await asyncio.sleep(0.05)                      # all three entered; no body yet
+        held = server.admission.pending
+        gate.set()
+        return [await t for t in tasks], [len(r) for r in reads], held
+
+    codes, reads, held = asyncio.run(burst())
+    assert sorted(codes) == [200, 200, 503] and held == 2
+    assert reads[codes.index(503)] == 0                 # refused before its body was read
+    assert server.admission.pending == 0 and server.admission.requests == 0
+    bad = TestClient(app).post("/v1/completions", json={"model": "fake", "prompt": 5})
+    assert bad.status_code == 400 and server.admission.pending == 0
