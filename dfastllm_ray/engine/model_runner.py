@@ -23,7 +23,11 @@ from .kv_pool import KVPool, to_device
 from .outputs import (CACHED, FULL, HYBRID, PREFILL, RunnerOutput, ScheduledRequest,
                       SchedulerOutput, StepCommit)
 from .request import Request
-from .step_inputs import GroupPlan, expand_group, pack_group
+from .step_inputs import GroupPlan, WindowCache, expand_group, pack_group
+
+
+# Policies that run in a forward group of their own (their own commit path)
+SPLIT_POLICIES = frozenset(revocable.REVOCABLE + stateful.STATEFUL)
 
 
 class PhaseTimer:
@@ -54,6 +58,7 @@ class ModelRunner:
         self.klass_slots: stateful.KlassSlots | None = None
         self.family = "dream" if spec.arch == "dream" else "llada"
         self.timer = PhaseTimer()
+        self.windows = WindowCache()     # device windows reused across a block's steps
 
     @torch.inference_mode()
     def run(self, sched: SchedulerOutput, requests: dict[str, Request]) -> RunnerOutput:
@@ -63,6 +68,8 @@ class ModelRunner:
         t0 = time.perf_counter()
         fwd0 = self.timer.ms["forward"]
         self._requests = requests
+        if sched.admitted:                       # admission rewrote slot rows
+            self.windows.clear()
         gen_width = max(requests[i.request_id].params.max_tokens for i in sched.scheduled)
         packs, order = [], []
         for items in self._groups(sched.scheduled):
@@ -79,7 +86,7 @@ class ModelRunner:
     def _run_group(self, plan: GroupPlan) -> torch.Tensor:
         t = self.timer
         t.start()
-        inputs = expand_group(plan, self.batch, self.pool, self.spec)
+        inputs = expand_group(plan, self.batch, self.pool, self.spec, self.windows)
         if plan.revocable:                       # WINO: the block's shadow after the window
             inputs = revocable.with_shadow(plan, inputs, self.batch,
                                            self.pool if plan.kind != FULL else None,
@@ -122,9 +129,13 @@ class ModelRunner:
     def _groups(items: list[ScheduledRequest]) -> list[list[ScheduledRequest]]:
         by_kind: dict[tuple, list[ScheduledRequest]] = {}
         for item in items:                       # hybrid groups: one per decoding rule
-            split = item.kind == HYBRID or item.policy in revocable.REVOCABLE + stateful.STATEFUL
+            split = item.kind == HYBRID or item.policy in SPLIT_POLICIES
             key = (item.kind, item.policy if split else "")
-            by_kind.setdefault(key, []).append(item)
+            group = by_kind.get(key)
+            if group is None:
+                by_kind[key] = [item]
+            else:
+                group.append(item)
         return list(by_kind.values())
 
 
@@ -134,7 +145,7 @@ def unpack(host: torch.Tensor, items: list[ScheduledRequest], requests: dict[str
     arr = host.numpy()
     counts = arr[:, :2].tolist()
     out = {}
-    for b, item in enumerate(items):
-        width = requests[item.request_id].params.max_tokens
-        out[item.request_id] = StepCommit(counts[b][0], counts[b][1], arr[b, 2:2 + width])
+    for item, (n, n_in), row in zip(items, counts, arr):
+        rid = item.request_id
+        out[rid] = StepCommit(n, n_in, row[2:2 + requests[rid].params.max_tokens])
     return out

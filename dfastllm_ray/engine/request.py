@@ -62,28 +62,24 @@ class Request:
     verifier_forwards: int = 0        # hybrid: verifier forwards so far
     drafter_cache: bool = False       # APD: the drafter config's `use_cache` (kv_window applies)
     stop_after_step: bool = False     # APD: EOS in the prompt stops after one step (official quirk)
+    sampler_flags: int = -1           # the batched sampler's facts of params (step_inputs.row_flags)
+    # Shape of the canvas, fixed at arrival (prompt and resolved params never change); plain
+    # attributes, not properties: every step reads them for every request
+    prompt_len: int = field(init=False, default=0)        # prompt tokens
+    canvas_len: int = field(init=False, default=0)        # prompt + max_tokens positions
+    num_blocks: int = field(init=False, default=0)        # max_tokens // block_length
+    steps_per_block: int = field(init=False, default=0)   # steps // num_blocks
 
     def __post_init__(self) -> None:
+        p = self.params
+        self.prompt_len = len(self.prompt_token_ids)
+        self.canvas_len = self.prompt_len + p.max_tokens
+        self.num_blocks = p.max_tokens // p.block_length
+        self.steps_per_block = p.steps // self.num_blocks
         self.masked_before = sum(1 for t in self.prompt_token_ids if t == self.mask_token_id)
-        self.masked_block = self.params.block_length
+        self.masked_block = p.block_length
 
     # ---- shape of the canvas -------------------------------------------------------------
-    @property
-    def prompt_len(self) -> int:
-        return len(self.prompt_token_ids)
-
-    @property
-    def canvas_len(self) -> int:
-        return self.prompt_len + self.params.max_tokens
-
-    @property
-    def num_blocks(self) -> int:
-        return self.params.max_tokens // self.params.block_length
-
-    @property
-    def steps_per_block(self) -> int:
-        return self.params.steps // self.num_blocks
-
     @property
     def block_start(self) -> int:
         return self.prompt_len + self.block_idx * self.params.block_length
@@ -105,7 +101,8 @@ class Request:
         """The first `end` generation positions at the last sync (masks included)."""
         if self.generated is None:
             return [self.mask_token_id] * end
-        return [int(t) for t in self.generated[:end]]
+        span = self.generated[:end]
+        return span.tolist() if hasattr(span, "tolist") else [int(t) for t in span]
 
     def returned_span(self) -> list[int]:
         """The generation positions returned so far: cut at `output_len`, masks included."""

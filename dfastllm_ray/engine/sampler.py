@@ -27,7 +27,7 @@ def sample(logits: Tensor, g: GroupPlan, inputs: GroupInputs, spec: ModelSpec,
     """logits (B, n, V) at the candidates -> (commit (B, n) bool, tokens (B, n) int64)."""
     knobs = inputs.knobs
     tokens, conf, entropy = propose_batch(logits, knobs, g.facts, spec.eos_token_id,
-                                          spec.eot_token_id)
+                                          spec.eot_token_id, inputs.dense)
     ranked = Ranked(conf, entropy, knobs)
     if exact_ties and any(p in TOPK_POLICIES for p in g.facts.policies):
         ranked.top = official_topk(conf, inputs, g)

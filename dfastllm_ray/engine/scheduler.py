@@ -8,6 +8,7 @@ diffusion canvas has a fixed size from the start.
 from __future__ import annotations
 
 import math
+import operator
 from collections import deque
 from typing import Callable, Optional
 
@@ -39,6 +40,10 @@ def _counting_slots() -> SlotHooks:
         used.discard(req.slot)
         free.append(req.slot)
     return take, give
+
+
+# Running requests are served least-recently-scheduled first, then in arrival order
+_FAIRNESS = operator.attrgetter("last_scheduled", "arrival")
 
 
 class Scheduler:
@@ -116,9 +121,12 @@ class Scheduler:
         self.step_count += 1
         out = SchedulerOutput(step=self.step_count)
         budget = self.config.max_num_batched_tokens
-        order = sorted(self.running.values(), key=lambda r: (r.last_scheduled, r.arrival))
-        items = [(req, self._plan(req)) for req in order]
-        for req, item in sorted(items, key=lambda ri: ri[1].kind != CACHED):   # stable
+        refresh = self.config.refresh
+        cached, others = [], []
+        for req in sorted(self.running.values(), key=_FAIRNESS):
+            item = step_plan.plan(req, req.kv_mode, refresh)
+            (cached if item.kind == CACHED else others).append((req, item))
+        for req, item in cached + others:
             budget -= self._fit(out, req, item, budget)
         while self.waiting and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
@@ -170,19 +178,24 @@ class Scheduler:
     def update(self, sched: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
         """Apply each scheduled request's commits; close finished blocks and requests."""
         outputs = []
+        running, committed = self.running, result.committed
         for item in sched.scheduled:
-            req = self.running.get(item.request_id)
+            req = running.get(item.request_id)
             if req is None:          # aborted while its forward ran
                 continue
-            c = result.committed.get(item.request_id)
+            c = committed.get(item.request_id)
             n_committed = 0
             if c is not None:
                 n_committed = c.num_committed
                 req.masked_block -= c.num_in_block
-                req.masked_before -= c.num_committed - c.num_in_block
+                req.masked_before -= n_committed - c.num_in_block
                 req.generated = c.generated
             req.nfe += 1
             self.total_nfe += 1
+            if item.kind == CACHED:            # the common step: counters only
+                if step_plan.after_step(req, item, n_committed, req.kv_mode):
+                    outputs.append(self._close_block(req))
+                continue
             if item.kind == HYBRID:            # left to right: stream every committed span
                 outputs.append(self._after_hybrid(req, item, n_committed))
                 continue

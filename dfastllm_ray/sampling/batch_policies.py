@@ -29,7 +29,7 @@ class Ranked:
 
     def __init__(self, conf: Tensor, entropy: Callable[[], Tensor], knobs: RowKnobs):
         self.conf, self._entropy, self.knobs = conf, entropy, knobs
-        self._rank = self._sorted = self._ent = None
+        self._rank = self._sorted = self._ent = self._first = None
         self.top: Tensor | None = None   # (B, n) bool: the official topk(k) per row, if computed
 
     @property
@@ -42,6 +42,18 @@ class Ranked:
     def sorted_conf(self) -> Tensor:
         self._sort()
         return self._sorted
+
+    @property
+    def first(self) -> Tensor:
+        """(B, n) bool: each row's most confident slot, the first of equal maxima (rank 0 of
+        the stable sort; an argmax when no policy of the group sorts: no sort for it)."""
+        if self._first is None:
+            if self._rank is not None:
+                self._first = self._rank == 0
+            else:
+                at = self.conf.argmax(dim=-1, keepdim=True)                  # (B, 1)
+                self._first = torch.zeros_like(self.conf, dtype=torch.bool).scatter_(1, at, True)
+        return self._first
 
     @property
     def rank(self) -> Tensor:
@@ -76,7 +88,7 @@ def fixed(conf: Tensor, knobs: RowKnobs, ranked: Ranked) -> Tensor:
 
 def threshold(conf: Tensor, knobs: RowKnobs, ranked: Ranked) -> Tensor:
     """Fast-dLLM `get_transfer_index(threshold)`: conf >= threshold, plus the argmax."""
-    return ((conf >= knobs.threshold[:, None].to(conf.dtype)) | (ranked.rank == 0)) & knobs.valid
+    return ((conf >= knobs.threshold[:, None].to(conf.dtype)) | ranked.first) & knobs.valid
 
 
 def factor(conf: Tensor, knobs: RowKnobs, ranked: Ranked) -> Tensor:
@@ -106,8 +118,8 @@ def dream_threshold(conf: Tensor, knobs: RowKnobs, ranked: Ranked) -> Tensor:
     """Fast-dLLM Dream `confidence_threshold`: of the k most confident, the first and every one
     not below threshold (float32 comparison, as the official `float32 < python float`)."""
     keep = conf.to(torch.float32) >= knobs.threshold[:, None].to(torch.float32)   # conf is never NaN
-    first = ranked.rank == 0           # the argmax: the first of equal maxima, as topk's first value
-    return top_k(ranked, knobs.k) & (keep | first)
+    # ranked.first: the argmax, the first of equal maxima, as topk's first value
+    return top_k(ranked, knobs.k) & (keep | ranked.first)
 
 
 def dream_origin(conf: Tensor, knobs: RowKnobs, ranked: Ranked) -> Tensor:
