@@ -34,31 +34,7 @@ from dfastllm_ray.sampling.params import SamplingParams               # noqa: E4
 from dfastllm_ray.sampling.policy_generate import policy_generate     # noqa: E402
 from dfastllm_ray.train import tasks                                  # noqa: E402
 from dfastllm_ray.train.evaluate import prompt_ids, reply_text        # noqa: E402
-
-
-def settings(gen: int) -> dict[str, dict]:
-    """name -> SamplingParams knobs (steps = forwards of the fixed schedule)."""
-    out: dict[str, dict] = {"reference": {"steps": gen}}
-    for k in (2, 4, 8):
-        out[f"fixed {k}/step"] = {"steps": max(gen // k, 1)}
-    for t in (0.9, 0.7, 0.5, 0.3):
-        out[f"threshold={t}"] = {"threshold": t}
-    for k in (1, 2, 4, 8):
-        out[f"pc_sampler l=0.25 {k}/step"] = {"pc_lambda": 0.25, "steps": max(gen // k, 1)}
-    for hi, lo in ((0.9, 0.6), (0.8, 0.5), (0.7, 0.4)):
-        out[f"sched_exit {hi}->{lo}"] = {"exit_high": hi, "exit_low": lo, "steps": gen}
-    for k in (2, 4):
-        out[f"sched_exit 0.9->0.6 {k}/step"] = {"exit_high": 0.9, "exit_low": 0.6,
-                                                "steps": max(gen // k, 1)}
-    for conf, kl in ((0.6, 0.015), (0.6, 0.05), (0.4, 0.05)):
-        out[f"klass c={conf} kl={kl}"] = {"threshold": conf, "kl_threshold": kl}
-    out["klass c=0.6 kl=0.015 4/step"] = {"threshold": 0.6, "kl_threshold": 0.015,
-                                          "steps": max(gen // 4, 1)}     # fallback quota 4
-    for t in (0.9, 0.7, 0.5):
-        out[f"credit a=0.7 threshold={t}"] = {"credit_alpha": 0.7, "threshold": t}
-    for wide, back in ((0.6, 0.9), (0.5, 0.8), (0.3, 0.7)):
-        out[f"wino {wide}/{back}"] = {"threshold": wide, "revoke_threshold": back}
-    return out
+from benchmarks.policy_settings import settings                      # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--engine-cache", choices=["none", "prefix", "dual"],
                    help="run through the engine (offline LLM API) with this KV-cache mode "
                         "instead of the reference loop; settings the engine refuses are skipped")
+    p.add_argument("--also", nargs="*", default=[],
+                   help="more checkpoints measured with the same settings: the dial's picks "
+                        "must then meet their rule on every model (the best worst-case margin)")
     p.add_argument("--out", default="benchmarks/results/policy_frontier")
     return p.parse_args(argv)
 
@@ -132,22 +111,28 @@ def frontier(results: dict[str, dict]) -> set[str]:
     return {n for n, r in results.items() if not any(beats(o, r) for o in results.values())}
 
 
-SCHEDULED_KNOBS = {"steps", "pc_lambda"}     # settings whose TPF the schedule alone fixes
+SCHEDULED_KNOBS = {"steps", "pc_lambda", "dilated"}   # settings whose TPF the schedule fixes
 
 
-def dial(results: dict[str, dict]) -> dict[str, str | None]:
+def dial(results: dict[str, dict], others: list[dict[str, dict]] = ()) -> dict[str, str | None]:
     """The speed dial's picks: among the settings that meet the rule (TPF bar, accuracy within
-    the points of the reference), first those whose TPF the schedule fixes (fixed top-k,
-    PC-Sampler: tokens per step = max_tokens / steps on any model, where a confidence rule's TPF
-    and accuracy move with the model's calibration: issue 12's unseen model loses 9 points with
-    threshold 0.9 and none with 4 tokens/step), then the most accurate, then the faster; None
-    when none meets the rule."""
-    ref = results["reference"]["accuracy"]["mean"]
+    the points of the reference) on every measured model, first those whose TPF the schedule
+    fixes (fixed top-k, PC-Sampler, DUS: tokens per step = max_tokens / steps on any model, where
+    a confidence rule's TPF and accuracy move with the model's calibration: issue 12's unseen
+    model loses 9 points with threshold 0.9 and none with 4 tokens/step), then the best
+    worst-case margin over the models, then the faster; None when none meets the rule."""
+    models = [results, *others]
+
+    def margin(name: str) -> float:          # accuracy - reference, the worst over the models
+        return min(m[name]["accuracy"]["mean"] - m["reference"]["accuracy"]["mean"]
+                   for m in models if name in m)
+
     def pick(min_tpf, points):
         best = None                          # ties: the first in `settings` order (the simplest)
         for n, r in results.items():
-            key = (set(r["knobs"]) <= SCHEDULED_KNOBS, r["accuracy"]["mean"], r["tpf"])
-            if r["tpf"] >= min_tpf and key[1] >= ref - points / 100 - 1e-9 and \
+            tpf = min(m[n]["tpf"] for m in models if n in m)
+            key = (set(r["knobs"]) <= SCHEDULED_KNOBS, round(margin(n), 9), tpf)
+            if tpf >= min_tpf and key[1] >= -points / 100 - 1e-9 and \
                     (best is None or key > best[0]):
                 best = (key, n)
         return best[1] if best else None
@@ -166,17 +151,16 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    torch.set_num_threads(1)
-    loaded = load_model(args.model, dtype="float32", device="cpu")
+def measure(model_path: str, args) -> dict[str, dict]:
+    """Every setting on one checkpoint -> {setting: result}."""
+    loaded = load_model(model_path, dtype="float32", device="cpu")
     examples = tasks.heldout_set(args.per_task, args.seed)
-    results = {}
     llm = None
     if args.engine_cache:
         from dfastllm_ray import LLM
         llm = LLM(loaded, dtype="float32", device="cpu", kv_cache_mode=args.engine_cache,
                   max_num_seqs=args.batch)
+    results = {}
     for name, knobs in settings(args.max_tokens).items():
         if args.only and name not in args.only and name != "reference":
             continue
@@ -189,18 +173,34 @@ def main(argv=None) -> int:
         r = results[name]
         print(f"{name}: mean {100 * r['accuracy']['mean']:.1f}%  NFE {r['nfe']:.2f}  "
               f"TPF {r['tpf']:.2f}  ({r['seconds']:.1f} s)", flush=True)
+    return results
+
+
+def rel(path: str) -> str:
+    model = Path(path).resolve()
+    return str(model.relative_to(ROOT)) if model.is_relative_to(ROOT) else path
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    results = measure(args.model, args)
     print("\n" + table(results) + "\n\n* = on the Pareto frontier (accuracy vs TPF)")
-    picks = dial(results)
+    also = {}
+    for path in args.also:
+        print(f"\n== {rel(path)}")
+        also[rel(path)] = measure(path, args)
+        print("\n" + table(also[rel(path)]))
+    picks = dial(results, list(also.values()))
     print("speed dial picks:", picks)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    model = Path(args.model).resolve()
-    meta = {k: v for k, v in vars(args).items() if k not in ("out", "model")}
-    meta["model"] = str(model.relative_to(ROOT)) if model.is_relative_to(ROOT) else args.model
-    meta["examples"] = len(examples)
+    meta = {k: v for k, v in vars(args).items() if k not in ("out", "model", "also")}
+    meta["model"], meta["also"] = rel(args.model), [rel(a) for a in args.also]
+    meta["examples"] = len(tasks.heldout_set(args.per_task, args.seed))
     out.with_suffix(".json").write_text(json.dumps(
         {"args": meta, "results": results, "frontier": sorted(frontier(results)),
-         "dial": picks}, indent=2) + "\n")
+         "dial": picks, "also": also}, indent=2) + "\n")
     print(f"wrote {out.with_suffix('.json')}")
     return 0
 

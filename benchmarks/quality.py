@@ -37,17 +37,21 @@ from dfastllm_ray import LLM, SamplingParams                     # noqa: E402
 from dfastllm_ray.models.loader import load_model                # noqa: E402
 from dfastllm_ray.train import tasks                              # noqa: E402
 from dfastllm_ray.train.evaluate import evaluate, prompt_ids      # noqa: E402
+from benchmarks.policy_settings import settings                  # noqa: E402
 
 ASSETS = ROOT / "dfastllm_ray" / "assets"
 DEFAULT_MODELS = [str(ASSETS / "tiny-llada"), str(ASSETS / "tiny-dream")]
 DEFAULT_AR = str(ASSETS / "tiny-ar")
-POLICIES = {                                        # name -> SamplingParams knobs
-    "reference": {},
-    "threshold=0.9": {"threshold": 0.9},
-    "threshold=0.7": {"threshold": 0.7},
-    "factor=1.0": {"factor": 1.0},
-    "entropy_bound=0.5": {"entropy_bound": 0.5},
-}
+EXTRA = {"factor=1.0": {"factor": 1.0}, "entropy_bound=0.5": {"entropy_bound": 0.5}}
+
+
+def policies(max_tokens: int) -> dict[str, dict]:
+    """name -> SamplingParams knobs: every setting of policy_settings.py, and Fast-dLLM's factor
+    and the EB-sampler (steps = forwards of the fixed schedules, from max_tokens)."""
+    return {**settings(max_tokens), **EXTRA}
+
+
+POLICIES = list(policies(32))
 CACHE_MODES = ("none", "prefix", "dual")
 
 
@@ -78,9 +82,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-length", type=int, default=8,
                    help="block length; divides max-tokens (8: a task answer and its EOT fit the "
                         "first block, so early exit can skip the other three)")
-    p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    p.add_argument("--policies", nargs="+", default=POLICIES, choices=POLICIES,
+                   help="settings to run (default: all of benchmarks/policy_settings.py + EXTRA)")
     p.add_argument("--cache-modes", nargs="+", default=list(CACHE_MODES), choices=CACHE_MODES)
-    p.add_argument("--early-exit", nargs="+", default=["on", "off"], choices=["on", "off"])
+    p.add_argument("--early-exit", nargs="+", default=["on"], choices=["on", "off"],
+                   help="'on off' adds every setting without early exit as well")
     p.add_argument("--max-num-seqs", type=int, default=64, help="engine batch size")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
@@ -94,13 +100,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_setting(llm: LLM, prompts: list[list[int]], examples: list[tasks.Example],
                 setting: Setting, args: argparse.Namespace) -> Setting:
     params = SamplingParams(max_tokens=args.max_tokens, block_length=args.block_length,
-                            steps=args.max_tokens, temperature=0.0,
-                            early_exit=setting.early_exit, **POLICIES[setting.policy])
+                            **{"steps": args.max_tokens, "temperature": 0.0,
+                               "early_exit": setting.early_exit,
+                               **policies(args.max_tokens)[setting.policy]})
     start = time.perf_counter()
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
     setting.seconds = time.perf_counter() - start
     setting.accuracy = accuracy(examples, [o.text for o in outs])
-    steps_per_block = args.max_tokens // (args.max_tokens // args.block_length)
+    steps_per_block = max(params.steps // (args.max_tokens // args.block_length), 1)
     skipped = sum(o.nfe_saved // steps_per_block * args.block_length for o in outs)
     setting.nfe = sum(o.nfe for o in outs) / len(outs)
     setting.tpf = (len(outs) * args.max_tokens - skipped) / sum(o.nfe for o in outs)
@@ -140,13 +147,26 @@ def ar_greedy(folder: str, examples: list[tasks.Example], args: argparse.Namespa
     return s
 
 
+def frontier(results: list[Setting]) -> set[str]:
+    """Names of the engine settings no other beats on both mean accuracy and TPF."""
+    runs = [s for s in results if s.policy not in ("trainer-loop", "ar-greedy")]
+
+    def beats(a: Setting, b: Setting) -> bool:
+        ka, kb = (a.accuracy["mean"], a.tpf), (b.accuracy["mean"], b.tpf)
+        return ka[0] >= kb[0] and ka[1] >= kb[1] and ka != kb
+    return {s.name for s in runs if not any(beats(o, s) for o in runs)}
+
+
 def format_table(results: list[Setting]) -> str:
+    """Rows by TPF; `*` marks the Pareto frontier (accuracy vs TPF)."""
     names = list(tasks.TASKS) + ["mean"]
-    head = "| policy | cache | early exit | " + " | ".join(names) + " | NFE | TPF | s |"
-    lines = [head, "|" + "---|" * (len(names) + 6)]
-    for s in results:
+    front = frontier(results)
+    head = "| | policy | cache | early exit | " + " | ".join(names) + " | NFE | TPF | s |"
+    lines = [head, "|" + "---|" * (len(names) + 7)]
+    for s in sorted(results, key=lambda r: r.tpf):
         cells = " | ".join(f"{100 * s.accuracy[n]:.1f}" for n in names)
-        lines.append(f"| {s.policy} | {s.cache} | {'on' if s.early_exit else 'off'} | {cells} | "
+        lines.append(f"| {'*' if s.name in front else ''} | {s.policy} | {s.cache} | "
+                     f"{'on' if s.early_exit else 'off'} | {cells} | "
                      f"{s.nfe:.2f} | {s.tpf:.2f} | {s.seconds:.1f} |")
     return "\n".join(lines)
 
@@ -157,15 +177,19 @@ def plot(results: list[Setting], path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    colours = dict(zip(list(POLICIES) + ["trainer-loop", "ar-greedy"],
-                       plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    names = list(dict.fromkeys(s.policy.split(" ")[0].split("=")[0] for s in results))
+    cmap = plt.get_cmap("tab20")
+    colours = {n: cmap(i % 20) for i, n in enumerate(names)}     # one colour per policy family
     markers = {"none": "o", "prefix": "s", "dual": "^"}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for s in results:
-        c = colours[s.policy]
+        c = colours[s.policy.split(" ")[0].split("=")[0]]
         ax.scatter(s.tpf, 100 * s.accuracy["mean"], marker=markers[s.cache], s=50,
                    facecolors=c if s.early_exit else "none", edgecolors=c)
-    for policy in dict.fromkeys(s.policy for s in results):
+    front = sorted((s for s in results if s.name in frontier(results)), key=lambda r: r.tpf)
+    ax.step([s.tpf for s in front], [100 * s.accuracy["mean"] for s in front], where="post",
+            color="black", lw=0.8, alpha=0.6, label="Pareto frontier")
+    for policy in names:
         ax.scatter([], [], color=colours[policy], label=policy)
     for cache, m in markers.items():
         ax.scatter([], [], marker=m, facecolors="none", edgecolors="gray", label=f"cache={cache}")
@@ -187,7 +211,11 @@ def diffusion_settings(folder: str, examples: list[tasks.Example],
         llm = LLM(loaded, dtype=args.dtype, device=args.device, kv_cache_mode=cache,
                   max_num_seqs=args.max_num_seqs)
         for policy, ee in itertools.product(args.policies, args.early_exit):
-            s = run_setting(llm, prompts, examples, Setting(policy, cache, ee == "on"), args)
+            try:
+                s = run_setting(llm, prompts, examples, Setting(policy, cache, ee == "on"), args)
+            except ValueError as exc:             # the engine refuses it for this model / cache
+                print(f"{Path(folder).name} {policy} cache={cache}: skipped ({exc})", flush=True)
+                continue
             print(f"{Path(folder).name} {s.name}: mean {100 * s.accuracy['mean']:.1f}%  "
                   f"NFE {s.nfe:.2f}  TPF {s.tpf:.2f}  ({s.seconds:.1f} s)", flush=True)
             results.append(s)

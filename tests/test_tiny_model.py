@@ -163,3 +163,21 @@ def test_lr_schedule_warms_up_then_decays_to_floor():
     assert all(a >= b for a, b in zip(f[9:], f[10:]))
     assert f[-1] == pytest.approx(0.1, abs=1e-3)
     assert torch.tensor(f).min() >= 0.1 - 1e-9
+
+
+@pytest.mark.parametrize("mode", ["none", "dual"])
+def test_engine_defaults_answer_on_the_dream_twin(mode):
+    """A request with no knob on the Dream twin (its generation_config's `alg`, configs/tiny.yaml's
+    32 positions in blocks of 8), with and without a KV cache, answers held-out questions: the
+    code's default `origin` (random order) replied "" to every one without a cache."""
+    from dfastllm_ray import LLM, SamplingParams
+    from dfastllm_ray.train.evaluate import prompt_ids
+    loaded = load_model(ASSETS / "tiny-dream", dtype="float32", device="cpu")
+    assert loaded.generation_defaults["alg"] == "entropy"
+    examples = [e for e in tasks.heldout_set(per_task=4, seed=0) if e.task in ("add", "sort")]
+    llm = LLM(loaded, dtype="float32", device="cpu", kv_cache_mode=mode)
+    outs = llm.generate(prompt_token_ids=[prompt_ids(loaded.tokenizer, e.prompt) for e in examples],
+                        sampling_params=SamplingParams(max_tokens=32, block_length=8),
+                        use_tqdm=False)
+    right = sum(o.text == e.answer for o, e in zip(outs, examples))
+    assert right >= len(examples) // 2, [o.text for o in outs]
