@@ -117,7 +117,7 @@ def dense_index(counts: np.ndarray, n_max: int) -> np.ndarray:
     The host's counts are the scheduler's mask counters, which the device agrees with."""
     counts = np.minimum(counts, n_max)
     first = np.arange(len(counts)) * n_max - (np.cumsum(counts) - counts)   # b * n_max - e_b
-    return (np.repeat(first, counts) + np.arange(int(counts.sum()))).astype(np.float64)
+    return (first.repeat(counts) + np.arange(int(counts.sum()))).astype(np.float64)
 
 
 @dataclass
