@@ -41,10 +41,8 @@ cache, the whole batch in one call), one token per step; LLaDA models only.
 from __future__ import annotations
 
 import argparse
-import gc
 import itertools
 import json
-import math
 import platform
 import subprocess
 import sys
@@ -58,7 +56,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.scripted_model import ScriptedTPF  # noqa: E402
-from benchmarks.step_probe import PHASES, StepProbe  # noqa: E402
+from benchmarks.offline_report import (header_lines, kind_lines, main_line,  # noqa: E402
+                                       merge_kinds, peak_gb, percentiles, reset_peak, sync,
+                                       weighted)
+from benchmarks.step_probe import StepProbe  # noqa: E402
 from dfastllm_ray.engine.config import EngineConfig  # noqa: E402
 from dfastllm_ray.engine.engine import Engine  # noqa: E402
 from dfastllm_ray.models.loader import LoadedModel, load_model  # noqa: E402
@@ -71,35 +72,10 @@ from dfastllm_ray.sampling.params import SamplingParams  # noqa: E402
 DEFAULT_MODEL = ROOT / "dfastllm_ray" / "assets" / "tiny-llada"
 DRAFTER_SHAPES = sorted(k for k, v in KNOWN_SHAPES.items() if not v.causal)
 VERIFIER_SHAPES = sorted(k for k, v in KNOWN_SHAPES.items() if v.causal)
-PERCENTILES = (50, 90, 99)
 SCRIPTED_THRESHOLD = 0.9
 
 
 # ---- measurements -------------------------------------------------------------------------------
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_gb(device: torch.device) -> float | None:
-    """GiB allocated at the peak since the last reset (CUDA); None on CPU (no per-mode peak)."""
-    return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
-
-
-def percentiles(values: list[float]) -> dict[str, float | None]:
-    """Nearest-rank p50 / p90 / p99 (ms)."""
-    s = sorted(values)
-    return {f"p{p}": (s[max(0, math.ceil(p / 100 * len(s)) - 1)] if s else None)
-            for p in PERCENTILES}
-
-
 def result_row(path: str, args, tokens: int, seconds: float, nfe: float, steps: int,
                peak: float | None, **extra) -> dict:
     """Every field of a result (JSON); engine-only ones None on the reference line."""
@@ -268,51 +244,6 @@ def hybrid_counts(finals, tokens: int, args, decoding: str) -> dict:
             "tpf_source": hybrid_source(args, decoding)}
 
 
-def merge_kinds(timed: dict, warm: dict) -> dict:
-    """Per step kind: the timed run's steps and phases, the warm-up's op counts."""
-    out = {}
-    for label, row in timed.items():
-        out[label] = {**row, "ops_per_step": warm.get(label, {}).get("ops_per_step")}
-    return out
-
-
-def weighted(by_kind: dict, key: str) -> dict | None:
-    """A per-kind dict of per-step values -> its average over all steps."""
-    rows = [(r["steps"], r[key]) for r in by_kind.values() if r.get(key)]
-    if not rows:
-        return None
-    n = sum(s for s, _ in rows)
-    return {k: sum(s * v[k] for s, v in rows) / n for k in rows[0][1]}
-
-
-# ---- output -------------------------------------------------------------------------------------
-def fmt(v, spec: str = "8.1f") -> str:
-    return "n/a".rjust(len(format(0.0, spec))) if v is None else format(v, spec)
-
-
-def main_line(r: dict) -> str:
-    lat, ttfb = r["latency_ms"] or {}, r["ttfb_ms"] or {}
-    vf = r.get("verifier_forwards_per_token")
-    verifier = f" | verifier fwd/token {vf:5.2f}" if vf is not None else ""
-    return (f"{r['path']:<10} batch {r['batch']:>3} | {r['tokens_per_s']:9.1f} tok/s | "
-            f"NFE {r['nfe']:6.1f} | TPF {r['tpf']:5.2f} | {r['ms_per_step']:7.1f} ms/step | "
-            f"TTFB p50 {fmt(ttfb.get('p50'))} ms | latency p50/p90/p99 {fmt(lat.get('p50'))} "
-            f"{fmt(lat.get('p90'))} {fmt(lat.get('p99'))} ms | peak {fmt(r['peak_gb'], '6.2f')} GB"
-            f"{verifier}")
-
-
-def kind_lines(r: dict) -> list[str]:
-    lines = []
-    for label, k in (r["by_kind"] or {}).items():
-        ph = " ".join(f"{p} {k['phases_ms'][p]:.2f}" for p in PHASES)
-        ops = k.get("ops_per_step")
-        counts = (f" | kernels {ops['kernels']:.0f} (forward {ops['forward_kernels']:.0f}) "
-                  f"syncs {ops['syncs']:.0f}" if ops else "")
-        lines.append(f"  {label:<16} {k['steps']:>5} steps | {k['ms_per_step']:7.2f} ms/step: "
-                     f"{ph}{counts}")
-    return lines
-
-
 def header(loaded: LoadedModel, args) -> dict:
     dev = loaded.device
     hw = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
@@ -327,13 +258,6 @@ def header(loaded: LoadedModel, args) -> dict:
             "command": "python benchmarks/offline.py " + " ".join(sys.argv[1:]),
             "prompt_len": args.prompt_len, "gen_len": args.gen_len, "block_len": args.block_len,
             "batch": args.batch, "tpf_source": tpf_source(args), "phase_sync": args.phase_sync}
-
-
-def header_lines(h: dict) -> str:
-    return (f"# {h['model']} ({h['dtype']}) on {h['hardware']} ({h['device']}, torch {h['torch']}, "
-            f"{h['threads']} threads), commit {h['commit']}\n# prompt {h['prompt_len']}, gen "
-            f"{h['gen_len']}, block {h['block_len']}, batch {h['batch']}, {h['tpf_source']}\n"
-            f"# {h['command']}")
 
 
 # ---- command line -------------------------------------------------------------------------------
