@@ -68,7 +68,7 @@ def commit(batch: InputBatch, inputs: GroupInputs, commit_mask: Tensor, tokens: 
     flat = batch.flat_canvas
     new = torch.where(commit_mask, tokens, batch.mask_id)      # uncommitted candidates stay masked
     flat.index_copy_(0, inputs.cand_flat.reshape(-1), new.reshape(-1))
-    counts = torch.stack((commit_mask.sum(1), (commit_mask & inputs.in_block).sum(1)), dim=1)
+    counts = torch.stack((commit_mask, commit_mask & inputs.in_block), dim=1).sum(2)   # (B, 2)
     return torch.cat((counts, flat[inputs.gen_flat]), dim=1)
 
 

@@ -28,7 +28,6 @@ from .request import Request
 META = ("slot", "q_start", "q_len", "kv_len", "cand_start", "cand_end", "k", "quota", "step",
         "block_start", "prompt_len", "policy", "conf_alg", "block_step")
 M = {name: i for i, name in enumerate(META)}
-NO_CONF_ALGS = frozenset((-1,))          # LLaDA rows: no Dream confidence
 
 
 @dataclass
@@ -68,45 +67,41 @@ def row_flags(req: Request) -> int:
 
 def pack_group(items: list[ScheduledRequest], requests: dict[str, Request], family: str,
                conf_dtype: torch.dtype, gen_width: int) -> GroupPlan:
-    """One pass over the group's rows -> the packed meta; the widths are column maxima."""
+    """One pass over the group's rows -> the packed meta; widths from per-row lists (scalar
+    work stays in Python: a small numpy reduction costs more than a `max` over 64 ints)."""
     kind = items[0].kind
     policies = tuple(dict.fromkeys(i.policy for i in items))
     index = {name: i for i, name in enumerate(policies)}
     dream = family == "dream"
-    flat, counts, bits, n_max = [], [], 0, 1
+    flat, counts, q_lens, kv_lens, spans, bits = [], [], [], [], [], 0
     for it in items:
         req = requests[it.request_id]
         bits |= req.sampler_flags if req.sampler_flags >= 0 else row_flags(req)
         counts.append(it.num_candidates)
-        if it.num_candidates > n_max:
-            n_max = it.num_candidates
+        q_lens.append(it.q_len)
+        kv_lens.append(it.kv_len)
         end = it.cand_start + 1 if it.force_position is not None else it.cand_end
+        spans.append(end - it.cand_start)
         flat.extend((it.slot, it.q_start, it.q_len, it.kv_len, it.cand_start, end, it.k,
                      it.quota, req.nfe, req.block_start, req.prompt_len, index[it.policy],
                      CONF_ALGS[it.conf_alg] if dream else -1, it.schedule_step))
-    packed = np.concatenate((np.array(flat, dtype=np.float64),
-                             dense_index(np.array(counts), n_max)))
+    n_max, lq, kv_max = max(1, max(counts)), max(q_lens), max(kv_lens)
+    lk = lq if kind == FULL or (kind == HYBRID and items[0].policy != "apd_cached") else kv_max
+    packed = np.concatenate((np.array(flat, dtype=np.float64),    # HYBRID without the drafter
+                             dense_index(np.array(counts), n_max)))   # cache: keys = window
     meta = packed[:len(flat)].reshape(len(items), len(META))
-    lq = int(meta[:, M["q_len"]].max())
-    kv_len = meta[:, M["kv_len"]]
-    lk = lq if kind == FULL else int(kv_len.max())
-    if kind == HYBRID and items[0].policy != "apd_cached":
-        lk = lq                                   # no drafter cache: keys = the window [0, right)
     facts = GroupFacts(
         family=family, policies=policies, sampled=bool(bits & SAMPLED),
         random_remask=bool(bits & RANDOM_REMASK), logits_eos_inf=bool(bits & LOGITS_EOS_INF),
         conf_eos_eot_inf=bool(bits & CONF_EOS_EOT_INF), top_p=bool(bits & TOP_P),
-        top_k=bool(bits & TOP_K),
-        conf_algs=frozenset(map(int, meta[:, M["conf_alg"]].tolist())) if dream
-        else NO_CONF_ALGS,
+        top_k=bool(bits & TOP_K), conf_algs=frozenset(flat[M["conf_alg"]::len(META)]),
         conf_dtype=conf_dtype)
+    full = kv_max == lk == min(kv_lens)
     return GroupPlan(
-        items=items, kind=kind, lq=lq, lk=lk,
-        lc=int((meta[:, M["cand_end"]] - meta[:, M["cand_start"]]).max()),
-        n_max=n_max, gen_width=gen_width, needs_mask=bool((kv_len != lk).any()),
-        revocable=policies == ("wino",), stateful=policies == ("klass",),
-        passthrough=kind == REFRESH and bool(
-            ((meta[:, M["q_start"]] == 0) & (meta[:, M["q_len"]] == lk) & (kv_len == lk)).all()),
+        items=items, kind=kind, lq=lq, lk=lk, lc=max(spans), n_max=n_max, gen_width=gen_width,
+        needs_mask=not full, revocable=policies == ("wino",), stateful=policies == ("klass",),
+        passthrough=kind == REFRESH and full and all(i.q_start == 0 and i.q_len == lk
+                                                     for i in items),
         facts=facts, meta=torch.from_numpy(meta), packed=torch.from_numpy(packed))
 
 
