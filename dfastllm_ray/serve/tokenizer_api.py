@@ -3,7 +3,8 @@
 Clients that count tokens with the server's own tokenizer (lm-eval-harness's
 `local-completions` / `local-chat-completions` probe `/tokenizer_info` and then tokenize
 remotely) need these; the shapes follow vLLM's (`count`, `max_model_len`, `tokens`,
-`token_strs`; `prompt`). `model` may be left out when the app serves one model. The ingress
+`token_strs`; `prompt`). `model` may be left out when the app serves one model, or several with
+one tokenizer (the same vocabulary and EOS; lm-eval never names it). The ingress
 holds each model's tokenizer (the model card), so no replica is called.
 """
 from __future__ import annotations
@@ -66,14 +67,33 @@ def _tokens(card: ModelCard, body: TokenizeRequest) -> list[int]:
     return encode_chat(card.tokenizer, messages)
 
 
+def same_tokenizer(a: ModelCard, b: ModelCard) -> bool:
+    """Same ids for the same text and the same end of text: one vocabulary, one EOS."""
+    if a.tokenizer is b.tokenizer:
+        return True
+    vocab_a, vocab_b = (getattr(c.tokenizer, "get_vocab", None) for c in (a, b))
+    if vocab_a is None or vocab_b is None:
+        return False
+    return (vocab_a() == vocab_b()
+            and getattr(a.tokenizer, "eos_token", None) == getattr(b.tokenizer, "eos_token", None))
+
+
 def add_tokenizer_routes(app: FastAPI, server: OpenAIServer, guard: Any) -> None:
+    shared: dict[str, bool] = {}     # the verdict of `same_tokenizer`, once the cards loaded
+
     async def card_for(model: Optional[str]) -> ModelCard:
-        if model is None:
-            if len(server.clients) != 1:
-                raise bad_request(f"model is required: this server serves "
-                                  f"{sorted(server.clients)}.", param="model")
-            model = next(iter(server.clients))
-        return await server.card(model)
+        """The named model's card; unnamed, the first model's, if every served model has the
+        same tokenizer (lm-eval never names the model here; configs/tiny.yaml serves two models
+        on one vocabulary), else a 400 asking for `model`."""
+        if model is not None:
+            return await server.card(model)
+        cards = [await server.card(m) for m in server.clients]
+        if "all" not in shared:
+            shared["all"] = all(same_tokenizer(cards[0], c) for c in cards[1:])
+        if not shared["all"]:
+            raise bad_request(f"model is required: this server serves {sorted(server.clients)} "
+                              "with different tokenizers.", param="model")
+        return cards[0]
 
     for prefix in ("", "/v1"):       # vLLM serves them at the root; some clients add /v1
         @app.get(f"{prefix}/tokenizer_info", dependencies=[Depends(guard)])

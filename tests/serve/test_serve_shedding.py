@@ -233,3 +233,37 @@ def test_burst_is_refused_at_the_front_before_any_body_comes_in():
     assert server.admission.pending == 0 and server.admission.requests == 0
     bad = TestClient(app).post("/v1/completions", json={"model": "fake", "prompt": 5})
     assert bad.status_code == 400 and server.admission.pending == 0
+
+
+def test_tokenizer_routes_without_model_when_models_share_a_tokenizer():
+    """lm-eval never names the model on /tokenizer_info and /tokenize: with two models on one
+    vocabulary (configs/tiny.yaml's pair) the unnamed routes answer as the named ones do; with
+    two different tokenizers they are a 400 asking for `model`."""
+    from transformers import AutoTokenizer
+
+    from dfastllm_ray.serve.records import ModelCard
+
+    def app_of(tokenizers: dict) -> TestClient:
+        clients = {}
+        for name, tok in tokenizers.items():
+            card = ModelCard(name, tok, 256, 112, {"max_tokens": 8, "block_length": 8}, None, 1)
+            clients[name] = LocalClient(ReplicaCore(ModelConfig(model_id=name), FakeEngine(),
+                                                    card))
+        return TestClient(build_api(OpenAIServer(ServerSettings(api_keys_env=None), clients),
+                                    ApiKeys([])))
+
+    from pathlib import Path
+
+    from dfastllm_ray.serve.config import shipped_tiny_model
+    assets = Path(shipped_tiny_model()).parent
+    pair = app_of({m: AutoTokenizer.from_pretrained(str(assets / m))
+                   for m in ("tiny-llada", "tiny-dream")})
+    unnamed = pair.post("/tokenize", json={"prompt": "add 47+85"})
+    named = pair.post("/tokenize", json={"prompt": "add 47+85", "model": "tiny-dream"})
+    assert unnamed.status_code == 200 and unnamed.json() == named.json()
+    assert pair.get("/tokenizer_info").json()["eos_token"] == "<|endoftext|>"
+    from serve_fakes import CharTokenizer
+    mixed = app_of({"a": CharTokenizer(), "b": CharTokenizer()})
+    r = mixed.get("/tokenizer_info")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+    assert mixed.get("/tokenizer_info", params={"model": "b"}).status_code == 200
