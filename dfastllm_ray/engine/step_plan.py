@@ -79,7 +79,8 @@ def plan(req: Request, mode: str, refresh: str = "full") -> ScheduledRequest:
                             kv_len=length, cand_start=s, cand_end=e, num_candidates=0, quota=0,
                             k=0, policy="", schedule_step=req.block_step,
                             schedule_len=req.steps_per_block, slot=req.slot)
-    if kind == REFRESH and is_dream(req) and req.block_step == 0:
+    mid_refresh = kind == REFRESH and req.block_step > 0
+    if kind == REFRESH and is_dream(req) and not mid_refresh:
         item.num_candidates, item.quota, item.k, item.force_position = 1, 1, 1, s
         item.policy, item.conf_alg = "force", req.params.alg
         return item
@@ -90,12 +91,12 @@ def plan(req: Request, mode: str, refresh: str = "full") -> ScheduledRequest:
         item.num_candidates = req.params.block_length
     elif req.params.policy in UNBOUNDED:  # KLASS: the block's masks (its state is per block slot)
         item.num_candidates = req.masked_block
-    elif kind == CACHED or q_start > frozen_start(req) or req.block_step > 0:
+    elif kind == CACHED or q_start > frozen_start(req) or mid_refresh:
         item.num_candidates = req.masked_block        # (a mid-block refresh decodes as cached)
     else:
         item.cand_start, item.num_candidates = q_start, req.masked_upto_block_end
     item.quota = quota(req, mode, item.num_candidates)
-    item.policy, item.conf_alg = step_policy(req, CACHED if req.block_step > 0 else kind)
+    item.policy, item.conf_alg = step_policy(req, CACHED if mid_refresh else kind)
     item.k = commit_count(item.policy, item.quota, item.num_candidates)
     return item
 
