@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 REMASKING = ("low_confidence", "random")
@@ -252,7 +253,7 @@ class SamplingParams:
         return replace(self, max_tokens=canvas, block_length=block, steps=self.steps or canvas,
                        output_limit=limit if limit < canvas else None)
 
-    @property
+    @cached_property              # read several times per request per engine step; fields are frozen
     def policy(self) -> str:
         """The decoding policy name this request uses (a key of `sampling.POLICIES`).
 
