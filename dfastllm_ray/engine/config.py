@@ -95,12 +95,12 @@ class EngineConfig:
     compile: bool = False
     """CUDA only: `torch.compile` the model forward (dynamic shapes)."""
 
-    default_speed: str | None = None
+    default_speed: str | None = "balanced"
     """The `speed` a request gets when it sets no decoding knob at all (no steps, threshold,
-    policy knob, speed, cache mode): "balanced" is the measured point at >= 4 tokens per forward
-    within 1 point of the reference (sampling/speed.py). None (the default until the dial is
-    re-measured on the retrained tiny models) keeps the reference schedule, one position per
-    step, for such requests."""
+    policy knob, speed, cache mode), where the dial is measured for the model family
+    (sampling/speed.py: LLaDA): "balanced" is the measured point at >= 4 tokens per forward
+    within 1 point of the reference. None keeps the reference schedule (one position per step)
+    for such requests; "exact" is the same with no approximate KV cache."""
 
     cuda_graphs: bool = False
     """Run cached-window forwards on static buffers padded to batch / key buckets, captured

@@ -28,7 +28,9 @@ def fixture(name: str) -> tuple[dict, dict]:
 
 
 def engine(name: str, mode: str = "none", **cfg) -> Engine:
-    cfg = {"page_size": 4, "num_pages": NUM_PAGES, **cfg}
+    """An engine over a tiny checkpoint. default_speed None unless given: these tests pin the
+    engine's mechanics on the reference schedule when a request sets no knob."""
+    cfg = {"page_size": 4, "num_pages": NUM_PAGES, "default_speed": None, **cfg}
     return Engine(tiny(name), EngineConfig(kv_cache_mode=mode, **cfg))
 
 

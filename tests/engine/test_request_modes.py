@@ -8,7 +8,10 @@ import pytest
 
 from dfastllm_ray.sampling.params import SamplingParams
 from dfastllm_ray.sampling.speed import SPEED_DIAL
-from engine_models import engine, run_all
+from engine_models import NUM_PAGES, engine, run_all, tiny
+
+from dfastllm_ray.engine.config import EngineConfig
+from dfastllm_ray.engine.engine import Engine
 
 
 def _reqs(params: SamplingParams, n: int = 6, seed: int = 0) -> dict:
@@ -67,5 +70,21 @@ def test_a_request_with_no_decoding_knob_gets_the_default_speed():
         assert getattr(plain, k) == v
     chosen = eng.resolve_params(SamplingParams(max_tokens=16, steps=16), 4)
     assert chosen.speed is None and chosen.threshold is None          # the reference schedule
-    off = engine("llada-tiny", "dual")                     # default: the reference schedule
-    assert off.resolve_params(SamplingParams(max_tokens=16), 4).threshold is None
+    off = engine("llada-tiny", "dual", default_speed=None)      # the reference schedule
+    assert off.resolve_params(SamplingParams(max_tokens=16), 4).steps == 16
+
+
+def test_the_engine_default_is_balanced_where_the_dial_is_measured():
+    """EngineConfig() gives a LLaDA request with no knob the `balanced` point (its steps from
+    max_tokens, its cache mode); a Dream model has no measured dial and keeps its reference."""
+    assert EngineConfig().default_speed == "balanced"
+    point = SPEED_DIAL["llada"]["balanced"]
+    eng = Engine(tiny("llada-tiny"), EngineConfig(kv_cache_mode="dual", page_size=4,
+                                                   num_pages=NUM_PAGES))
+    p = eng.resolve_params(SamplingParams(max_tokens=16, block_length=16), 4)
+    assert p.speed == "balanced" and p.steps == 16 // point.tokens_per_step
+    assert p.kv_cache_mode == point.kv_cache_mode
+    dream = Engine(tiny("dream-tiny"), EngineConfig(kv_cache_mode="dual", page_size=4,
+                                                     num_pages=NUM_PAGES))
+    assert "dream" not in SPEED_DIAL
+    assert dream.resolve_params(SamplingParams(max_tokens=16), 4).steps == 16
