@@ -17,7 +17,7 @@ import torch
 
 from ..models.loader import LoadedModel
 from ..sampling.dream import transfer_probs
-from ..sampling.params import DEFAULT_MAX_TOKENS, SamplingParams
+from ..sampling.params import DEFAULT_MAX_TOKENS, LLADA_ONLY, SamplingParams, unused_knobs
 from ..sampling.rng import seed_to_int64
 from ..sampling.speed import SPEED_DIAL, speed_knobs
 from .config import EngineConfig
@@ -133,6 +133,12 @@ class Engine:
         if self.spec.arch != "dream" and params.alg is not None:
             raise ValueError(f"alg={params.alg!r} is a Dream setting; {self.spec.arch} models use "
                              "remasking / threshold / factor / entropy_bound")
+        if self.spec.arch == "dream":
+            foreign = unused_knobs({k: getattr(params, k) for k in LLADA_ONLY}, "dream")
+            if foreign:
+                raise ValueError(f"{foreign[0]}={getattr(params, foreign[0])!r} is a LLaDA-family "
+                                 "knob; Dream models decode with alg / alg_temp / threshold / "
+                                 "steps (refused, not ignored)")
         if params.is_hybrid:
             return self._resolve_hybrid(params, prompt_len)
         if params.policy not in ENGINE_POLICIES:

@@ -88,3 +88,15 @@ def test_the_engine_default_is_balanced_where_the_dial_is_measured():
                                                      num_pages=NUM_PAGES))
     assert "dream" not in SPEED_DIAL
     assert dream.resolve_params(SamplingParams(max_tokens=16), 4).steps == 16
+
+
+@pytest.mark.parametrize("knob", [{"pc_lambda": 0.25}, {"dilated": True}, {"exit_high": 0.9},
+                                  {"remasking": "random"}])
+def test_llada_knobs_are_refused_on_a_dream_model(knob):
+    """The offline API refuses what the HTTP layer refuses: a LLaDA-only knob on Dream (once it
+    ran as a different schedule: DUS at one step per block decoded nothing with the dual cache)."""
+    eng = engine("dream-tiny", "dual")
+    name = next(iter(knob))
+    with pytest.raises(ValueError, match=f"^{name}=.* is a LLaDA-family knob"):
+        eng.add_request("x", [5, 6, 7], SamplingParams(max_tokens=8, **knob))
+    assert not eng.has_unfinished()
