@@ -98,8 +98,8 @@ class EngineConfig:
     default_speed: str | None = "balanced"
     """The `speed` a request gets when it sets no decoding knob at all (no steps, threshold,
     policy knob, speed, cache mode), where the dial is measured for the model family
-    (sampling/speed.py: LLaDA): "balanced" is the measured point at >= 4 tokens per forward
-    within 1 point of the reference. None keeps the reference schedule (one position per step)
+    (sampling/speed.py: LLaDA and Dream): "balanced" is the measured point at >= 4 tokens per
+    forward within 1 point of the reference. None keeps the reference schedule (one position per step)
     for such requests; "exact" is the same with no approximate KV cache."""
 
     cuda_graphs: bool = False

@@ -7,9 +7,9 @@ The rule (issue 12): `exact` is the reference schedule (one token per step) with
 KV cache; `balanced` the measured setting at 4 <= TPF < 8 within 1 point of `exact`; `fast` the
 one at TPF >= 8 within 2 points. Among the settings that meet a rule on every measured
 checkpoint, schedule-fixed TPF first, then the best worst-case margin, then the best mean margin
-(`benchmarks/policy_frontier.py`, `dial`). Every point is measured with the reference loop of its
-policy (no KV cache), greedy, 16 positions in one block, on the shipped tiny LLaDA and two
-earlier checkpoints; the numbers are in the family's `MEASURED_BY` JSON and
+(`benchmarks/policy_frontier.py`, `dial`). Every point is measured without a KV cache, greedy,
+16 positions in one block: LLaDA's with the reference loop of its policy on the shipped tiny
+LLaDA and two earlier checkpoints, Dream's through the engine on the shipped twin; the numbers are in the family's `MEASURED_BY` JSON and
 `tests/test_speed_dial.py` checks they agree with it. `tokens_per_step` sets
 `steps = max_tokens // tokens_per_step`.
 """
@@ -18,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 SPEEDS = ("exact", "balanced", "fast")
-MEASURED_BY = {"llada": "benchmarks/results/policy_frontier.json"}    # family -> its JSON
+MEASURED_BY = {"llada": "benchmarks/results/policy_frontier.json",      # family -> its JSON
+               "dream": "benchmarks/results/policy_frontier_dream.json"}
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,16 @@ SPEED_DIAL: dict[str, dict[str, SpeedPoint | None]] = {
                        accuracy=0.7575, tpf=4.000),
         "fast": SpeedPoint('dus 8/step', {'dilated': True}, 8,
                        accuracy=0.7650, tpf=8.000),
+    },
+    # tiny-dream stage 2 through the engine without a cache (its alg: entropy), same protocol;
+    # one checkpoint only, Dream's own schedule (PC-Sampler / DUS are LLaDA-family knobs)
+    "dream": {
+        "exact": SpeedPoint('reference', {}, 1,
+                       accuracy=0.7525, tpf=1.000),
+        "balanced": SpeedPoint('fixed 4/step', {}, 4,
+                       accuracy=0.7500, tpf=4.000),
+        "fast": SpeedPoint('fixed 8/step', {}, 8,
+                       accuracy=0.7500, tpf=8.000),
     },
 }
 

@@ -75,8 +75,8 @@ def test_a_request_with_no_decoding_knob_gets_the_default_speed():
 
 
 def test_the_engine_default_is_balanced_where_the_dial_is_measured():
-    """EngineConfig() gives a LLaDA request with no knob the `balanced` point (its steps from
-    max_tokens, its cache mode); a Dream model has no measured dial and keeps its reference."""
+    """EngineConfig() gives a request with no knob its family's `balanced` point (its steps from
+    max_tokens, its cache mode), LLaDA's and Dream's alike; a knob set by hand wins."""
     assert EngineConfig().default_speed == "balanced"
     point = SPEED_DIAL["llada"]["balanced"]
     eng = Engine(tiny("llada-tiny"), EngineConfig(kv_cache_mode="dual", page_size=4,
@@ -86,8 +86,9 @@ def test_the_engine_default_is_balanced_where_the_dial_is_measured():
     assert p.kv_cache_mode == point.kv_cache_mode
     dream = Engine(tiny("dream-tiny"), EngineConfig(kv_cache_mode="dual", page_size=4,
                                                      num_pages=NUM_PAGES))
-    assert "dream" not in SPEED_DIAL
-    assert dream.resolve_params(SamplingParams(max_tokens=16), 4).steps == 16
+    d = dream.resolve_params(SamplingParams(max_tokens=16), 4)
+    assert d.speed == "balanced" and d.steps == 16 // SPEED_DIAL["dream"]["balanced"].tokens_per_step
+    assert dream.resolve_params(SamplingParams(max_tokens=16, steps=16), 4).steps == 16
 
 
 @pytest.mark.parametrize("knob", [{"pc_lambda": 0.25}, {"dilated": True}, {"exit_high": 0.9},
