@@ -157,7 +157,7 @@ def pc_sampler(conf: Tensor, knobs: RowKnobs, ranked: Ranked) -> Tensor:
     return (ranks_of(order) < knobs.k[:, None]) & knobs.valid
 
 
-REV_BITS = 12                           # groups per block up to 4096 (= MAX_REFRESH-like bound)
+REV_BITS = 12                           # DUS groups per block up to 4096 (steps per block)
 _REV: dict[torch.device, Tensor] = {}
 
 

@@ -23,17 +23,37 @@ def stats(url: str) -> dict:
     return httpx.get(f"{url}/v1/engine/stats", headers=AUTH).json()["models"][MODEL]
 
 
-@pytest.mark.slow
-def test_serve_run_answers_and_exits_on_sigterm(tmp_path):
-    """The README's first command: `serve run configs/tiny.yaml`, then SIGTERM (what Kubernetes
-    and process managers send) must stop it within ~10 s."""
+def tiny_app(tmp_path: Path) -> tuple[Path, int, dict]:
+    """configs/tiny.yaml on a free port, written to tmp_path -> (path, port, subprocess env)."""
     import yaml
     from serve_testutil import ROOT, free_port, tiny_config
     cfg = tiny_config()
     port = cfg["http_options"]["port"] = free_port()
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "0"}
+    return path, port, {**os.environ, "PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "0"}
+
+
+def wait_ready(proc: subprocess.Popen, url: str, what: str, timeout_s: float = 150) -> None:
+    """Poll /health/ready until 200; fail if the process exits or the timeout passes."""
+    deadline = time.time() + timeout_s
+    while True:
+        assert proc.poll() is None, f"{what} exited early"
+        assert time.time() < deadline, f"{what} never became ready"
+        try:
+            if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_serve_run_answers_and_exits_on_sigterm(tmp_path):
+    """The README's first command: `serve run configs/tiny.yaml`, then SIGTERM (what Kubernetes
+    and process managers send) must stop it within ~10 s."""
+    from serve_testutil import ROOT
+    path, port, env = tiny_app(tmp_path)
     serve_cli = Path(sys.executable).with_name("serve")
     # --address local: a fresh cluster, never one another process started on this machine.
     proc = subprocess.Popen([str(serve_cli), "run", "--address", "local", str(path)], cwd=ROOT,
@@ -41,16 +61,7 @@ def test_serve_run_answers_and_exits_on_sigterm(tmp_path):
                             start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 150
-        while True:
-            assert proc.poll() is None, "serve run exited early"
-            assert time.time() < deadline, "serve run never became ready"
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+        wait_ready(proc, url, "serve run")
         r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": PROMPT,
                                                       "max_tokens": 8}, timeout=60)
         assert r.status_code == 200, r.text
@@ -68,13 +79,8 @@ def test_launcher_drains_on_sigterm(tmp_path):
     """`python -m dfastllm_ray.serve run configs/tiny.yaml`, SIGTERM under load: nothing new is
     admitted, the admitted stream and unary requests finish ([DONE] / 200), then it exits 0
     without a traceback."""
-    import yaml
-    from serve_testutil import ROOT, free_port, tiny_config
-    cfg = tiny_config()
-    port = cfg["http_options"]["port"] = free_port()
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "0"}
+    from serve_testutil import ROOT
+    path, port, env = tiny_app(tmp_path)
     log = open(tmp_path / "launcher.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "dfastllm_ray.serve", "run", str(path)],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -93,16 +99,7 @@ def test_launcher_drains_on_sigterm(tmp_path):
         results[f"unary{i}"] = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
 
     try:
-        deadline = time.time() + 150
-        while True:
-            assert proc.poll() is None, "the launcher exited early"
-            assert time.time() < deadline, "the launcher never became ready"
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+        wait_ready(proc, url, "the launcher")
         threads = [threading.Thread(target=stream)] + \
             [threading.Thread(target=unary, args=(i,)) for i in range(4)]
         for t in threads:
