@@ -153,13 +153,18 @@ def test_malformed_json_and_openai_errors(client, serve_url, ready):
 
 
 def test_health_is_fast_under_load(serve_url, ready, client):
+    """/health answers beside a busy engine, not behind it: its median is a small share of one
+    loaded request's median, both measured in the same run (a ratio holds on a loaded box)."""
     stop = threading.Event()
+    load_times: list[float] = []
 
     def load() -> None:
         while not stop.is_set():
+            t0 = time.perf_counter()
             client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=64,
                                       extra_body={"block_length": 8, "steps": 64,
                                                   "early_exit": False})
+            load_times.append(time.perf_counter() - t0)
 
     threads = [threading.Thread(target=load) for _ in range(16)]
     for t in threads:
@@ -177,7 +182,8 @@ def test_health_is_fast_under_load(serve_url, ready, client):
         stop.set()
         for t in threads:
             t.join()
-    assert statistics.median(times) < 0.1, times
+    assert load_times, "no loaded request finished"
+    assert statistics.median(times) < 0.2 * statistics.median(load_times), (times, load_times)
 
 
 def _hang_up(url: str, stream: bool) -> None:
