@@ -1,11 +1,13 @@
 """A forward group's inputs: packed on the host in one tensor, expanded on the device by index ops.
 
 The host knows, per scheduled request, a handful of integers (slot, window, candidate range,
-quota, step): `pack_group` puts them in one (B, META) float64 tensor, which goes to the device in
+quota, step): `pack_group` puts them in one (B, META) int64 tensor, which goes to the device in
 one copy. `expand_group` derives everything else there from the `InputBatch`: the window's token
 ids (a gather from the resident canvas), RoPE positions, the key mask (only when some row is
 shorter than the padded width), the paged KV slots, the candidates (the masked positions of each
-row's range, compacted left by a cumsum/scatter: no `nonzero`) and the LM-head rows.
+row's range, found left to right by a cumsum and a searchsorted: no `nonzero`) and the LM-head
+rows. What the window alone fixes is built at a block's first step and reused while the block's
+steps repeat it (`Window`), so a cached step's expansion is seven ops whatever its batch size.
 """
 from __future__ import annotations
 
@@ -24,10 +26,12 @@ from .paged_attention import build_paged_attention
 from .paged_kv import build_paged_kv
 from .request import Request
 
-# Columns of the packed per-row metadata
+# Columns of the packed per-row metadata (int64; "quota" holds the bits of a float64: Dream
+# origin's probability, read on the device by a dtype view)
 META = ("slot", "q_start", "q_len", "kv_len", "cand_start", "cand_end", "k", "quota", "step",
         "block_start", "prompt_len", "policy", "conf_alg", "block_step")
 M = {name: i for i, name in enumerate(META)}
+QUOTA = M["quota"]
 
 
 @dataclass
@@ -37,16 +41,18 @@ class GroupPlan:
     kind: str
     lq: int                   # padded query width
     lk: int                   # padded key width
-    lc: int                   # widest candidate range
+    lc: int                   # widest candidate range (at least n_max)
     n_max: int                # most candidates of a row (LM-head rows per row)
     gen_width: int            # generation positions copied back per row
     needs_mask: bool          # some row's keys are shorter than lk
     revocable: bool           # WINO: candidates are every block position, a shadow follows
     stateful: bool            # KLASS: per-position state across steps (engine/stateful.py)
     passthrough: bool         # every row's window is its whole canvas (refresh from 0)
+    in_block: bool            # every row's candidate range starts at its active block
     facts: GroupFacts
-    meta: Tensor              # (B, len(META)) float64 on the host: a view of `packed`
-    packed: Tensor            # (B * len(META) + N,) float64: meta, then `dense` (one H2D copy)
+    meta: Tensor              # (B, len(META)) int64 on the host: a view of `packed`
+    packed: Tensor            # (B * len(META) + N,) int64: meta, then the dense index (one H2D copy)
+    dense: bool               # `packed` carries the dense index (some row has fewer than n_max)
 
 
 # Per-request facts of the batched sampler (bits of `row_flags`, OR-ed over a group)
@@ -73,46 +79,53 @@ def pack_group(items: list[ScheduledRequest], requests: dict[str, Request], fami
     policies = tuple(dict.fromkeys(i.policy for i in items))
     index = {name: i for i, name in enumerate(policies)}
     dream = family == "dream"
-    flat, counts, q_lens, kv_lens, spans, bits = [], [], [], [], [], 0
+    flat, quotas, counts, q_lens, kv_lens, spans, bits = [], [], [], [], [], [], 0
+    in_block = True
     for it in items:
         req = requests[it.request_id]
         bits |= req.sampler_flags if req.sampler_flags >= 0 else row_flags(req)
         counts.append(it.num_candidates)
         q_lens.append(it.q_len)
         kv_lens.append(it.kv_len)
+        quotas.append(it.quota)
         end = it.cand_start + 1 if it.force_position is not None else it.cand_end
         spans.append(end - it.cand_start)
+        in_block = in_block and it.cand_start >= req.block_start
         flat.extend((it.slot, it.q_start, it.q_len, it.kv_len, it.cand_start, end, it.k,
-                     it.quota, req.nfe, req.block_start, req.prompt_len, index[it.policy],
+                     0, req.nfe, req.block_start, req.prompt_len, index[it.policy],
                      CONF_ALGS[it.conf_alg] if dream else -1, it.schedule_step))
-    n_max, lq, kv_max = max(1, max(counts)), max(q_lens), max(kv_lens)
+    b, n_max, lq, kv_max = len(items), max(1, max(counts)), max(q_lens), max(kv_lens)
     lk = lq if kind == FULL or (kind == HYBRID and items[0].policy != "apd_cached") else kv_max
-    packed = np.concatenate((np.array(flat, dtype=np.float64),    # HYBRID without the drafter
-                             dense_index(np.array(counts), n_max)))   # cache: keys = window
-    meta = packed[:len(flat)].reshape(len(items), len(META))
+    meta = np.array(flat, dtype=np.int64).reshape(b, len(META))    # HYBRID without the drafter
+    meta[:, QUOTA] = np.array(quotas, dtype=np.float64).view(np.int64)   # cache: keys = window
+    dense = sum(counts) != b * n_max           # no padding slot: the padded layout is dense
+    packed = np.concatenate((meta.reshape(-1), dense_index(np.array(counts), n_max))) \
+        if dense else meta.reshape(-1)
     facts = GroupFacts(
         family=family, policies=policies, sampled=bool(bits & SAMPLED),
         random_remask=bool(bits & RANDOM_REMASK), logits_eos_inf=bool(bits & LOGITS_EOS_INF),
         conf_eos_eot_inf=bool(bits & CONF_EOS_EOT_INF), top_p=bool(bits & TOP_P),
         top_k=bool(bits & TOP_K), conf_algs=frozenset(flat[M["conf_alg"]::len(META)]),
-        conf_dtype=conf_dtype)
+        conf_dtype=conf_dtype, padded=dense)
     full = kv_max == lk == min(kv_lens)
     return GroupPlan(
-        items=items, kind=kind, lq=lq, lk=lk, lc=max(spans), n_max=n_max, gen_width=gen_width,
-        needs_mask=not full, revocable=policies == ("wino",), stateful=policies == ("klass",),
+        items=items, kind=kind, lq=lq, lk=lk, lc=max(max(spans), n_max), n_max=n_max,
+        gen_width=gen_width, needs_mask=not full, revocable=policies == ("wino",),
+        stateful=policies == ("klass",),
         passthrough=kind == REFRESH and full and all(i.q_start == 0 and i.q_len == lk
                                                      for i in items),
-        facts=facts, meta=torch.from_numpy(meta), packed=torch.from_numpy(packed))
+        in_block=in_block, facts=facts, meta=torch.from_numpy(meta),
+        packed=torch.from_numpy(packed), dense=dense)
 
 
 def dense_index(counts: np.ndarray, n_max: int) -> np.ndarray:
-    """(N,) float64 flat indices into the (B, n_max) candidate layout of the real candidates
+    """(N,) int64 flat indices into the (B, n_max) candidate layout of the real candidates
     (row b's first counts[b] slots, N = sum(counts)): the sampler's vocabulary work then runs
     over N rows, not B * n_max (half of them padding when the rows' blocks are staggered).
     The host's counts are the scheduler's mask counters, which the device agrees with."""
     counts = np.minimum(counts, n_max)
     first = np.arange(len(counts)) * n_max - (np.cumsum(counts) - counts)   # b * n_max - e_b
-    return (first.repeat(counts) + np.arange(int(counts.sum()))).astype(np.float64)
+    return first.repeat(counts) + np.arange(int(counts.sum()))
 
 
 @dataclass
@@ -125,11 +138,11 @@ class GroupInputs:
     logits_index: Tensor      # (B, n) int64 query rows whose output is decoded
     cand_offset: Tensor       # (B, n) int64 candidate position - q_start (its window column)
     cand_flat: Tensor         # (B, n) int64 flat canvas index of each candidate (padding: dump)
-    in_block: Tensor          # (B, n) bool candidate lies in the active block
+    in_block: Tensor | None   # (B, n) bool candidate lies in the active block; None: all do
     gen_flat: Tensor          # (B, W) int64 flat canvas index of the generation positions
     slot: Tensor              # (B,) int64 the rows' InputBatch slots
     knobs: RowKnobs
-    dense: Tensor | None = None   # (N,) float64 (exact ints) flat B * n index of the real candidates
+    dense: Tensor | None = None   # (N,) int64 flat B * n index of the real candidates
 
 
 # Columns that fix a row's window, candidate range and generation span: every step of a block
@@ -138,25 +151,27 @@ class GroupInputs:
 WINDOW = ("slot", "q_start", "q_len", "kv_len", "cand_start", "cand_end", "block_start",
           "prompt_len")
 WINDOW_COLS = [M[name] for name in WINDOW]
+# Rows of `Window.by_range`: what a candidate at range column j maps to
+POS, FLAT, ROW, OFFSET = range(4)
 
 
 @dataclass
 class Window:
     """The device inputs a group's windows alone determine (never written after they are built)."""
     slot: Tensor              # (B,) int64 the rows' InputBatch slots
-    base: Tensor              # (B, 1) int64 flat offset of each slot's canvas row
-    q_start: Tensor           # (B, 1) int64
     block_start: Tensor       # (B, 1) int64
     positions: Tensor         # (B, Lq) int64 absolute RoPE positions
     ids_flat: Tensor          # (B, Lq) int64 flat canvas index of the window's tokens
     attn_mask: Tensor | None  # (B, 1, 1, Lk) bool, None when every row is full
     kv: object                # PagedKV | PagedAttention | None
-    range_pos: Tensor         # (B, Lc) int64 canvas positions cand_start + j
-    range_flat: Tensor        # (B, Lc) int64 their flat canvas index (past the canvas: dump)
-    in_range: Tensor          # (B, Lc) bool j < cand_end - cand_start
+    range_flat: Tensor        # (B, Lc) int64 flat canvas index of cand_start + j (clamped)
+    targets: Tensor           # (B, Lc) int64 1..Lc: the i-th candidate is where the count hits i
+    range_cols: Tensor        # (B, Lc) int64 0..Lc-1 (WINO: every range column is a candidate)
+    by_range: Tensor          # (4, B, Lc + 1) int64 per range column j (POS, FLAT, ROW, OFFSET)
     gen_flat: Tensor          # (B, W) int64 flat canvas index of the generation positions
     table: Tensor             # (B, len(KNOBS)) float64 the rows' knob table rows
     seeds: Tensor             # (B,) int64
+    columns: Tensor           # (>= Lc + 1,) int64 0, 1, ...
 
 
 class WindowCache:
@@ -171,47 +186,59 @@ class WindowCache:
     def clear(self) -> None:
         self._windows.clear()
 
-    def get(self, g: GroupPlan, batch: InputBatch, pool: KVPool | None, im: Tensor) -> Window:
+    def get(self, g: GroupPlan, batch: InputBatch, pool: KVPool | None, im: Tensor,
+            shift: bool) -> Window:
         key = (g.kind, g.items[0].policy, g.lq, g.lk, g.lc, g.gen_width, g.needs_mask,
-               g.passthrough, g.meta.numpy()[:, WINDOW_COLS].tobytes())
+               g.passthrough, shift, g.meta.numpy()[:, WINDOW_COLS].tobytes())
         w = self._windows.get(key)
         if w is None:
             if len(self._windows) >= self.LIMIT:
                 self._windows.clear()
-            w = self._windows[key] = build_window(g, batch, pool, im)
+            w = self._windows[key] = build_window(g, batch, pool, im, shift)
             self.builds += 1
         else:
             self.hits += 1
         return w
 
 
-def build_window(g: GroupPlan, batch: InputBatch, pool: KVPool | None, im: Tensor) -> Window:
-    dev = batch.device
+def build_window(g: GroupPlan, batch: InputBatch, pool: KVPool | None, im: Tensor,
+                 shift: bool) -> Window:
+    """`shift`: the model's logit shift (Dream: row r - 1 predicts position r, r > 0)."""
+    dev, dump = batch.device, batch.max_len
     col = lambda name: im[:, M[name]]                                # noqa: E731
-    slot, q_start, start = col("slot"), col("q_start"), col("cand_start")
+    slot, q_start, start = col("slot"), col("q_start")[:, None], col("cand_start")[:, None]
     base = (slot * batch.row_len)[:, None]                           # (B, 1) flat row offset
-    ar = torch.arange(max(g.lq, g.lk, g.lc, g.gen_width), device=dev)
-    positions = q_start[:, None] + ar[:g.lq]                         # (B, Lq)
+    ar = torch.arange(max(g.lq, g.lk, g.lc + 1, g.gen_width), device=dev)
+    positions = q_start + ar[:g.lq]                                  # (B, Lq)
     attn_mask = None
     if g.needs_mask:
         attn_mask = (ar[:g.lk] < col("kv_len")[:, None])[:, None, None, :]
     kv = None
     uses_pool = g.kind not in (FULL, HYBRID) or g.items[0].policy == "apd_cached"
     if uses_pool and batch.page_map is None:
-        kv = build_paged_kv(pool, batch.page_table[slot], q_start, col("q_len"), g.lq, g.lk,
-                            g.passthrough)
+        kv = build_paged_kv(pool, batch.page_table[slot], q_start[:, 0], col("q_len"), g.lq,
+                            g.lk, g.passthrough)
     elif uses_pool:                          # attention_backend="flex": pages read in place
-        kv = build_paged_attention(pool, batch.page_map, batch.page_table[slot], q_start,
+        kv = build_paged_attention(pool, batch.page_map, batch.page_table[slot], q_start[:, 0],
                                    col("q_len"), col("kv_len"), g.lq, g.lk, g.passthrough)
-    range_pos = start[:, None] + ar[:g.lc]                           # (B, Lc)
-    gen_pos = (col("prompt_len")[:, None] + ar[:g.gen_width]).clamp(max=batch.max_len)
+    j = ar[:g.lc + 1]
+    range_pos = start + j                                            # (B, Lc + 1)
+    # column j of a row's range past its span (and the extra last column, where searchsorted
+    # lands for a missing candidate) maps to the dump: a padding slot
+    pos = torch.where(j < col("cand_end")[:, None] - start, range_pos, dump)
+    offset = pos - q_start
+    row = offset - (offset > 0).long() if shift else offset
+    by_range = torch.stack((pos, base + pos, row.clamp(min=0, max=g.lq - 1),
+                            offset.clamp(min=0, max=g.lq)))
+    gen_pos = (col("prompt_len")[:, None] + ar[:g.gen_width]).clamp(max=dump)
     return Window(
-        slot=slot, base=base, q_start=q_start[:, None], block_start=col("block_start")[:, None],
-        positions=positions, ids_flat=base + positions.clamp(max=batch.max_len),
-        attn_mask=attn_mask, kv=kv, range_pos=range_pos,
-        range_flat=base + range_pos.clamp(max=batch.max_len),
-        in_range=ar[:g.lc] < (col("cand_end") - start)[:, None], gen_flat=base + gen_pos,
-        table=batch.knobs[slot], seeds=batch.seeds[slot])
+        slot=slot, block_start=col("block_start")[:, None], positions=positions,
+        ids_flat=base + positions.clamp(max=dump), attn_mask=attn_mask, kv=kv,
+        range_flat=base + range_pos[:, :g.lc].clamp(max=dump),
+        targets=j[1:].expand(len(g.items), g.lc).contiguous(),
+        range_cols=j[:-1].expand(len(g.items), g.lc),
+        by_range=by_range, gen_flat=base + gen_pos, table=batch.knobs[slot],
+        seeds=batch.seeds[slot], columns=ar)
 
 
 def expand_group(g: GroupPlan, batch: InputBatch, pool: KVPool | None, spec: ModelSpec,
@@ -219,34 +246,31 @@ def expand_group(g: GroupPlan, batch: InputBatch, pool: KVPool | None, spec: Mod
     """The group's device inputs: its window (cached across a block's steps) and what the
     canvas decides this step: the window's tokens and the candidates."""
     buf = to_device(g.packed, batch.device)                          # the group's one H2D copy
-    size = g.meta.numel()
-    m = buf[:size].view(g.meta.shape)
-    im = m.long()
-    w = (windows or WindowCache()).get(g, batch, pool, im)
-    flat = batch.flat_canvas
-    cand_pos = _candidates(g, w, batch)
-    rows = offset = cand_pos - w.q_start
-    if spec.logits_shift:                    # Dream: row r - 1 predicts position r (r > 0)
-        rows = rows - (rows > 0).to(rows.dtype)
-    valid = cand_pos != batch.max_len
+    size, dense = g.meta.numel(), None
+    if g.dense:
+        im, dense = buf.narrow(0, 0, size).view(g.meta.shape), buf.narrow(0, size, buf.numel() - size)
+    else:
+        im = buf.view(g.meta.shape)
+    w = (windows or WindowCache()).get(g, batch, pool, im, spec.logits_shift)
+    j = _candidates(g, w, batch)                                     # (B, n_max)
+    pos, cand_flat, rows, offset = w.by_range.gather(2, j.expand(4, -1, -1)).unbind(0)
     return GroupInputs(
-        input_ids=flat[w.ids_flat], positions=w.positions, attn_mask=w.attn_mask, kv=w.kv,
-        logits_index=rows.clamp(min=0, max=g.lq - 1), cand_offset=offset.clamp(min=0, max=g.lq),
-        cand_flat=w.base + cand_pos, in_block=cand_pos >= w.block_start, gen_flat=w.gen_flat,
-        slot=w.slot,
-        knobs=RowKnobs(table=w.table, col=COL, meta=m, imeta=im, meta_col=M,
-                       seeds=w.seeds, positions=cand_pos, valid=valid),
-        dense=buf[size:])
+        input_ids=batch.flat_canvas.take(w.ids_flat), positions=w.positions,
+        attn_mask=w.attn_mask, kv=w.kv, logits_index=rows, cand_offset=offset,
+        cand_flat=cand_flat, in_block=None if g.in_block else pos >= w.block_start,
+        gen_flat=w.gen_flat, slot=w.slot,
+        knobs=RowKnobs(table=w.table, col=COL, meta=im, imeta=im, meta_col=M,
+                       seeds=w.seeds, positions=pos, valid=pos.ne(batch.max_len),
+                       columns=w.columns),
+        dense=dense)
 
 
 def _candidates(g: GroupPlan, w: Window, batch: InputBatch) -> Tensor:
-    """The masked positions of each row's range, in order, left-compacted into (B, n_max)
-    (padding: the dump column) by a cumsum and one scatter (no `nonzero`)."""
-    dump = batch.max_len
-    is_cand = w.in_range
-    if not g.revocable:                   # WINO: committed block positions stay candidates
-        is_cand = is_cand & (batch.flat_canvas[w.range_flat] == batch.mask_id)
-    target = torch.where(is_cand, (is_cand.cumsum(1) - 1).clamp_(max=g.n_max), g.n_max)
-    out = torch.full((len(g.items), g.n_max + 1), dump, dtype=torch.long, device=batch.device)
-    out.scatter_(1, target, w.range_pos)  # the rest all land in the spare last column
-    return out[:, :g.n_max]
+    """(B, n_max) int64: the range column of each row's i-th candidate, its masked positions
+    in order (Lc where a row has fewer: `by_range` maps it, and any column past the row's span,
+    to the dump). The running count of masks along the range reaches i + 1 first at the i-th
+    candidate: a cumsum and a searchsorted (no `nonzero`, no scatter)."""
+    if g.revocable:                       # WINO: every block position is a candidate
+        return w.range_cols.narrow(1, 0, g.n_max)
+    count = batch.flat_canvas.take(w.range_flat).eq(batch.mask_id).cumsum(1)   # (B, Lc)
+    return torch.searchsorted(count, w.targets).narrow(1, 0, g.n_max)

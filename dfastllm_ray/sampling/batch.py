@@ -26,11 +26,12 @@ class RowKnobs:
     read. Shapes: every knob (B,) unless said; positions / valid / rng_keys (B, n)."""
 
     def __init__(self, table: Tensor, col: dict, meta: Tensor, imeta: Tensor, meta_col: dict,
-                 seeds: Tensor, positions: Tensor, valid: Tensor):
+                 seeds: Tensor, positions: Tensor, valid: Tensor, columns: Tensor | None = None):
         self._table, self._col, self._meta, self._imeta, self._mcol = table, col, meta, imeta, meta_col
         self._seeds = seeds
         self.positions = positions        # (B, n) int64 canvas positions of the candidates
         self.valid = valid                # (B, n) bool: a real candidate
+        self.columns = columns            # (>= n,) int64 0, 1, ...: slot indices, if kept
         self._cache: dict[str, Tensor] = {}
 
     def _get(self, name: str, make) -> Tensor:
@@ -63,9 +64,15 @@ class RowKnobs:
 
     # per-step values (packed metadata)
     k = property(lambda self: self._imeta[:, self._mcol["k"]])              # commit count (0: none)
-    prob = property(lambda self: self._meta[:, self._mcol["quota"]])        # Dream origin probability
     policy = property(lambda self: self._imeta[:, self._mcol["policy"]])    # index into facts.policies
     block_start = property(lambda self: self._imeta[:, self._mcol["block_start"]])  # canvas position
+
+    @property
+    def prob(self) -> Tensor:
+        """(B,) float64 Dream origin's probability: the quota column (the engine's int64 meta
+        carries its float64 bits: a dtype view, no op)."""
+        q = self._meta[:, self._mcol["quota"]]
+        return q if q.is_floating_point() else q.view(torch.float64)
 
     @property
     def conf_alg(self) -> Tensor:
@@ -109,6 +116,7 @@ class GroupFacts:
     top_k: bool = False
     conf_algs: frozenset = field(default_factory=frozenset)   # CONF_* present (Dream)
     conf_dtype: torch.dtype = torch.float32      # softmax / confidence precision
+    padded: bool = True                          # some row has fewer candidates than slots
 
     @property
     def needs_entropy(self) -> bool:

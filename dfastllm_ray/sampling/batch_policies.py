@@ -52,8 +52,16 @@ class Ranked:
                 self._first = self._rank == 0
             else:
                 at = self.conf.argmax(dim=-1, keepdim=True)                  # (B, 1)
-                self._first = torch.zeros_like(self.conf, dtype=torch.bool).scatter_(1, at, True)
+                self._first = self._columns() == at
         return self._first
+
+    def _columns(self) -> Tensor:
+        """(n,) int64 0..n-1: the knobs' (an arange the engine keeps per window) or a new one."""
+        n = self.conf.shape[-1]
+        cols = getattr(self.knobs, "columns", None)
+        if cols is None or cols.shape[0] < n:
+            return torch.arange(n, device=self.conf.device)
+        return cols[:n]
 
     @property
     def rank(self) -> Tensor:
@@ -88,7 +96,7 @@ def fixed(conf: Tensor, knobs: RowKnobs, ranked: Ranked) -> Tensor:
 
 def threshold(conf: Tensor, knobs: RowKnobs, ranked: Ranked) -> Tensor:
     """Fast-dLLM `get_transfer_index(threshold)`: conf >= threshold, plus the argmax."""
-    return ((conf >= knobs.threshold[:, None].to(conf.dtype)) | ranked.first) & knobs.valid
+    return ((conf >= knobs.threshold.unsqueeze(1).to(conf.dtype)) | ranked.first) & knobs.valid
 
 
 def factor(conf: Tensor, knobs: RowKnobs, ranked: Ranked) -> Tensor:

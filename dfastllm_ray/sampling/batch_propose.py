@@ -26,6 +26,9 @@ NEG_INF = float("-inf")
 # Vocabulary tile of the CPU argmax (argmax_last): torch's CPU argmax is a scalar loop, its amax
 # a vectorised one; 32-64 wide tiles measured 2-3x faster than one argmax over 512 and 126,464
 ARGMAX_TILE = 64
+# ... but the tiles cost five ops where argmax is one: below this many elements (12 x 512 took
+# 22 us by argmax, 97 us by tiles; 12 x 4096 and 192 x 512 were faster by tiles) one argmax wins
+ARGMAX_TILED_MIN = 1 << 15
 
 
 def propose_batch(logits: Tensor, knobs: RowKnobs, facts: GroupFacts, eos_id: int | None,
@@ -37,16 +40,17 @@ def propose_batch(logits: Tensor, knobs: RowKnobs, facts: GroupFacts, eos_id: in
     flat (B * n) index of the real candidates; the greedy rules then run over those N rows only
     (the same values: each row's softmax and argmax depend on that row alone)."""
     if dense is not None and greedy_only(facts):
-        tokens, conf = _propose_dense(logits, dense.long(), facts)
-        if facts.family != "dream":
-            conf = _random_remask(conf, knobs, facts)
-        return tokens, torch.where(knobs.valid, conf, NEG_INF), \
-            lambda: _entropy(logits.to(facts.conf_dtype))
+        tokens, conf = _propose_dense(logits, dense, facts)       # conf -inf at padding
+        if facts.family != "dream" and facts.random_remask:
+            conf = torch.where(knobs.valid, _random_remask(conf, knobs, facts), NEG_INF)
+        return tokens, conf, lambda: _entropy(logits.to(facts.conf_dtype))
     if facts.family == "dream":
         tokens, conf, entropy = _propose_dream(logits, knobs, facts)
     else:
         tokens, conf, entropy = _propose_llada(logits, knobs, facts, eos_id, eot_id)
-    return tokens, torch.where(knobs.valid, conf, NEG_INF), entropy
+    if facts.padded:                  # no padding slot (every row has n candidates): no mask
+        conf = torch.where(knobs.valid, conf, NEG_INF)
+    return tokens, conf, entropy
 
 
 def _propose_llada(logits: Tensor, knobs: RowKnobs, facts: GroupFacts, eos_id, eot_id):
@@ -64,7 +68,7 @@ def _propose_llada(logits: Tensor, knobs: RowKnobs, facts: GroupFacts, eos_id, e
         conf_logits = _mask_vocab(lg, knobs.conf_eos_eot_inf, [eot_id])
         greedy_flag = knobs.conf_eos_eot_inf & (knobs.temperature == 0)
         conf_logits = _mask_vocab(conf_logits, greedy_flag, [eos_id])
-    conf = F.softmax(conf_logits, dim=-1).gather(-1, tokens[..., None])[..., 0]
+    conf = conf_logits.softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     return tokens, _random_remask(conf, knobs, facts), lambda: _entropy(lg)
 
 
@@ -127,12 +131,19 @@ def _propose_dream(logits: Tensor, knobs: RowKnobs, facts: GroupFacts):
 
 def argmax_last(x: Tensor) -> Tensor:
     """x (..., V) -> (...,) int64, `x.argmax(-1)` exactly (the first of equal maxima; NaN wins,
-    as in argmax). On CPU by tiles: the tile maxima (a vectorised amax), the first tile holding
-    the row's maximum, then the first maximum inside it. On a GPU one argmax kernel is cheaper
-    than five, so there it is the plain argmax."""
+    as in argmax): by tiles (`argmax_tiled`) on a large CPU input. On a GPU, or a small input,
+    one argmax kernel is cheaper than five."""
+    if x.device.type != "cpu" or x.numel() < ARGMAX_TILED_MIN:
+        return x.argmax(dim=-1)
+    return argmax_tiled(x)
+
+
+def argmax_tiled(x: Tensor) -> Tensor:
+    """`x.argmax(-1)` by tiles: the tile maxima (a vectorised amax on CPU), the first tile
+    holding the row's maximum, then the first maximum inside it."""
     v = x.shape[-1]
     w = ARGMAX_TILE
-    if x.device.type != "cpu" or v % w or v < 2 * w:
+    if v % w or v < 2 * w:
         return x.argmax(dim=-1)
     lead, nt = x.shape[:-1], v // w
     tiles = x.reshape(-1, w)                                                 # (R * V / w, w)

@@ -11,7 +11,7 @@ import torch
 
 from dfastllm_ray.engine import model_runner, step_inputs
 from dfastllm_ray.sampling.batch_policies import Ranked
-from dfastllm_ray.sampling.batch_propose import ARGMAX_TILE, argmax_last
+from dfastllm_ray.sampling.batch_propose import ARGMAX_TILE, argmax_last, argmax_tiled
 from dfastllm_ray.sampling.params import SamplingParams
 from engine_models import engine, run_all
 
@@ -25,8 +25,9 @@ def test_tiled_argmax_is_argmax_with_ties_nan_and_inf(shape):
         x[0, 0] = float("-inf")                              # a row of -inf: index 0
         x[-1, -1, -1] = float("nan")                         # NaN wins, as in argmax
         x[-1, 0, 3] = x[-1, 0, -2] = 9.0                     # equal maxima in two tiles
-    assert torch.equal(argmax_last(x), x.argmax(dim=-1))
-    assert torch.equal(argmax_last(x.double()), x.double().argmax(dim=-1))
+    assert torch.equal(argmax_tiled(x), x.argmax(dim=-1))
+    assert torch.equal(argmax_tiled(x.double()), x.double().argmax(dim=-1))
+    assert torch.equal(argmax_last(x), x.argmax(dim=-1))       # by size: one argmax or tiles
 
 
 def test_argmax_one_hot_is_the_stable_sort_rank_zero():
@@ -86,7 +87,8 @@ def test_reused_windows_equal_fresh_ones(model, mode, knobs, monkeypatch):
     want = run_all(cached, _requests(cached, params, 6), stagger=2)
     assert cached.runner.windows.hits > 0            # the reuse path ran
     monkeypatch.setattr(step_inputs.WindowCache, "get",
-                        lambda self, g, batch, pool, im: step_inputs.build_window(g, batch, pool, im))
+                        lambda self, g, batch, pool, im, shift: step_inputs.build_window(g, batch, pool,
+                                                                           im, shift))
     fresh = engine(model, mode, max_num_seqs=8)
     got = run_all(fresh, _requests(fresh, params, 6), stagger=2)
     assert {k: v.token_ids for k, v in got.items()} == {k: v.token_ids for k, v in want.items()}
