@@ -2,12 +2,14 @@
 
 Every held-out prompt of the task suite goes through the engine (offline `LLM`, greedy, the
 reference schedule: one token per step) once per cache setting: no cache, Fast-dLLM's prefix and
-dual caches (one refresh per block), and the dual cache with `refresh_every` N (the block's K/V
-recomputed every N steps as well). Two canvases locate the loss: one block of 16 (only the
+dual caches (one refresh per block), the dual cache with `refresh_every` N (the block's K/V
+recomputed every N steps as well), and both caches with `refresh_on: "content"` (a refresh after
+each step that committed a token other than EOS). Two canvases locate the loss: one block of 16 (only the
 prompt's keys, computed while the block was all masks, can be stale) and 32 positions in blocks
 of 8 (the configs' default: stale across blocks and in the cached suffix too).
 
-Speed: the same requests' engine time in this process's CPU seconds (`time.process_time`: on a
+Cost: the tokens each request's forwards carried (the engine's `batched_tokens`; a model's
+FLOPs grow with them on any hardware), and dual's tokens / these. Speed: the same requests' engine time in this process's CPU seconds (`time.process_time`: on a
 shared machine the wall clock also counts other jobs), median of alternating rounds, as dual's
 time / this setting's time (1.00x = as fast as the dual cache); only ratios mean something on a
 shared CPU.
@@ -44,21 +46,25 @@ def settings(refresh: list[int]) -> dict[str, dict]:
            "dual": {"kv_cache_mode": "dual"}}
     for n in refresh:
         out[f"dual refresh/{n}"] = {"kv_cache_mode": "dual", "refresh_every": n}
+    out["dual content"] = {"kv_cache_mode": "dual", "refresh_on": "content"}
+    out["prefix content"] = {"kv_cache_mode": "prefix", "refresh_on": "content"}
     return out
 
 
 def run(llm: LLM, prompts: list[list[int]], examples, max_tokens: int, block: int,
         knobs: dict) -> dict:
     params = SamplingParams(max_tokens=max_tokens, block_length=block, steps=max_tokens, **knobs)
-    start = time.process_time()
+    start, tokens0 = time.process_time(), llm.engine.metrics.batched_tokens
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
     cpu = time.process_time() - start
+    forwarded = (llm.engine.metrics.batched_tokens - tokens0) / len(outs)
     right: dict[str, list[bool]] = defaultdict(list)
     for ex, o in zip(examples, outs):
         right[ex.task].append(o.text == ex.answer)
     acc = {t: sum(v) / len(v) for t, v in right.items()}
     acc["mean"] = sum(acc.values()) / len(acc)
-    return {"accuracy": acc, "nfe": sum(o.nfe for o in outs) / len(outs), "cpu_s": cpu}
+    return {"accuracy": acc, "nfe": sum(o.nfe for o in outs) / len(outs), "cpu_s": cpu,
+            "tokens_forwarded": forwarded}
 
 
 def measure(args) -> dict:
@@ -81,6 +87,7 @@ def measure(args) -> dict:
         for name, r in rows.items():
             r["cpu_s"] = statistics.median(cpu[name])
             r["speed_vs_dual"] = statistics.median(cpu["dual"]) / r["cpu_s"]
+            r["tokens_vs_dual"] = rows["dual"]["tokens_forwarded"] / r["tokens_forwarded"]
         table[canvas] = rows
         print_canvas(canvas, rows)
     return table
@@ -90,12 +97,14 @@ def print_canvas(canvas: str, rows: dict[str, dict]) -> None:
     names = [t for t in tasks.TASKS if t in next(iter(rows.values()))["accuracy"]] + ["mean"]
     none = rows["none"]["accuracy"]["mean"]
     print(f"\n{canvas} (max_tokens/block_length), reference schedule, greedy")
-    print("| cache | " + " | ".join(names) + " | vs none | NFE | speed vs dual |")
-    print("|---|" + "---|" * (len(names) + 3))
+    print("| cache | " + " | ".join(names) + " | vs none | NFE | tokens forwarded | "
+          "dual's tokens / these | speed vs dual |")
+    print("|---|" + "---|" * (len(names) + 5))
     for name, r in rows.items():
         cells = " | ".join(f"{100 * r['accuracy'][t]:.1f}" for t in names)
         print(f"| {name} | {cells} | {100 * (r['accuracy']['mean'] - none):+.1f} | "
-              f"{r['nfe']:.1f} | {r['speed_vs_dual']:.2f}x |", flush=True)
+              f"{r['nfe']:.1f} | {r['tokens_forwarded']:.0f} | {r['tokens_vs_dual']:.2f}x | "
+              f"{r['speed_vs_dual']:.2f}x |", flush=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -51,6 +51,19 @@ class EngineConfig:
     it fills (the cache's accuracy cost, measured in docs/policies.md). None: at a block's first
     step only (Fast-dLLM)."""
 
+    refresh_on: str | None = None
+    """With a KV cache, "content": a block's step after one that committed a token other than
+    EOS/EOT re-runs the refresh forward over the prompt, the earlier blocks and the block (not
+    the all-masked blocks after it), so the prompt's keys see every content token the block has
+    (a request's `refresh_on` overrides it). Steps that only fill the tail with EOS stay cached.
+    Measured in docs/policies.md: no cache's answers, at fewer forwards' cost than refreshing
+    every step. None: no content trigger."""
+
+    refresh_budget: int | None = None
+    """With `refresh_on: "content"`: such refreshes per request at most (a request's
+    `refresh_budget` overrides it); the first content tokens of an answer get them, the rest
+    of the request decodes as the plain cache does. None: no bound."""
+
     chunked_refresh: bool = False
     """Split a refresh forward that does not fit the step's remaining token budget into chunks
     over several steps (as chunked prefill does), so cached requests keep stepping: each chunk
@@ -141,6 +154,12 @@ class EngineConfig:
                                               and self.refresh_every >= 1),
                "refresh_every", self.refresh_every, "use an integer >= 1 (block steps between "
                "refreshes) or None (a block's first step only)")
+        _check(self.refresh_on in (None, "content"), "refresh_on", self.refresh_on,
+               'use "content" (refresh after a step that committed a non-EOS token) or None')
+        _check(self.refresh_budget is None or (isinstance(self.refresh_budget, int)
+                                               and self.refresh_budget >= 0),
+               "refresh_budget", self.refresh_budget,
+               "use an integer >= 0 (content refreshes per request) or None (no bound)")
         _check(self.refresh in REFRESH_MODES, "refresh", self.refresh,
                f"use one of {REFRESH_MODES}")
         _check(not self.chunked_refresh or self.kv_cache_mode != "none", "chunked_refresh",

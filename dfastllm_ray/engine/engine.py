@@ -43,8 +43,8 @@ POLICY_FIELDS = {"klass": "kl_threshold", "wino": "revoke_threshold", "credit": 
 
 # Fields that mean "this request chose its decoding": with none set, the engine's default speed
 DECODING_KNOBS = ("steps", "threshold", "factor", "entropy_bound", "pc_lambda", "exit_high",
-                  "kl_threshold", "revoke_threshold", "credit_alpha", "kv_cache_mode", "refresh_every", "alg",
-                  "alg_temp", "top_p", "top_k")
+                  "kl_threshold", "revoke_threshold", "credit_alpha", "kv_cache_mode", "refresh_every",
+                  "refresh_on", "refresh_budget", "alg", "alg_temp", "top_p", "top_k")
 
 
 def sets_decoding_knobs(p: SamplingParams) -> bool:
@@ -174,14 +174,18 @@ class Engine:
         return mode
 
     def _resolve_refresh(self, p: SamplingParams, mode: str) -> SamplingParams:
-        """refresh_every: the request's, else the engine's; only a cached request refreshes."""
+        """refresh_every / refresh_on: the request's, else the engine's; only a cached request
+        refreshes."""
         if mode == "none":
-            if p.refresh_every is not None:
-                raise ValueError(f"refresh_every={p.refresh_every} refreshes a KV cache, and this "
-                                 "request has none (kv_cache_mode='none'): drop the field or set "
-                                 "kv_cache_mode 'prefix' or 'dual'")
+            for name in ("refresh_every", "refresh_on", "refresh_budget"):
+                if getattr(p, name) is not None:
+                    raise ValueError(f"{name}={getattr(p, name)} refreshes a KV cache, and this "
+                                     "request has none (kv_cache_mode='none'): drop the field or "
+                                     "set kv_cache_mode 'prefix' or 'dual'")
             return p
-        return replace(p, refresh_every=p.refresh_every or self.config.refresh_every)
+        budget = p.refresh_budget if p.refresh_budget is not None else self.config.refresh_budget
+        return replace(p, refresh_every=p.refresh_every or self.config.refresh_every,
+                       refresh_on=p.refresh_on or self.config.refresh_on, refresh_budget=budget)
 
     def _default_speed(self) -> bool:
         """The engine's default speed applies where it is measured for this model family."""

@@ -53,6 +53,8 @@ class Request:
     masked_block: int = 0             # masks in the active block
     generated: Sequence[int] | None = None   # generation positions at the last sync (None: all masks)
     refresh_from: int = 0             # chunked refresh: canvas position the block's refresh resumes at
+    content_committed: bool = False   # refresh_on "content": the last step committed a non-EOS token
+    content_refreshes: int = 0        # refresh_on "content": refreshes it triggered so far
     kv_written: int = 0               # canvas positions [0, kv_written) hold K/V in the pages
     kv_mode: str = ""                 # this request's KV cache mode ("": the engine's default)
     curr: int = 0                     # hybrid: first masked canvas position (left to right)

@@ -189,6 +189,12 @@ class Scheduler:
                 n_committed = c.num_committed
                 req.masked_block -= c.num_in_block
                 req.masked_before -= n_committed - c.num_in_block
+                if req.params.refresh_on:      # "content": the next step refreshes
+                    if item.kind == REFRESH and req.block_step and step_plan.content_only(req):
+                        req.content_refreshes += 1
+                    req.content_committed = n_committed > 0 and step_plan.committed_content(
+                        req, c.generated, item.cand_start - req.prompt_len,
+                        item.cand_end - req.prompt_len, self.stop_token_ids)
                 req.generated = c.generated
             req.nfe += 1
             self.total_nfe += 1

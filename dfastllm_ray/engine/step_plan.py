@@ -21,6 +21,7 @@ schedule after the forward at i == steps_per_block (which commits nothing, as th
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Collection, Sequence
 
 from ..sampling.dream import ThresholdCarry, transfer_probs, dream_quota
 from ..sampling.schedule import transfer_counts
@@ -71,7 +72,7 @@ def plan(req: Request, mode: str, refresh: str = "full") -> ScheduledRequest:
         kind, q_start, q_len = FULL, 0, length
     elif req.block_step == 0 or refresh_due(req):
         kind, q_start = REFRESH, refresh_start(req, refresh)
-        q_len = length - q_start
+        q_len = refresh_end(req, mode) - q_start
     else:
         kind, q_start = CACHED, s
         q_len = length - s if mode == "prefix" else e - s
@@ -104,10 +105,52 @@ def plan(req: Request, mode: str, refresh: str = "full") -> ScheduledRequest:
 def refresh_due(req: Request) -> bool:
     """A mid-block refresh (`refresh_every` N): the block's step N, 2N, ... recomputes the window
     a block's first forward does, so the prompt's and committed tokens' K/V stop reflecting the
-    all-masked block the first refresh saw. It decodes like a cached step (block masks only,
-    the cached policy) and writes the K/V of the whole window again."""
+    all-masked block the first refresh saw; `refresh_on: "content"`, the step after one that
+    committed a non-EOS token. It decodes like a cached step (block masks only, the cached
+    policy) and writes the K/V of its window again."""
     n = req.params.refresh_every
-    return bool(n) and req.block_step > 0 and req.block_step % n == 0
+    if req.block_step == 0:
+        return False
+    return (bool(n) and req.block_step % n == 0) or content_due(req)
+
+
+def content_due(req: Request) -> bool:
+    """`refresh_on: "content"`: the last step committed a non-EOS token, and the request has
+    content refreshes left (`refresh_budget`, per request; None: no bound)."""
+    budget = req.params.refresh_budget
+    return req.content_committed and (budget is None or req.content_refreshes < budget)
+
+
+def content_only(req: Request) -> bool:
+    """This mid-block refresh is due to `refresh_on: "content"` alone (not `refresh_every`)."""
+    n = req.params.refresh_every
+    return content_due(req) and not (n and req.block_step % n == 0)
+
+
+def refresh_end(req: Request, mode: str) -> int:
+    """Where a refresh window ends: the canvas end, except a dual-cache content refresh, which
+    stops at the block end. The later blocks are still all masks and the cached steps never
+    query them; their keys were written at the block's first step (measured: leaving them costs
+    nothing, docs/policies.md) and writing them again would double the window."""
+    if mode == "dual" and req.block_step > 0 and content_only(req):
+        return req.block_end
+    return req.canvas_len
+
+
+def committed_content(req: Request, new: Sequence[int], lo: int, hi: int,
+                      stop_ids: Collection[int]) -> bool:
+    """Did this step commit a token other than EOS/EOT (a mask turned into content) in the
+    generation positions [lo, hi)? `new` is the step's snapshot, `req.generated` the last one:
+    both on the host (the step's one device -> host copy), so this never syncs."""
+    lo = max(lo, 0)
+    now = _ints(new[lo:hi])
+    before = [req.mask_token_id] * len(now) if req.generated is None else _ints(req.generated[lo:hi])
+    return any(t != b and t != req.mask_token_id and t not in stop_ids
+               for t, b in zip(now, before))
+
+
+def _ints(span) -> list[int]:
+    return span.tolist() if hasattr(span, "tolist") else [int(t) for t in span]
 
 
 def frozen_start(req: Request) -> int:

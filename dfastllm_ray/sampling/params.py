@@ -43,6 +43,7 @@ NEUTRAL = {"top_p": (1.0,)}
 DECODINGS = ("diffusion", "apd", "speculative")
 SPEEDS = ("exact", "balanced", "fast")
 KV_MODES = ("none", "prefix", "dual")
+REFRESH_TRIGGERS = ("content",)   # refresh_on: what commit makes the next step a refresh
 MAX_REFRESH_EVERY = 4096    # a refresh every N block steps; past any block length it never fires
 HYBRID_KNOBS = {"apd_mixture_weight": "apd", "kv_window": "apd", "max_lookahead": "apd",
                 "draft_tokens": "speculative"}
@@ -110,6 +111,8 @@ class SamplingParams:
     speed: str | None = None               # "exact" | "balanced" | "fast": a measured policy + cache mode (sampling/speed.py)
     kv_cache_mode: str | None = None       # this request's cache: "none" | "prefix" | "dual" (None: the engine's)
     refresh_every: int | None = None       # with a KV cache: also refresh a block's K/V every N of its steps (None: the engine's)
+    refresh_on: str | None = None          # with a KV cache: "content" also refreshes after a step that committed a non-EOS token
+    refresh_budget: int | None = None      # refresh_on "content": such refreshes per request at most (None: the engine's)
     decoding: str = "diffusion"            # "diffusion" | "apd" | "speculative" (hybrid: needs a verifier)
     apd_mixture_weight: float | None = None  # APD R: target = R * dLLM + (1 - R) * verifier logits
     kv_window: int | None = None           # APD W: recompute the last W committed positions (drafter cache)
@@ -209,6 +212,12 @@ class SamplingParams:
                                               and 1 <= self.refresh_every <= MAX_REFRESH_EVERY),
                "refresh_every", self.refresh_every,
                f"must be an integer in [1, {MAX_REFRESH_EVERY}] (steps between K/V refreshes)")
+        _check(self.refresh_on is None or self.refresh_on in REFRESH_TRIGGERS, "refresh_on",
+               self.refresh_on, f"must be one of {REFRESH_TRIGGERS} or null")
+        _check(self.refresh_budget is None or (isinstance(self.refresh_budget, int)
+                                               and 0 <= self.refresh_budget <= MAX_REFRESH_EVERY),
+               "refresh_budget", self.refresh_budget,
+               f"must be an integer in [0, {MAX_REFRESH_EVERY}] (content refreshes per request)")
         for name, mode in HYBRID_KNOBS.items():
             v = getattr(self, name)
             if v is not None:

@@ -16,8 +16,9 @@ from dfastllm_ray.sampling.params import MAX_DRAFT_TOKENS, MAX_HYBRID_WINDOW
 # Hybrid diffusion-AR decoding (docs/hybrid.md): only on a model whose config names a verifier.
 HYBRID_FIELDS = ("decoding", "apd_mixture_weight", "kv_window", "max_lookahead", "draft_tokens")
 # The speed dial, the request's cache mode and the newer policies (docs/policies.md).
-POLICY_FIELDS = ("speed", "kv_cache_mode", "refresh_every", "pc_lambda", "exit_high", "exit_low",
-                 "kl_threshold", "kl_history", "revoke_threshold", "dilated")
+POLICY_FIELDS = ("speed", "kv_cache_mode", "refresh_every", "refresh_on", "refresh_budget",
+                 "pc_lambda", "exit_high", "exit_low", "kl_threshold", "kl_history",
+                 "revoke_threshold", "dilated")
 # Request fields that map 1:1 onto SamplingParams fields.
 KNOBS = ("steps", "block_length", "threshold", "factor", "entropy_bound", "remasking", "alg",
          "alg_temp", "cfg_scale", "top_k", "eps", "logits_eos_inf", "confidence_eos_eot_inf",
@@ -71,6 +72,13 @@ class _Body(BaseModel):
     refresh_every: Optional[int] = Field(None, ge=1, le=4096, description=(
         "With a KV cache: also refresh the block's K/V every N of its steps (default: the "
         "model's engine setting; docs/policies.md)."))
+    refresh_on: Optional[Literal["content"]] = Field(None, description=(
+        "With a KV cache: 'content' also refreshes the block's K/V after a step that committed "
+        "a token other than EOS (no cache's answers at a fraction of its forwards' cost; "
+        "default: the model's engine setting; docs/policies.md)."))
+    refresh_budget: Optional[int] = Field(None, ge=0, le=4096, description=(
+        "With refresh_on 'content': such refreshes per request at most (default: the model's "
+        "engine setting)."))
     pc_lambda: Optional[float] = Field(None, ge=0)         # PC-Sampler position decay
     dilated: Optional[bool] = None                         # DUS: one dilated group per step
     exit_high: Optional[float] = Field(None, gt=0, le=1)   # SchED exit threshold at progress 0

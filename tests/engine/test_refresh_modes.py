@@ -127,3 +127,82 @@ def test_refresh_every_is_refused_without_a_cache():
                                                        kv_cache_mode="none"))
     with pytest.raises(ValueError, match=r"refresh_every=0 is invalid"):
         SamplingParams(refresh_every=0)
+
+
+def test_refresh_on_content_refreshes_after_a_content_commit_only():
+    """refresh_on="content": the step after one that committed a non-EOS token is a refresh over
+    the prompt and the block (dual: not the all-masked blocks after it); a step after one that
+    only committed EOS stays a cached window of the block."""
+    s = make_scheduler(kv_cache_mode="dual")
+    s.add(make_request("a", prompt_len=12, max_tokens=16, block_length=8, steps=16,
+                       refresh_on="content", early_exit=False))
+    # one commit per step, left to right: 12, 13 content, 14..19 EOS, then block 1 all content
+    windows = []
+    while s.has_unfinished():
+        sched = s.schedule()
+        windows += [(i.kind, i.q_start, i.q_len, i.kv_len) for i in sched.scheduled]
+        s.update(sched, commit_quota(sched, eos_at={"a": set(range(14, 20))}))
+    first, mid, cached = (REFRESH, 0, 28, 28), (REFRESH, 0, 20, 28), (CACHED, 12, 8, 28)
+    assert windows[:8] == [first, mid, mid] + [cached] * 5
+    b1_first, b1_mid = (REFRESH, 0, 28, 28), (REFRESH, 0, 28, 28)   # block 1 ends the canvas
+    assert windows[8:] == [b1_first] + [b1_mid] * 7
+    assert s.allocator.num_free_pages == 64
+
+
+def test_refresh_budget_bounds_the_content_refreshes_of_a_request():
+    """refresh_budget=1: only the first content commit's step refreshes; block 1 (all content)
+    then steps as the plain dual cache (its first refresh, cached windows after)."""
+    s = make_scheduler(kv_cache_mode="dual")
+    s.add(make_request("a", prompt_len=12, max_tokens=16, block_length=8, steps=16,
+                       refresh_on="content", refresh_budget=1, early_exit=False))
+    windows = []
+    while s.has_unfinished():
+        sched = s.schedule()
+        windows += [(i.kind, i.q_start, i.q_len) for i in sched.scheduled]
+        s.update(sched, commit_quota(sched, eos_at={"a": set(range(14, 20))}))
+    assert windows == ([(REFRESH, 0, 28), (REFRESH, 0, 20)] + [(CACHED, 12, 8)] * 6
+                       + [(REFRESH, 0, 28)] + [(CACHED, 20, 8)] * 7)
+    with pytest.raises(ValueError, match="refresh_budget"):
+        SamplingParams(refresh_budget=-1)
+
+
+def test_refresh_on_content_in_prefix_mode_refreshes_the_whole_window():
+    s = make_scheduler(kv_cache_mode="prefix")
+    s.add(make_request("a", prompt_len=12, max_tokens=16, block_length=8, steps=16,
+                       refresh_on="content"))
+    kinds = [w[:3] for w in _windows(s)][:3]
+    assert kinds == [(REFRESH, 0, 28), (REFRESH, 0, 28), (REFRESH, 0, 28)]
+
+
+@pytest.mark.parametrize("model", ["llada-tiny", "dream-tiny"])
+def test_refresh_on_content_batch_equals_alone_and_frees_pages(model):
+    reqs = mixed_requests([{"refresh_on": "content"}, {"refresh_on": "content", "threshold": 0.9}],
+                          n=6, seed=5)
+    eng = engine(model, "dual")
+    finals = run_all(eng, reqs)
+    assert set(finals) == set(reqs)
+    assert eng.scheduler.allocator.num_free_pages == eng.pool.num_pages
+    for rid, (prompt, params) in list(reqs.items())[:3]:
+        one = run_all(engine(model, "dual"), {rid: (prompt, params)})
+        assert one[rid].token_ids == finals[rid].token_ids
+
+
+def test_refresh_on_content_is_no_cache_when_every_commit_is_content():
+    """With EOS never committed (logits_eos_inf) every step after the first refreshes, and the
+    window ends at the canvas in a single-block request: the tokens equal no cache exactly."""
+    prompts = {f"r{i}": list(range(3 + i, 3 + i + 6 + 2 * i)) for i in range(4)}
+    params = SamplingParams(max_tokens=16, block_length=16, steps=16, logits_eos_inf=True)
+    ref = run_all(engine("llada-tiny", "none"), {k: (v, params) for k, v in prompts.items()})
+    content = SamplingParams(max_tokens=16, block_length=16, steps=16, logits_eos_inf=True,
+                             refresh_on="content")
+    got = run_all(engine("llada-tiny", "dual"), {k: (v, content) for k, v in prompts.items()})
+    assert {k: o.token_ids for k, o in got.items()} == {k: o.token_ids for k, o in ref.items()}
+
+
+def test_refresh_on_is_refused_without_a_cache_and_checked():
+    eng = engine("llada-tiny", "dual")
+    with pytest.raises(ValueError, match="refresh_on=content refreshes a KV cache"):
+        eng.add_request("a", [5, 6, 7], SamplingParams(max_tokens=8, refresh_on="content",
+                                                       kv_cache_mode="none"))
+    with pytest.raises(ValueError, match="refresh_on"):
+        SamplingParams(refresh_on="always")
