@@ -14,7 +14,7 @@ shared machine the wall clock also counts other jobs), median of alternating rou
 time / this setting's time (1.00x = as fast as the dual cache); only ratios mean something on a
 shared CPU.
 
-    python benchmarks/cache_accuracy.py --per-task 80 --out benchmarks/results/cache_accuracy
+    python benchmarks/cache_accuracy.py --per-task 80 --refresh 8 --out benchmarks/results/cache_accuracy
 """
 from __future__ import annotations
 
@@ -34,20 +34,25 @@ import torch                                                          # noqa: E4
 
 from dfastllm_ray import LLM, SamplingParams                          # noqa: E402
 from dfastllm_ray.models.loader import load_model                    # noqa: E402
+from dfastllm_ray.sampling.params import MAX_REFRESH_EVERY            # noqa: E402
 from dfastllm_ray.train import tasks                                  # noqa: E402
 from dfastllm_ray.train.evaluate import prompt_ids                    # noqa: E402
 
 CANVASES = {"16/16": (16, 16), "32/8": (32, 8)}      # name -> (max_tokens, block_length)
 
 
-def settings(refresh: list[int]) -> dict[str, dict]:
+def settings(refresh: list[int], budgets: list[int]) -> dict[str, dict]:
     """name -> SamplingParams cache fields."""
     out = {"none": {"kv_cache_mode": "none"}, "prefix": {"kv_cache_mode": "prefix"},
            "dual": {"kv_cache_mode": "dual"}}
     for n in refresh:
         out[f"dual refresh/{n}"] = {"kv_cache_mode": "dual", "refresh_every": n}
-    out["dual content"] = {"kv_cache_mode": "dual", "refresh_on": "content"}
-    out["prefix content"] = {"kv_cache_mode": "prefix", "refresh_on": "content"}
+    for mode in ("prefix", "dual"):
+        out[f"{mode} content"] = {"kv_cache_mode": mode, "refresh_on": "content"}
+        for b in budgets:                      # the engine's default budget is 2
+            name = "no budget" if b >= MAX_REFRESH_EVERY else f"budget {b}"
+            out[f"{mode} content, {name}"] = {"kv_cache_mode": mode, "refresh_on": "content",
+                                              "refresh_budget": b}
     return out
 
 
@@ -80,7 +85,7 @@ def measure(args) -> dict:
         rows: dict[str, dict] = {}
         cpu: dict[str, list[float]] = defaultdict(list)
         for _ in range(args.rounds):                 # alternating rounds: same load for all
-            for name, knobs in settings(args.refresh).items():
+            for name, knobs in settings(args.refresh, args.budgets).items():
                 r = run(llm, prompts, examples, gen, block, knobs)
                 rows.setdefault(name, r)
                 cpu[name].append(r["cpu_s"])
@@ -116,6 +121,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tasks", nargs="*", default=list(tasks.TASKS))
     p.add_argument("--canvases", nargs="*", default=list(CANVASES), choices=list(CANVASES))
     p.add_argument("--refresh", type=int, nargs="*", default=[2, 4, 8])
+    p.add_argument("--budgets", type=int, nargs="*", default=[MAX_REFRESH_EVERY],
+                   help=f"refresh_budget values of more content rows ({MAX_REFRESH_EVERY}: "
+                        "no budget)")
     p.add_argument("--rounds", type=int, default=2, help="alternating timing rounds")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--out", default="")

@@ -4,10 +4,12 @@ Scheduler-level tests use hand-written model outputs (milliseconds); the end-to-
 tiny LLaDA / Dream fixtures through the engine."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from dfastllm_ray.engine.outputs import CACHED, PREFILL, REFRESH
-from dfastllm_ray.sampling.params import SamplingParams
+from dfastllm_ray.sampling.params import MAX_REFRESH_EVERY, SamplingParams
 from engine_factories import commit_quota, make_request, make_scheduler
 from engine_models import engine, run_all
 from test_batch_invariance import mixed_requests
@@ -188,13 +190,14 @@ def test_refresh_on_content_batch_equals_alone_and_frees_pages(model):
 
 
 def test_refresh_on_content_is_no_cache_when_every_commit_is_content():
-    """With EOS never committed (logits_eos_inf) every step after the first refreshes, and the
-    window ends at the canvas in a single-block request: the tokens equal no cache exactly."""
+    """With EOS never committed (logits_eos_inf) and no budget, every step after the first
+    refreshes, and the window ends at the canvas in a single-block request: the tokens equal no
+    cache exactly."""
     prompts = {f"r{i}": list(range(3 + i, 3 + i + 6 + 2 * i)) for i in range(4)}
     params = SamplingParams(max_tokens=16, block_length=16, steps=16, logits_eos_inf=True)
     ref = run_all(engine("llada-tiny", "none"), {k: (v, params) for k, v in prompts.items()})
     content = SamplingParams(max_tokens=16, block_length=16, steps=16, logits_eos_inf=True,
-                             refresh_on="content")
+                             refresh_on="content", refresh_budget=MAX_REFRESH_EVERY)
     got = run_all(engine("llada-tiny", "dual"), {k: (v, content) for k, v in prompts.items()})
     assert {k: o.token_ids for k, o in got.items()} == {k: o.token_ids for k, o in ref.items()}
 
@@ -206,3 +209,7 @@ def test_refresh_on_is_refused_without_a_cache_and_checked():
                                                        kv_cache_mode="none"))
     with pytest.raises(ValueError, match="refresh_on"):
         SamplingParams(refresh_on="always")
+    # the engine's measured default budget applies unless the request sets one (0 included)
+    on = SamplingParams(max_tokens=8, block_length=8, refresh_on="content")
+    assert eng.resolve_params(on, 3).refresh_budget == 2
+    assert eng.resolve_params(replace(on, refresh_budget=0), 3).refresh_budget == 0
