@@ -62,6 +62,12 @@ class InputBatch:
                                       dtype=torch.long, device=device)   # (S, max pages)
         self.knobs = torch.zeros(max_num_seqs, len(KNOBS), dtype=torch.float64, device=device)
         self.seeds = torch.zeros(max_num_seqs, dtype=torch.long, device=device)
+        # (S, L + 1) pool slot of each canvas position (page table expanded at admission, so a
+        # window's KV slots are one gather of the flat canvas index; past the pages: page 0's,
+        # keys the attention mask hides) and 0, 1, ... for every window's aranges
+        self.kv_slots = torch.zeros(max_num_seqs, self.row_len, dtype=torch.long, device=device)
+        self.columns = torch.arange(self.row_len + 1, device=device)
+        self._aranges: dict[int, torch.Tensor] = {}
         self.page_map = page_map        # inverse page tables, for attention_backend="flex"
         self.free = list(range(max_num_seqs - 1, -1, -1))            # a stack: low slots first
 
@@ -78,11 +84,23 @@ class InputBatch:
         if page_ids:
             pages = torch.tensor(page_ids, dtype=torch.long)
             self.page_table[slot, :len(page_ids)] = to_device(pages, self.device)
+            n = min(len(page_ids) * self.page_size, self.row_len)
+            kv = torch.arange(self.row_len) % self.page_size
+            kv[:n] += pages.repeat_interleave(self.page_size)[:n] * self.page_size
+            self.kv_slots[slot] = to_device(kv, self.device)
             if self.page_map is not None:
                 self.page_map.admit(page_ids)
         self.knobs[slot] = to_device(torch.tensor(knob_row(p), dtype=torch.float64), self.device)
         self.seeds[slot] = seed
         return slot
+
+    def arange(self, n: int) -> torch.Tensor:
+        """(n,) int64 0..n-1 on the device: a view of `columns`, kept per width (a window
+        build reads several; a dict hit costs no op)."""
+        ar = self._aranges.get(n)
+        if ar is None:
+            ar = self._aranges[n] = self.columns.narrow(0, 0, n)
+        return ar
 
     def release(self, slot: int) -> None:
         self.free.append(slot)

@@ -65,17 +65,17 @@ def official_topk(conf: Tensor, inputs: GroupInputs, g: GroupPlan) -> Tensor:
 def commit(batch: InputBatch, inputs: GroupInputs, commit_mask: Tensor, tokens: Tensor) -> Tensor:
     """Write the decisions into the canvas -> packed (B, 2 + W) int64: committed count, committed
     inside the active block, then the generation positions after the step."""
-    flat = batch.flat_canvas
+    canvas = batch.canvas                   # take / put_ index it as its flat view
     new = torch.where(commit_mask, tokens, batch.mask_id)      # uncommitted candidates stay masked
-    flat.index_copy_(0, inputs.cand_flat.reshape(-1), new.reshape(-1))
+    canvas.put_(inputs.cand_flat, new)      # padding: the dump column (its mask id again)
     if inputs.in_block is None:                # every candidate is in the block: one count
         counts = commit_mask.sum(1, keepdim=True).expand(-1, 2)                        # (B, 2)
     else:
         counts = torch.stack((commit_mask, commit_mask & inputs.in_block), dim=1).sum(2)
-    return torch.cat((counts, flat.take(inputs.gen_flat)), dim=1)
+    return torch.cat((counts, canvas.take(inputs.gen_flat)), dim=1)
 
 
 def snapshot(batch: InputBatch, inputs: GroupInputs) -> Tensor:
     """The packed result of a forward that commits nothing: zero counts and the generation."""
-    gen = batch.flat_canvas.take(inputs.gen_flat)
+    gen = batch.canvas.take(inputs.gen_flat)
     return torch.cat((torch.zeros(gen.shape[0], 2, dtype=gen.dtype, device=gen.device), gen), dim=1)

@@ -23,14 +23,18 @@ from .input_batch import COL, CONF_ALGS, InputBatch
 from .kv_pool import KVPool, to_device
 from .outputs import FULL, HYBRID, REFRESH, ScheduledRequest
 from .paged_attention import build_paged_attention
-from .paged_kv import build_paged_kv
+from .paged_kv import PagedKV
 from .request import Request
 
 # Columns of the packed per-row metadata (int64; "quota" holds the bits of a float64: Dream
 # origin's probability, read on the device by a dtype view)
-META = ("slot", "q_start", "q_len", "kv_len", "cand_start", "cand_end", "k", "quota", "step",
-        "block_start", "prompt_len", "policy", "conf_alg", "block_step")
+META = ("slot", "q_start", "q_len", "kv_len", "cand_start", "cand_end", "block_start",
+        "prompt_len", "span", "k", "quota", "step", "policy", "conf_alg", "block_step")
 M = {name: i for i, name in enumerate(META)}
+# The first columns fix a row's window, candidate range and generation span: every step of a
+# block repeats them (a dual / prefix cache block's later steps), so what they alone determine
+# on the device is built at the block's first such step and then reused (`Window`)
+WINDOW_COLS = M["span"] + 1
 QUOTA = M["quota"]
 
 
@@ -91,13 +95,15 @@ def pack_group(items: list[ScheduledRequest], requests: dict[str, Request], fami
         end = it.cand_start + 1 if it.force_position is not None else it.cand_end
         spans.append(end - it.cand_start)
         in_block = in_block and it.cand_start >= req.block_start
-        flat.extend((it.slot, it.q_start, it.q_len, it.kv_len, it.cand_start, end, it.k,
-                     0, req.nfe, req.block_start, req.prompt_len, index[it.policy],
-                     CONF_ALGS[it.conf_alg] if dream else -1, it.schedule_step))
+        flat.extend((it.slot, it.q_start, it.q_len, it.kv_len, it.cand_start, end,
+                     req.block_start, req.prompt_len, end - it.cand_start, it.k, 0, req.nfe,
+                     index[it.policy], CONF_ALGS[it.conf_alg] if dream else -1,
+                     it.schedule_step))
     b, n_max, lq, kv_max = len(items), max(1, max(counts)), max(q_lens), max(kv_lens)
     lk = lq if kind == FULL or (kind == HYBRID and items[0].policy != "apd_cached") else kv_max
     meta = np.array(flat, dtype=np.int64).reshape(b, len(META))    # HYBRID without the drafter
-    meta[:, QUOTA] = np.array(quotas, dtype=np.float64).view(np.int64)   # cache: keys = window
+    if "dream_origin" in index:                                        # cache: keys = window
+        meta[:, QUOTA] = np.array(quotas, dtype=np.float64).view(np.int64)
     dense = sum(counts) != b * n_max           # no padding slot: the padded layout is dense
     packed = np.concatenate((meta.reshape(-1), dense_index(np.array(counts), n_max))) \
         if dense else meta.reshape(-1)
@@ -145,12 +151,6 @@ class GroupInputs:
     dense: Tensor | None = None   # (N,) int64 flat B * n index of the real candidates
 
 
-# Columns that fix a row's window, candidate range and generation span: every step of a block
-# repeats them (a dual / prefix cache block's later steps), so what they alone determine on the
-# device is built at the block's first such step and then reused (`Window`)
-WINDOW = ("slot", "q_start", "q_len", "kv_len", "cand_start", "cand_end", "block_start",
-          "prompt_len")
-WINDOW_COLS = [M[name] for name in WINDOW]
 # Rows of `Window.by_range`: what a candidate at range column j maps to
 POS, FLAT, ROW, OFFSET = range(4)
 
@@ -164,9 +164,9 @@ class Window:
     ids_flat: Tensor          # (B, Lq) int64 flat canvas index of the window's tokens
     attn_mask: Tensor | None  # (B, 1, 1, Lk) bool, None when every row is full
     kv: object                # PagedKV | PagedAttention | None
-    range_flat: Tensor        # (B, Lc) int64 flat canvas index of cand_start + j (clamped)
+    range_flat: Tensor        # (B, Lc) int64 flat canvas index of cand_start + j (past the span: dump)
     targets: Tensor           # (B, Lc) int64 1..Lc: the i-th candidate is where the count hits i
-    range_cols: Tensor        # (B, Lc) int64 0..Lc-1 (WINO: every range column is a candidate)
+    range_cols: Tensor        # (B, Lc + 1) int64 0..Lc (WINO: every range column is a candidate)
     by_range: Tensor          # (4, B, Lc + 1) int64 per range column j (POS, FLAT, ROW, OFFSET)
     gen_flat: Tensor          # (B, W) int64 flat canvas index of the generation positions
     table: Tensor             # (B, len(KNOBS)) float64 the rows' knob table rows
@@ -189,7 +189,7 @@ class WindowCache:
     def get(self, g: GroupPlan, batch: InputBatch, pool: KVPool | None, im: Tensor,
             shift: bool) -> Window:
         key = (g.kind, g.items[0].policy, g.lq, g.lk, g.lc, g.gen_width, g.needs_mask,
-               g.passthrough, shift, g.meta.numpy()[:, WINDOW_COLS].tobytes())
+               g.passthrough, shift, g.meta.numpy()[:, :WINDOW_COLS].tobytes())
         w = self._windows.get(key)
         if w is None:
             if len(self._windows) >= self.LIMIT:
@@ -203,59 +203,67 @@ class WindowCache:
 
 def build_window(g: GroupPlan, batch: InputBatch, pool: KVPool | None, im: Tensor,
                  shift: bool) -> Window:
-    """`shift`: the model's logit shift (Dream: row r - 1 predicts position r, r > 0)."""
-    dev, dump = batch.device, batch.max_len
-    col = lambda name: im[:, M[name]]                                # noqa: E731
-    slot, q_start, start = col("slot"), col("q_start")[:, None], col("cand_start")[:, None]
-    base = (slot * batch.row_len)[:, None]                           # (B, 1) flat row offset
-    ar = torch.arange(max(g.lq, g.lk, g.lc + 1, g.gen_width), device=dev)
-    positions = q_start + ar[:g.lq]                                  # (B, Lq)
+    """`shift`: the model's logit shift (Dream: row r - 1 predicts position r, r > 0). Every
+    flat canvas index is `base + position` (position clamped to the dump column L)."""
+    dump, ar = batch.max_len, batch.arange
+    col = im.unsqueeze(2).unbind(1)                                  # (B, 1) per META column
+    q_start, start = col[M["q_start"]], col[M["cand_start"]]
+    slot = im.select(1, M["slot"])                                   # (B,)
+    base = col[M["slot"]] * batch.row_len                            # (B, 1) flat row offset
+    positions = q_start + ar(g.lq)                                   # (B, Lq)
+    j = ar(g.lc + 1)
+    # range column j past a row's span (and the extra last column, where searchsorted lands
+    # for a missing candidate) maps to the dump: a padding slot
+    pos = torch.where(j < col[M["span"]], start + j, dump)           # (B, Lc + 1)
+    gen_pos = col[M["prompt_len"]] + ar(g.gen_width)                 # (B, W)
+    flat = torch.cat((positions, pos, gen_pos), dim=1).clamp_(max=dump) + base
+    ids_flat, pos_flat, gen_flat = flat.split((g.lq, g.lc + 1, g.gen_width), dim=1)
+    offset = pos - q_start
+    row = offset - offset.gt(0).long() if shift else offset
+    by_range = torch.stack((pos, pos_flat, row.clamp(min=0, max=g.lq - 1),
+                            offset.clamp(min=0, max=g.lq)))
     attn_mask = None
     if g.needs_mask:
-        attn_mask = (ar[:g.lk] < col("kv_len")[:, None])[:, None, None, :]
-    kv = None
-    uses_pool = g.kind not in (FULL, HYBRID) or g.items[0].policy == "apd_cached"
-    if uses_pool and batch.page_map is None:
-        kv = build_paged_kv(pool, batch.page_table[slot], q_start[:, 0], col("q_len"), g.lq,
-                            g.lk, g.passthrough)
-    elif uses_pool:                          # attention_backend="flex": pages read in place
-        kv = build_paged_attention(pool, batch.page_map, batch.page_table[slot], q_start[:, 0],
-                                   col("q_len"), col("kv_len"), g.lq, g.lk, g.passthrough)
-    j = ar[:g.lc + 1]
-    range_pos = start + j                                            # (B, Lc + 1)
-    # column j of a row's range past its span (and the extra last column, where searchsorted
-    # lands for a missing candidate) maps to the dump: a padding slot
-    pos = torch.where(j < col("cand_end")[:, None] - start, range_pos, dump)
-    offset = pos - q_start
-    row = offset - (offset > 0).long() if shift else offset
-    by_range = torch.stack((pos, base + pos, row.clamp(min=0, max=g.lq - 1),
-                            offset.clamp(min=0, max=g.lq)))
-    gen_pos = (col("prompt_len")[:, None] + ar[:g.gen_width]).clamp(max=dump)
+        attn_mask = (ar(g.lk) < col[M["kv_len"]]).view(len(g.items), 1, 1, g.lk)
+    cols = ar(g.lc + 1).expand(len(g.items), g.lc + 1)
     return Window(
-        slot=slot, block_start=col("block_start")[:, None], positions=positions,
-        ids_flat=base + positions.clamp(max=dump), attn_mask=attn_mask, kv=kv,
-        range_flat=base + range_pos[:, :g.lc].clamp(max=dump),
-        targets=j[1:].expand(len(g.items), g.lc).contiguous(),
-        range_cols=j[:-1].expand(len(g.items), g.lc),
-        by_range=by_range, gen_flat=base + gen_pos, table=batch.knobs[slot],
-        seeds=batch.seeds[slot], columns=ar)
+        slot=slot, block_start=col[M["block_start"]], positions=positions, ids_flat=ids_flat,
+        attn_mask=attn_mask, kv=_window_kv(g, batch, pool, col, slot, base, ids_flat),
+        range_flat=pos_flat.narrow(1, 0, g.lc), targets=cols.narrow(1, 1, g.lc).contiguous(),
+        range_cols=cols, by_range=by_range, gen_flat=gen_flat,
+        table=batch.knobs.index_select(0, slot), seeds=batch.seeds.index_select(0, slot),
+        columns=batch.columns)
+
+
+def _window_kv(g: GroupPlan, batch: InputBatch, pool: KVPool | None, col: tuple, slot: Tensor,
+               base: Tensor, ids_flat: Tensor) -> object:
+    """The window's KV hook: keys [0, Lk) read from the rows' pool slots, query rows written
+    to theirs (padding rows past q_len: the pool's dump slot); None without a cache."""
+    uses_pool = g.kind not in (FULL, HYBRID) or g.items[0].policy == "apd_cached"
+    if not uses_pool:
+        return None
+    q_len = col[M["q_len"]]
+    if batch.page_map is not None:          # attention_backend="flex": pages read in place
+        return build_paged_attention(pool, batch.page_map, batch.page_table[slot],
+                                     col[M["q_start"]].view(-1), q_len.view(-1),
+                                     col[M["kv_len"]].view(-1), g.lq, g.lk, g.passthrough)
+    slots = batch.kv_slots                   # take / put_ index any tensor as its flat view
+    read = slots.take(base + batch.arange(g.lk))                     # (B, Lk)
+    write = torch.where(batch.arange(g.lq) < q_len, slots.take(ids_flat),
+                        pool.dump_slot)                              # (B, Lq)
+    return PagedKV(pool, read, write.view(-1), g.passthrough)
 
 
 def expand_group(g: GroupPlan, batch: InputBatch, pool: KVPool | None, spec: ModelSpec,
                  windows: WindowCache | None = None) -> GroupInputs:
     """The group's device inputs: its window (cached across a block's steps) and what the
     canvas decides this step: the window's tokens and the candidates."""
-    buf = to_device(g.packed, batch.device)                          # the group's one H2D copy
-    size, dense = g.meta.numel(), None
-    if g.dense:
-        im, dense = buf.narrow(0, 0, size).view(g.meta.shape), buf.narrow(0, size, buf.numel() - size)
-    else:
-        im = buf.view(g.meta.shape)
+    im, dense = _device_meta(g, batch.device)
     w = (windows or WindowCache()).get(g, batch, pool, im, spec.logits_shift)
     j = _candidates(g, w, batch)                                     # (B, n_max)
     pos, cand_flat, rows, offset = w.by_range.gather(2, j.expand(4, -1, -1)).unbind(0)
     return GroupInputs(
-        input_ids=batch.flat_canvas.take(w.ids_flat), positions=w.positions,
+        input_ids=batch.canvas.take(w.ids_flat), positions=w.positions,
         attn_mask=w.attn_mask, kv=w.kv, logits_index=rows, cand_offset=offset,
         cand_flat=cand_flat, in_block=None if g.in_block else pos >= w.block_start,
         gen_flat=w.gen_flat, slot=w.slot,
@@ -265,6 +273,18 @@ def expand_group(g: GroupPlan, batch: InputBatch, pool: KVPool | None, spec: Mod
         dense=dense)
 
 
+def _device_meta(g: GroupPlan, device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """(meta (B, META), dense index (N,) or None) on the device: one H2D copy of `packed` and
+    two views of it (on CPU the host tensors themselves)."""
+    size = g.meta.numel()
+    if device.type == "cpu":
+        return g.meta, g.packed.narrow(0, size, g.packed.numel() - size) if g.dense else None
+    buf = to_device(g.packed, device)                                # the group's one H2D copy
+    if not g.dense:
+        return buf.view(g.meta.shape), None
+    return buf.narrow(0, 0, size).view(g.meta.shape), buf.narrow(0, size, buf.numel() - size)
+
+
 def _candidates(g: GroupPlan, w: Window, batch: InputBatch) -> Tensor:
     """(B, n_max) int64: the range column of each row's i-th candidate, its masked positions
     in order (Lc where a row has fewer: `by_range` maps it, and any column past the row's span,
@@ -272,5 +292,5 @@ def _candidates(g: GroupPlan, w: Window, batch: InputBatch) -> Tensor:
     candidate: a cumsum and a searchsorted (no `nonzero`, no scatter)."""
     if g.revocable:                       # WINO: every block position is a candidate
         return w.range_cols.narrow(1, 0, g.n_max)
-    count = batch.flat_canvas.take(w.range_flat).eq(batch.mask_id).cumsum(1)   # (B, Lc)
+    count = batch.canvas.take(w.range_flat).eq(batch.mask_id).cumsum(1)   # (B, Lc)
     return torch.searchsorted(count, w.targets).narrow(1, 0, g.n_max)

@@ -40,7 +40,7 @@ class RowKnobs:
         return self._cache[name]
 
     def _knob(self, name: str) -> Tensor:
-        return self._get(name, lambda: self._table[:, self._col[name]])
+        return self._get(name, lambda: self._table.select(1, self._col[name]))
 
     # knobs of the request (slot table): NaN where unset
     temperature = property(lambda self: self._knob("temperature"))

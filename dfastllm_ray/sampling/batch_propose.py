@@ -55,7 +55,7 @@ def propose_batch(logits: Tensor, knobs: RowKnobs, facts: GroupFacts, eos_id: in
 
 def _propose_llada(logits: Tensor, knobs: RowKnobs, facts: GroupFacts, eos_id, eot_id):
     """ML-GSAI `generate` / Fast-dLLM `get_transfer_index`, every row at once."""
-    lg = logits.to(facts.conf_dtype)
+    lg = logits if logits.dtype == facts.conf_dtype else logits.to(facts.conf_dtype)
     if facts.logits_eos_inf:                                   # never predict EOS
         lg = _mask_vocab(lg, knobs.logits_eos_inf, [eos_id])
     tokens = argmax_last(lg)
@@ -95,10 +95,12 @@ def _propose_dense(logits: Tensor, dense: Tensor, facts: GroupFacts) -> tuple[Te
     0, conf -inf). LLaDA: argmax of the logits; Dream: argmax of the probabilities (hub
     `sample_tokens`' `probs.max`; equal probabilities can come from unequal logits)."""
     b, n, v = logits.shape
-    rows = logits.reshape(b * n, v).index_select(0, dense).to(facts.conf_dtype)   # (N, V)
-    probs = F.softmax(rows, dim=-1)
+    rows = logits.reshape(b * n, v).index_select(0, dense)                        # (N, V)
+    if rows.dtype != facts.conf_dtype:
+        rows = rows.to(facts.conf_dtype)
+    probs = rows.softmax(-1)
     tok = argmax_last(probs if facts.family == "dream" else rows)                  # (N,)
-    conf = probs.gather(-1, tok[:, None])[:, 0]
+    conf = probs.gather(-1, tok.unsqueeze(1)).squeeze(1)
     tokens = torch.zeros(b * n, dtype=torch.long, device=logits.device).index_copy_(0, dense, tok)
     full = torch.full((b * n,), NEG_INF, dtype=conf.dtype, device=logits.device)
     return tokens.view(b, n), full.index_copy_(0, dense, conf).view(b, n)
@@ -146,11 +148,10 @@ def argmax_tiled(x: Tensor) -> Tensor:
     if v % w or v < 2 * w:
         return x.argmax(dim=-1)
     lead, nt = x.shape[:-1], v // w
-    tiles = x.reshape(-1, w)                                                 # (R * V / w, w)
-    best = tiles.view(-1, nt, w).amax(dim=-1).argmax(dim=-1)                 # (R,) tile
-    first = torch.arange(0, tiles.shape[0], nt, device=x.device) + best      # its row in tiles
-    inner = tiles.index_select(0, first).argmax(dim=-1)                      # (R,)
-    return (best * w + inner).view(lead)
+    tiles = x.reshape(-1, nt, w)                                             # (R, V / w, w)
+    best = tiles.amax(dim=-1).argmax(dim=-1, keepdim=True)                   # (R, 1) tile
+    inner = tiles.gather(1, best.unsqueeze(2).expand(-1, 1, w)).argmax(dim=-1)   # (R, 1)
+    return torch.add(inner, best, alpha=w).view(lead)
 
 
 def _draw_probs(probs: Tensor, knobs: RowKnobs) -> Tensor:
