@@ -107,12 +107,8 @@ def pack_group(items: list[ScheduledRequest], requests: dict[str, Request], fami
     dense = sum(counts) != b * n_max           # no padding slot: the padded layout is dense
     packed = np.concatenate((meta.reshape(-1), dense_index(np.array(counts), n_max))) \
         if dense else meta.reshape(-1)
-    facts = GroupFacts(
-        family=family, policies=policies, sampled=bool(bits & SAMPLED),
-        random_remask=bool(bits & RANDOM_REMASK), logits_eos_inf=bool(bits & LOGITS_EOS_INF),
-        conf_eos_eot_inf=bool(bits & CONF_EOS_EOT_INF), top_p=bool(bits & TOP_P),
-        top_k=bool(bits & TOP_K), conf_algs=frozenset(flat[M["conf_alg"]::len(META)]),
-        conf_dtype=conf_dtype, padded=dense)
+    facts = group_facts(family, policies, bits, frozenset(flat[M["conf_alg"]::len(META)]),
+                        conf_dtype, dense)
     full = kv_max == lk == min(kv_lens)
     return GroupPlan(
         items=items, kind=kind, lq=lq, lk=lk, lc=max(max(spans), n_max), n_max=n_max,
@@ -124,14 +120,31 @@ def pack_group(items: list[ScheduledRequest], requests: dict[str, Request], fami
         packed=torch.from_numpy(packed), dense=dense)
 
 
+_FACTS: dict[tuple, GroupFacts] = {}
+
+
+def group_facts(family: str, policies: tuple, bits: int, conf_algs: frozenset,
+                conf_dtype: torch.dtype, padded: bool) -> GroupFacts:
+    """The group's `GroupFacts`, one shared record per distinct combination (few: the engine's
+    policies times the flag bits; the sampler only reads them)."""
+    key = (family, policies, bits, conf_algs, conf_dtype, padded)
+    facts = _FACTS.get(key)
+    if facts is None:
+        facts = _FACTS[key] = GroupFacts(
+            family=family, policies=policies, sampled=bool(bits & SAMPLED),
+            random_remask=bool(bits & RANDOM_REMASK), logits_eos_inf=bool(bits & LOGITS_EOS_INF),
+            conf_eos_eot_inf=bool(bits & CONF_EOS_EOT_INF), top_p=bool(bits & TOP_P),
+            top_k=bool(bits & TOP_K), conf_algs=conf_algs, conf_dtype=conf_dtype,
+            padded=padded)
+    return facts
+
+
 def dense_index(counts: np.ndarray, n_max: int) -> np.ndarray:
     """(N,) int64 flat indices into the (B, n_max) candidate layout of the real candidates
     (row b's first counts[b] slots, N = sum(counts)): the sampler's vocabulary work then runs
     over N rows, not B * n_max (half of them padding when the rows' blocks are staggered).
     The host's counts are the scheduler's mask counters, which the device agrees with."""
-    counts = np.minimum(counts, n_max)
-    first = np.arange(len(counts)) * n_max - (np.cumsum(counts) - counts)   # b * n_max - e_b
-    return first.repeat(counts) + np.arange(int(counts.sum()))
+    return np.flatnonzero(np.arange(n_max) < counts[:, None])       # row-major: row by row
 
 
 @dataclass

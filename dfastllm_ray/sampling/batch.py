@@ -103,9 +103,10 @@ class RowKnobs:
         return self._get("rng_keys", make)
 
 
-@dataclass
+@dataclass(frozen=True)
 class GroupFacts:
-    """Host-side facts of one group (no device read): which op chains the group needs."""
+    """Host-side facts of one group (no device read): which op chains the group needs
+    (frozen: the engine shares one record between the groups of equal facts)."""
     family: str                                  # "llada" | "dream": the proposal rule
     policies: tuple[str, ...]                    # distinct policy names present, in id order
     sampled: bool = False                        # some row has temperature > 0
