@@ -18,7 +18,8 @@ Starts `python -m dfastllm_ray.serve run CONFIG` (the draining launcher) on a fr
     python benchmarks/reliability.py --duration 60            # the issue's scale
     python benchmarks/reliability.py --duration 10 --high 64   # a short run
 
-The client runs on the same machine as the server (it competes for the same cores); its own
+The client runs on the same machine as the server (it competes for the same cores); the
+overload phase's clients are spread over `--client-procs` processes, and the generator's own
 event-loop lag is reported beside each load phase. The clients, the tally and the server start
 are in `benchmarks/reliability_load.py`; the phases and the table are here.
 """
@@ -184,11 +185,15 @@ def print_table(rows: list[tuple[str, str]]) -> None:
 async def overload_rows(url: str, model: str, args: argparse.Namespace,
                         low: Tally) -> list[tuple[str, str]]:
     d = args.duration
-    high, probe = await load_with_probe(url, model, args.high, d, args.hang_s)
-    rows = goodput_rows(f"{args.high} clients", high, d)
+    before = httpx.get(f"{url}/v1/engine/stats", timeout=30).json()["ingress"]["refused"]
+    high, probe = await load_with_probe(url, model, args.high, d, args.hang_s, args.client_procs)
+    rows = goodput_rows(f"{args.high} clients ({args.client_procs} processes)", high, d)
     rows.append((f"probe beside {args.high} clients: refusals / p99",
                  f"{probe.refused} / {ms(p99(probe.refusal_s))}"))
     ingress = httpx.get(f"{url}/v1/engine/stats", timeout=30).json()["ingress"]
+    by_ingress = ingress["refused"] - before
+    rows.append(("refusals answered by the proxy gate / by the ingress",
+                 f"{high.refused + probe.refused - by_ingress} / {by_ingress}"))
     rows.append(("refusal time inside the ingress p99 (arrival -> response)",
                  "-" if ingress["refusal_ms_p99"] is None
                  else f"{ingress['refusal_ms_p99']:.1f} ms"))
@@ -270,6 +275,8 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=60.0, help="seconds per load phase")
     ap.add_argument("--low", type=int, default=32, help="clients of the reference phase")
     ap.add_argument("--high", type=int, default=200, help="clients of the overload phase")
+    ap.add_argument("--client-procs", type=int, default=4,
+                    help="processes the overload phase's clients are spread over")
     ap.add_argument("--bound-clients", type=int, default=16)
     ap.add_argument("--hang-s", type=float, default=120.0, help="a request slower is hung")
     ap.add_argument("--direct", action="store_true",

@@ -161,16 +161,20 @@ def _load_in_process(args: tuple, out: Any) -> None:
     out.put(asyncio.run(load(*args)))
 
 
-async def load_with_probe(url: str, model: str, clients: int, seconds: float,
-                          hang_s: float) -> tuple[Tally, Tally]:
-    """The load in a child process, and a light client here sending one request every 100 ms:
-    its refusals show what a refusal costs when the client itself is not the one overloaded."""
+async def load_with_probe(url: str, model: str, clients: int, seconds: float, hang_s: float,
+                          procs: int = 4) -> tuple[Tally, Tally]:
+    """The load spread over `procs` child processes (as a real load test would: 200 aiohttp
+    streams in one Python process made its event loop part of every figure), and a light
+    client here sending one request every 100 ms: its refusals show what a refusal costs when
+    the client itself is not the one overloaded."""
     import multiprocessing as mp
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    child = ctx.Process(target=_load_in_process, args=((url, model, clients, seconds, hang_s),
-                                                       out))
-    child.start()
+    shares = [clients // procs + (i < clients % procs) for i in range(procs)]
+    children = [ctx.Process(target=_load_in_process, args=((url, model, n, seconds, hang_s), out))
+                for n in shares if n]
+    for child in children:
+        child.start()
     probe = Tally()
     end = time.monotonic() + seconds
     async with session(url, 4) as c:
@@ -178,8 +182,11 @@ async def load_with_probe(url: str, model: str, clients: int, seconds: float,
         while time.monotonic() < end:
             await one(c, model, probe, hang_s, stream=True)
             await asyncio.sleep(0.1)
-    tally = await asyncio.to_thread(out.get)
-    child.join()
+    tally = Tally()
+    for _ in children:
+        tally.add(await asyncio.to_thread(out.get))
+    for child in children:
+        child.join()
     return tally, probe
 
 

@@ -23,6 +23,13 @@ DRAINING = "The server is shutting down; retry on another replica."
 TOO_MANY = "Too many requests in flight; retry shortly."
 
 
+def retry_after_s(latency_s: float) -> int:
+    """About one request latency, jittered (0.5x to 1.5x) so refused clients do not all come
+    back in the same second; whole seconds in [1, MAX_RETRY_AFTER_S] (RFC 9110)."""
+    wait = latency_s * random.uniform(0.5, 1.5)
+    return max(1, min(MAX_RETRY_AFTER_S, math.ceil(wait)))
+
+
 class Admission:
     def __init__(self, limits: dict[str, Optional[int]], max_total: int) -> None:
         self.limits = limits                          # model -> engine requests; None: no cap
@@ -44,10 +51,7 @@ class Admission:
         return round(1000 * xs[min(len(xs) - 1, round(0.99 * (len(xs) - 1)))], 2)
 
     def retry_after(self) -> int:
-        """About one request latency, jittered (0.5x to 1.5x) so refused clients do not all
-        come back in the same second."""
-        wait = self.latency_s * random.uniform(0.5, 1.5)
-        return max(1, min(MAX_RETRY_AFTER_S, math.ceil(wait)))
+        return retry_after_s(self.latency_s)
 
     def front(self) -> Optional[APIError]:
         """The gate at the very front of a generation request, before any await (the body is

@@ -47,6 +47,13 @@ def model_deployments(cfg: ModelConfig, limit: int) -> tuple[Application, Applic
     return batcher, replica
 
 
+def proxy_max_inflight(args: Union[AppArgs, dict[str, Any]]) -> int:
+    """The proxy gate's cap for this app (`proxy_gate.py`): the sum of its models' admission
+    limits, since the proxy cannot tell the model before the body is read."""
+    cfg = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
+    return sum(m.admission_limit(EngineConfig(**m.engine).max_num_seqs) for m in cfg.models)
+
+
 def build_app(args: Union[AppArgs, dict[str, Any]]) -> Application:
     cfg = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
     models, limits = {}, {}

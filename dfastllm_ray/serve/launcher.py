@@ -11,11 +11,16 @@ This launcher deploys the same Serve config the same way (`ServeDeploySchema`, `
    largest `graceful_shutdown_timeout_s`, or `--graceful-timeout-s`); requests still open then
    get a 503 or an in-band error event and `[DONE]`;
 3. shuts Serve and Ray down and exits 0 with one log line, no traceback.
+
+On a new local cluster it also installs the proxy gate (`proxy_gate.py`): Serve's proxy refuses
+generation requests past the apps' admission caps itself, without routing them to the ingress.
+`DFASTLLM_PROXY_MAX_INFLIGHT=0` in the environment turns it off.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -46,12 +51,35 @@ def graceful_timeout(config: dict[str, Any]) -> float:
     return max(found) if found else DEFAULT_GRACE_S
 
 
+APP_IMPORT_PATH = "dfastllm_ray.serve.app:build_app"
+
+
+def install_proxy_gate(config: dict[str, Any]) -> Optional[int]:
+    """Set the env that Serve's proxy reads at start (inherited by the new cluster's
+    processes) to install the gate, capped at the sum of this project's apps' admission
+    limits; returns the cap, or None when there is no such app or another callback is set."""
+    from .proxy_gate import CALLBACK, CALLBACK_ENV, MAX_INFLIGHT_ENV, max_inflight_from_env
+    from .app import proxy_max_inflight
+    if os.environ.get(CALLBACK_ENV, CALLBACK) != CALLBACK:
+        log.warning("%s is set to another callback: no proxy gate", CALLBACK_ENV)
+        return None
+    cap = sum(proxy_max_inflight(app.get("args") or {})
+              for app in config.get("applications", []) if app.get("import_path") == APP_IMPORT_PATH)
+    if not cap:
+        return None
+    os.environ.setdefault(MAX_INFLIGHT_ENV, str(cap))     # an explicit value (0: off) wins
+    os.environ[CALLBACK_ENV] = CALLBACK
+    return max_inflight_from_env()
+
+
 def deploy(config: dict[str, Any], address: Optional[str]) -> None:
     import ray
     from ray.serve._private import api as serve_api
     from ray.serve.config import gRPCOptions
     from ray.serve.schema import ServeDeploySchema
     schema = ServeDeploySchema.model_validate(config)
+    if address == "local":
+        log.info("proxy gate: %s", install_proxy_gate(config) or "off")
     ray.init(address=address, namespace="serve")
     client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
                                    proxy_location=schema.proxy_location,
