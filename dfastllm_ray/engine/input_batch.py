@@ -68,6 +68,7 @@ class InputBatch:
         self.kv_slots = torch.zeros(max_num_seqs, self.row_len, dtype=torch.long, device=device)
         self.columns = torch.arange(self.row_len + 1, device=device)
         self._aranges: dict[int, torch.Tensor] = {}
+        self._targets: dict[tuple, torch.Tensor] = {}
         self.page_map = page_map        # inverse page tables, for attention_backend="flex"
         self.free = list(range(max_num_seqs - 1, -1, -1))            # a stack: low slots first
 
@@ -101,6 +102,15 @@ class InputBatch:
         if ar is None:
             ar = self._aranges[n] = self.columns.narrow(0, 0, n)
         return ar
+
+    def count_targets(self, b: int, n: int) -> torch.Tensor:
+        """(b, n) int64 rows 1..n, contiguous (the candidates' searchsorted queries), kept
+        per shape (a handful: batch sizes times range widths)."""
+        key = (b, n)
+        t = self._targets.get(key)
+        if t is None:
+            t = self._targets[key] = self.columns[1:n + 1].expand(b, n).contiguous()
+        return t
 
     def release(self, slot: int) -> None:
         self.free.append(slot)

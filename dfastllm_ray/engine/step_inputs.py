@@ -11,7 +11,7 @@ steps repeat it (`Window`), so a cached step's expansion is seven ops whatever i
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -177,14 +177,15 @@ class Window:
     ids_flat: Tensor          # (B, Lq) int64 flat canvas index of the window's tokens
     attn_mask: Tensor | None  # (B, 1, 1, Lk) bool, None when every row is full
     kv: object                # PagedKV | PagedAttention | None
-    range_flat: Tensor        # (B, Lc) int64 flat canvas index of cand_start + j (past the span: dump)
+    range_flat: Tensor        # (B, Lc) int64 flat canvas index of cand_start + j (past the
+                              # span: dump; masks counted there come after every real one)
     targets: Tensor           # (B, Lc) int64 1..Lc: the i-th candidate is where the count hits i
-    range_cols: Tensor        # (B, Lc + 1) int64 0..Lc (WINO: every range column is a candidate)
     by_range: Tensor          # (4, B, Lc + 1) int64 per range column j (POS, FLAT, ROW, OFFSET)
     gen_flat: Tensor          # (B, W) int64 flat canvas index of the generation positions
     table: Tensor             # (B, len(KNOBS)) float64 the rows' knob table rows
     seeds: Tensor             # (B,) int64
     columns: Tensor           # (>= Lc + 1,) int64 0, 1, ...
+    converted: dict = field(default_factory=dict)   # dtype -> `table` in it (filled on use)
 
 
 class WindowCache:
@@ -238,12 +239,11 @@ def build_window(g: GroupPlan, batch: InputBatch, pool: KVPool | None, im: Tenso
     attn_mask = None
     if g.needs_mask:
         attn_mask = (ar(g.lk) < col[M["kv_len"]]).view(len(g.items), 1, 1, g.lk)
-    cols = ar(g.lc + 1).expand(len(g.items), g.lc + 1)
     return Window(
         slot=slot, block_start=col[M["block_start"]], positions=positions, ids_flat=ids_flat,
         attn_mask=attn_mask, kv=_window_kv(g, batch, pool, col, slot, base, ids_flat),
-        range_flat=pos_flat.narrow(1, 0, g.lc), targets=cols.narrow(1, 1, g.lc).contiguous(),
-        range_cols=cols, by_range=by_range, gen_flat=gen_flat,
+        range_flat=pos_flat.narrow(1, 0, g.lc), targets=batch.count_targets(len(g.items), g.lc),
+        by_range=by_range, gen_flat=gen_flat,
         table=batch.knobs.index_select(0, slot), seeds=batch.seeds.index_select(0, slot),
         columns=batch.columns)
 
@@ -282,7 +282,7 @@ def expand_group(g: GroupPlan, batch: InputBatch, pool: KVPool | None, spec: Mod
         gen_flat=w.gen_flat, slot=w.slot,
         knobs=RowKnobs(table=w.table, col=COL, meta=im, imeta=im, meta_col=M,
                        seeds=w.seeds, positions=pos, valid=pos.ne(batch.max_len),
-                       columns=w.columns),
+                       columns=w.columns, all_valid=not g.dense, converted=w.converted),
         dense=dense)
 
 
@@ -304,6 +304,6 @@ def _candidates(g: GroupPlan, w: Window, batch: InputBatch) -> Tensor:
     to the dump). The running count of masks along the range reaches i + 1 first at the i-th
     candidate: a cumsum and a searchsorted (no `nonzero`, no scatter)."""
     if g.revocable:                       # WINO: every block position is a candidate
-        return w.range_cols.narrow(1, 0, g.n_max)
+        return batch.arange(g.n_max).expand(len(g.items), g.n_max)
     count = batch.canvas.take(w.range_flat).eq(batch.mask_id).cumsum(1)   # (B, Lc)
     return torch.searchsorted(count, w.targets).narrow(1, 0, g.n_max)

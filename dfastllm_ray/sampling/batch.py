@@ -26,18 +26,31 @@ class RowKnobs:
     read. Shapes: every knob (B,) unless said; positions / valid / rng_keys (B, n)."""
 
     def __init__(self, table: Tensor, col: dict, meta: Tensor, imeta: Tensor, meta_col: dict,
-                 seeds: Tensor, positions: Tensor, valid: Tensor, columns: Tensor | None = None):
+                 seeds: Tensor, positions: Tensor, valid: Tensor, columns: Tensor | None = None,
+                 all_valid: bool = False, converted: dict | None = None):
         self._table, self._col, self._meta, self._imeta, self._mcol = table, col, meta, imeta, meta_col
         self._seeds = seeds
         self.positions = positions        # (B, n) int64 canvas positions of the candidates
         self.valid = valid                # (B, n) bool: a real candidate
         self.columns = columns            # (>= n,) int64 0, 1, ...: slot indices, if kept
+        self.all_valid = all_valid        # host fact: no padding slot (valid is all True)
+        self._converted = {} if converted is None else converted   # dtype -> the table in it
         self._cache: dict[str, Tensor] = {}
 
     def _get(self, name: str, make) -> Tensor:
         if name not in self._cache:
             self._cache[name] = make()
         return self._cache[name]
+
+    def column(self, name: str, dtype: torch.dtype) -> Tensor:
+        """(B, 1) knob `name` in `dtype`: a view of the table, or of its copy in that dtype
+        (kept with the engine's window: a float32 confidence compares with no cast per step)."""
+        table = self._table
+        if dtype != table.dtype:
+            table = self._converted.get(dtype)
+            if table is None:
+                table = self._converted[dtype] = self._table.to(dtype)
+        return table.narrow(1, self._col[name], 1)
 
     def _knob(self, name: str) -> Tensor:
         return self._get(name, lambda: self._table.select(1, self._col[name]))

@@ -96,7 +96,8 @@ def fixed(conf: Tensor, knobs: RowKnobs, ranked: Ranked) -> Tensor:
 
 def threshold(conf: Tensor, knobs: RowKnobs, ranked: Ranked) -> Tensor:
     """Fast-dLLM `get_transfer_index(threshold)`: conf >= threshold, plus the argmax."""
-    return ((conf >= knobs.threshold.unsqueeze(1).to(conf.dtype)) | ranked.first) & knobs.valid
+    hit = (conf >= knobs.column("threshold", conf.dtype)) | ranked.first
+    return hit if knobs.all_valid else hit & knobs.valid
 
 
 def factor(conf: Tensor, knobs: RowKnobs, ranked: Ranked) -> Tensor:
