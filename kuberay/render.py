@@ -20,6 +20,12 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:                       # run as a script from a source checkout
+    sys.path.insert(0, str(ROOT))
+
+from dfastllm_ray.serve.launcher import proxy_gate_cap  # noqa: E402
+from dfastllm_ray.serve.proxy_gate import CALLBACK, CALLBACK_ENV, MAX_INFLIGHT_ENV  # noqa: E402
+
 CONFIGS = ROOT / "configs"
 OUT_DIR = ROOT / "kuberay"
 RAY_VERSION = "2.60.0"
@@ -115,23 +121,28 @@ def _secret_env(name: str, secret: str, key: str) -> dict:
                                                          "optional": True}}}
 
 
-def _env() -> list[dict]:
-    return [
+def _env(serve_config: dict) -> list[dict]:
+    env = [
         {"name": "RAY_worker_niceness", "value": "0"},  # Ray starts workers at nice 15 otherwise
         {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
         # read by the ingress replicas (args.api_keys_env); no Secret: auth off
         _secret_env("DFASTLLM_API_KEYS", "dfastllm-api-keys", "keys"),
     ]
+    cap = proxy_gate_cap(serve_config)
+    if cap:   # the proxy gate (dfastllm_ray/serve/proxy_gate.py), as the launcher installs it
+        env += [{"name": CALLBACK_ENV, "value": CALLBACK},
+                {"name": MAX_INFLIGHT_ENV, "value": str(cap)}]
+    return env
 
 
-def head_group(cluster: Cluster, image: str) -> dict:
+def head_group(cluster: Cluster, image: str, serve_config: dict) -> dict:
     ports = [{"containerPort": 6379, "name": "gcs-server"},
              {"containerPort": 8265, "name": "dashboard"},
              {"containerPort": 10001, "name": "client"},
              {"containerPort": SERVE_PORT, "name": "serve"},
              {"containerPort": METRICS_PORT, "name": "metrics"}]
     res = {"cpu": cluster.head_cpus, "memory": cluster.head_memory}
-    container = {"name": "ray-head", "image": image, "ports": ports, "env": _env(),
+    container = {"name": "ray-head", "image": image, "ports": ports, "env": _env(serve_config),
                  "resources": {"requests": res, "limits": res}}
     return {
         # num-cpus 0: Serve replicas never land on the head; it only runs the control plane
@@ -148,8 +159,9 @@ def _worker_resources(group: WorkerGroup) -> dict:
     return {"requests": dict(res), "limits": dict(res)}
 
 
-def worker_group(group: WorkerGroup, replicas: tuple[int, int], image: str) -> dict:
-    env = _env() + [_secret_env("HF_TOKEN", "hf-token", "token")]   # gated or private models
+def worker_group(group: WorkerGroup, replicas: tuple[int, int], image: str,
+                 serve_config: dict) -> dict:
+    env = _env(serve_config) + [_secret_env("HF_TOKEN", "hf-token", "token")]   # gated or private models
     container = {"name": "ray-worker", "image": image, "env": env,
                  "ports": [{"containerPort": METRICS_PORT, "name": "metrics"}],
                  "resources": _worker_resources(group),
@@ -169,7 +181,8 @@ def worker_group(group: WorkerGroup, replicas: tuple[int, int], image: str) -> d
 def manifest(name: str, serve_config: str, image: str = IMAGE) -> dict:
     """The RayService object for configs/<name>.yaml, whose text is `serve_config`."""
     cluster = CLUSTERS[name]
-    replicas = worker_range(cluster.worker, yaml.safe_load(serve_config))
+    parsed = yaml.safe_load(serve_config)
+    replicas = worker_range(cluster.worker, parsed)
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
@@ -181,8 +194,8 @@ def manifest(name: str, serve_config: str, image: str = IMAGE) -> dict:
             "rayClusterConfig": {
                 "rayVersion": RAY_VERSION,
                 "enableInTreeAutoscaling": True,
-                "headGroupSpec": head_group(cluster, image),
-                "workerGroupSpecs": [worker_group(cluster.worker, replicas, image)],
+                "headGroupSpec": head_group(cluster, image, parsed),
+                "workerGroupSpecs": [worker_group(cluster.worker, replicas, image, parsed)],
             },
         },
     }

@@ -54,17 +54,23 @@ def graceful_timeout(config: dict[str, Any]) -> float:
 APP_IMPORT_PATH = "dfastllm_ray.serve.app:build_app"
 
 
+def proxy_gate_cap(config: dict[str, Any]) -> int:
+    """The proxy gate's cap for a Serve config: the sum of this project's apps' caps (0: none of
+    its apps). Also what kuberay/render.py puts in the pods' env."""
+    from .app import proxy_max_inflight
+    return sum(proxy_max_inflight(app.get("args") or {})
+               for app in config.get("applications", []) if app.get("import_path") == APP_IMPORT_PATH)
+
+
 def install_proxy_gate(config: dict[str, Any]) -> Optional[int]:
     """Set the env that Serve's proxy reads at start (inherited by the new cluster's
     processes) to install the gate, capped at the sum of this project's apps' admission
     limits; returns the cap, or None when there is no such app or another callback is set."""
     from .proxy_gate import CALLBACK, CALLBACK_ENV, MAX_INFLIGHT_ENV, max_inflight_from_env
-    from .app import proxy_max_inflight
     if os.environ.get(CALLBACK_ENV, CALLBACK) != CALLBACK:
         log.warning("%s is set to another callback: no proxy gate", CALLBACK_ENV)
         return None
-    cap = sum(proxy_max_inflight(app.get("args") or {})
-              for app in config.get("applications", []) if app.get("import_path") == APP_IMPORT_PATH)
+    cap = proxy_gate_cap(config)
     if not cap:
         return None
     os.environ.setdefault(MAX_INFLIGHT_ENV, str(cap))     # an explicit value (0: off) wins
