@@ -161,7 +161,8 @@ def _worker_resources(group: WorkerGroup) -> dict:
 
 def worker_group(group: WorkerGroup, replicas: tuple[int, int], image: str,
                  serve_config: dict) -> dict:
-    env = _env(serve_config) + [_secret_env("HF_TOKEN", "hf-token", "token")]   # gated or private models
+    # HF_TOKEN: gated or private models
+    env = _env(serve_config) + [_secret_env("HF_TOKEN", "hf-token", "token")]
     container = {"name": "ray-worker", "image": image, "env": env,
                  "ports": [{"containerPort": METRICS_PORT, "name": "metrics"}],
                  "resources": _worker_resources(group),

@@ -58,8 +58,8 @@ def proxy_gate_cap(config: dict[str, Any]) -> int:
     """The proxy gate's cap for a Serve config: the sum of this project's apps' caps (0: none of
     its apps). Also what kuberay/render.py puts in the pods' env."""
     from .app import proxy_max_inflight
-    return sum(proxy_max_inflight(app.get("args") or {})
-               for app in config.get("applications", []) if app.get("import_path") == APP_IMPORT_PATH)
+    apps = [a for a in config.get("applications", []) if a.get("import_path") == APP_IMPORT_PATH]
+    return sum(proxy_max_inflight(app.get("args") or {}) for app in apps)
 
 
 def install_proxy_gate(config: dict[str, Any]) -> Optional[int]:
