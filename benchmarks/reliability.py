@@ -194,8 +194,10 @@ async def overload_rows(url: str, model: str, args: argparse.Namespace,
     by_ingress = ingress["refused"] - before
     rows.append(("refusals answered by the proxy gate / by the ingress",
                  f"{high.refused + probe.refused - by_ingress} / {by_ingress}"))
+    # the ingress keeps the times of all its 429/503s (startup readiness included): only
+    # meaningful when this phase's refusals reached it
     rows.append(("refusal time inside the ingress p99 (arrival -> response)",
-                 "-" if ingress["refusal_ms_p99"] is None
+                 "-" if ingress["refusal_ms_p99"] is None or not by_ingress
                  else f"{ingress['refusal_ms_p99']:.1f} ms"))
     ratio = (high.tokens / low.tokens) if low.tokens else float("nan")
     rows.append((f"tok/s {args.high} clients / {args.low} clients", f"{ratio:.2f}"))
