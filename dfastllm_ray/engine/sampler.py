@@ -65,9 +65,11 @@ def official_topk(conf: Tensor, inputs: GroupInputs, g: GroupPlan) -> Tensor:
 def commit(batch: InputBatch, inputs: GroupInputs, commit_mask: Tensor, tokens: Tensor) -> Tensor:
     """Write the decisions into the canvas -> packed (B, 2 + W) int64: committed count, committed
     inside the active block, then the generation positions after the step."""
-    canvas = batch.canvas                   # take / put_ index it as its flat view
+    canvas = batch.canvas                   # take / index_copy_ index it as its flat view
     new = torch.where(commit_mask, tokens, batch.mask_id)      # uncommitted candidates stay masked
-    canvas.put_(inputs.cand_flat, new)      # padding: the dump column (its mask id again)
+    # padding: the dump column (its mask id again). index_copy_, not put_: put_ has no
+    # deterministic kernel and raises under torch.use_deterministic_algorithms(True)
+    batch.flat_canvas.index_copy_(0, inputs.cand_flat.reshape(-1), new.reshape(-1))
     if inputs.in_block is None:                # every candidate is in the block: one count
         counts = commit_mask.sum(1, keepdim=True).expand(-1, 2)                        # (B, 2)
     else:

@@ -118,3 +118,25 @@ def test_dense_candidates_decide_as_the_padded_layout(model, mode, which, monkey
     got = run_all(engine(model, mode, max_num_seqs=8), reqs, stagger=2)
     assert {k: v.token_ids for k, v in got.items()} == {k: v.token_ids for k, v in want.items()}
     assert {k: v.nfe for k, v in got.items()} == {k: v.nfe for k, v in want.items()}
+
+
+@pytest.fixture
+def deterministic_torch():
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.parametrize("model,mode", [("llada-tiny", "none"), ("llada-tiny", "dual"),
+                                        ("dream-tiny", "dual")])
+def test_the_step_runs_under_deterministic_algorithms(model, mode, deterministic_torch):
+    """A process that set torch.use_deterministic_algorithms(True) (the trainer does) gets the
+    same tokens: no op of the step lacks a deterministic kernel (put_ did)."""
+    reqs = {f"r{i}": (list(range(3 + i, 9 + 2 * i)), SamplingParams(max_tokens=16, block_length=8,
+                                                                   steps=8, threshold=0.9))
+            for i in range(3)}
+    got = run_all(engine(model, mode), reqs)
+    torch.use_deterministic_algorithms(False)
+    ref = run_all(engine(model, mode), reqs)
+    assert {k: o.token_ids for k, o in got.items()} == {k: o.token_ids for k, o in ref.items()}
