@@ -1,0 +1,76 @@
+"""The proxy gate under plain `serve run configs/<name>.yaml`: each config sets it through
+`controller_options.runtime_env.env_vars` (the Serve controller's env, which the HTTP proxy it
+starts inherits), at the cap the launcher and the KubeRay manifests use."""
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from dfastllm_ray.serve import proxy_gate
+from dfastllm_ray.serve.launcher import proxy_gate_cap
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def gate_env(cfg: dict) -> dict:
+    return cfg["controller_options"]["runtime_env"]["env_vars"]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_config_sets_the_gate_at_the_launchers_cap(path):
+    cfg = yaml.safe_load(path.read_text())
+    env = gate_env(cfg)
+    assert env[proxy_gate.CALLBACK_ENV] == proxy_gate.CALLBACK
+    assert int(env[proxy_gate.MAX_INFLIGHT_ENV]) == proxy_gate_cap(cfg) > 0
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_plain_serve_run_gets_the_proxy_gate(tmp_path):
+    """`serve run` (Ray's CLI, not the launcher), the config's cap set to 1 and nothing in the
+    environment: of two requests held in flight, one is refused by the proxy with the OpenAI 503
+    and Retry-After, and the ingress refuses nothing."""
+    from test_serve_proxy_gate import _held_request as held_request
+    from test_serve_launcher import tiny_app, wait_ready
+    path, port, env = tiny_app(tmp_path)
+    cfg = yaml.safe_load(path.read_text())
+    gate_env(cfg)[proxy_gate.MAX_INFLIGHT_ENV] = "1"
+    path.write_text(yaml.safe_dump(cfg))
+    for name in (proxy_gate.CALLBACK_ENV, proxy_gate.MAX_INFLIGHT_ENV):
+        env.pop(name, None)
+    serve_cli = Path(sys.executable).with_name("serve")
+    proc = subprocess.Popen([str(serve_cli), "run", "--address", "local", str(path)], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(proc, url, "serve run")
+        held = [held_request(port), held_request(port)]
+        ready, _, _ = select.select([s for s, _ in held], [], [], 120)
+        assert len(ready) == 1
+        head, _, text = ready[0].recv(65536).decode().partition("\r\n\r\n")
+        assert head.startswith("HTTP/1.1 503") and "retry-after:" in head.lower()
+        assert json.loads(text)["error"]["code"] == "overloaded"
+        sock, rest = next(h for h in held if h[0] is not ready[0])
+        sock.sendall(rest)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        for s, _ in held:
+            s.close()
+        assert httpx.get(f"{url}/v1/engine/stats", timeout=30).json()["ingress"]["refused"] == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
