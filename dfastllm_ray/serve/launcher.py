@@ -65,16 +65,24 @@ def proxy_gate_cap(config: dict[str, Any]) -> int:
 def install_proxy_gate(config: dict[str, Any]) -> Optional[int]:
     """Set the env that Serve's proxy reads at start (inherited by the new cluster's
     processes) to install the gate, capped at the sum of this project's apps' admission
-    limits; returns the cap, or None when there is no such app or another callback is set."""
+    limits; returns the cap, or None when there is no such app or another callback is set.
+    The config's `controller_options.runtime_env.env_vars` (which would override the process
+    env in the proxy) is rewritten to the same values: an explicit env (0: off) wins over the
+    file's cap, which wins over the computed one."""
     from .proxy_gate import CALLBACK, CALLBACK_ENV, MAX_INFLIGHT_ENV, max_inflight_from_env
+    file_env = ((config.get("controller_options") or {}).get("runtime_env") or {}).get("env_vars")
     if os.environ.get(CALLBACK_ENV, CALLBACK) != CALLBACK:
         log.warning("%s is set to another callback: no proxy gate", CALLBACK_ENV)
+        for name in (CALLBACK_ENV, MAX_INFLIGHT_ENV):
+            (file_env or {}).pop(name, None)
         return None
     cap = proxy_gate_cap(config)
     if not cap:
         return None
-    os.environ.setdefault(MAX_INFLIGHT_ENV, str(cap))     # an explicit value (0: off) wins
+    os.environ.setdefault(MAX_INFLIGHT_ENV, str((file_env or {}).get(MAX_INFLIGHT_ENV) or cap))
     os.environ[CALLBACK_ENV] = CALLBACK
+    if file_env is not None:
+        file_env.update({CALLBACK_ENV: CALLBACK, MAX_INFLIGHT_ENV: os.environ[MAX_INFLIGHT_ENV]})
     return max_inflight_from_env()
 
 
@@ -83,9 +91,10 @@ def deploy(config: dict[str, Any], address: Optional[str]) -> None:
     from ray.serve._private import api as serve_api
     from ray.serve.config import gRPCOptions
     from ray.serve.schema import ServeDeploySchema
+    # before the schema: it may rewrite controller_options (a cluster whose Serve already runs
+    # keeps its proxy; the env and the controller's options apply to a new one)
+    log.info("proxy gate: %s", install_proxy_gate(config) or "off")
     schema = ServeDeploySchema.model_validate(config)
-    if address == "local":
-        log.info("proxy gate: %s", install_proxy_gate(config) or "off")
     ray.init(address=address, namespace="serve")
     client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
                                    proxy_location=schema.proxy_location,

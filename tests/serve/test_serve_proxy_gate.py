@@ -168,13 +168,20 @@ def test_launcher_installs_the_gate_at_the_sum_of_the_models_caps(monkeypatch):
     assert launcher.install_proxy_gate(cfg) == 128
     assert os.environ[proxy_gate.CALLBACK_ENV] == proxy_gate.CALLBACK
     assert os.environ[proxy_gate.MAX_INFLIGHT_ENV] == "128"
+    file_env = cfg["controller_options"]["runtime_env"]["env_vars"]  # the proxy's env wins there
+    assert file_env[proxy_gate.MAX_INFLIGHT_ENV] == "128"
     cfg["applications"][0]["args"]["models"][0]["max_inflight"] = 10
     monkeypatch.setenv(proxy_gate.MAX_INFLIGHT_ENV, "0")           # an explicit value wins
     assert launcher.install_proxy_gate(cfg) is None
+    assert file_env[proxy_gate.MAX_INFLIGHT_ENV] == "0"             # ... in the proxy too
+    monkeypatch.delenv(proxy_gate.MAX_INFLIGHT_ENV)
+    file_env[proxy_gate.MAX_INFLIGHT_ENV] = "7"                    # the file's cap over the sum
+    assert launcher.install_proxy_gate(cfg) == 7
     monkeypatch.setenv(proxy_gate.CALLBACK_ENV, "other.module:callback")
     monkeypatch.delenv(proxy_gate.MAX_INFLIGHT_ENV)
     assert launcher.install_proxy_gate(cfg) is None                # never replaces another
     assert proxy_gate.MAX_INFLIGHT_ENV not in os.environ
+    assert proxy_gate.CALLBACK_ENV not in file_env
     monkeypatch.delenv(proxy_gate.CALLBACK_ENV)
     assert launcher.install_proxy_gate({"applications": [{"import_path": "x:y"}]}) is None
 
