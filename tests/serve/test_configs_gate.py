@@ -3,15 +3,12 @@
 starts inherits), at the cap the launcher and the KubeRay manifests use."""
 from __future__ import annotations
 
-import json
 import os
-import select
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 
@@ -41,6 +38,7 @@ def test_plain_serve_run_gets_the_proxy_gate(tmp_path):
     environment: of two requests held in flight, one is refused by the proxy with the OpenAI 503
     and Retry-After, and the ingress refuses nothing."""
     from test_serve_proxy_gate import _held_request as held_request
+    from test_serve_proxy_gate import assert_one_refused_by_the_proxy
     from test_serve_launcher import tiny_app, wait_ready
     path, port, env = tiny_app(tmp_path)
     cfg = yaml.safe_load(path.read_text())
@@ -55,18 +53,7 @@ def test_plain_serve_run_gets_the_proxy_gate(tmp_path):
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(proc, url, "serve run")
-        held = [held_request(port), held_request(port)]
-        ready, _, _ = select.select([s for s, _ in held], [], [], 120)
-        assert len(ready) == 1
-        head, _, text = ready[0].recv(65536).decode().partition("\r\n\r\n")
-        assert head.startswith("HTTP/1.1 503") and "retry-after:" in head.lower()
-        assert json.loads(text)["error"]["code"] == "overloaded"
-        sock, rest = next(h for h in held if h[0] is not ready[0])
-        sock.sendall(rest)
-        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
-        for s, _ in held:
-            s.close()
-        assert httpx.get(f"{url}/v1/engine/stats", timeout=30).json()["ingress"]["refused"] == 0
+        assert_one_refused_by_the_proxy(url, [held_request(port), held_request(port)])
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)

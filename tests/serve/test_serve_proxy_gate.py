@@ -202,6 +202,24 @@ def _held_request(port: int) -> tuple[socket.socket, bytes]:
     return sock, body[5:]
 
 
+def assert_one_refused_by_the_proxy(url: str, held: list[tuple[socket.socket, bytes]]) -> None:
+    """Of two held requests with the gate capped at 1, the second to reach it is answered at
+    once with the OpenAI 503 and Retry-After; the other is served once its body comes; the
+    ingress refused nothing (the proxy did)."""
+    import select
+    ready, _, _ = select.select([s for s, _ in held], [], [], 120)
+    assert len(ready) == 1
+    head, _, text = ready[0].recv(65536).decode().partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 503") and "retry-after:" in head.lower()
+    assert json.loads(text)["error"]["code"] == "overloaded"
+    sock, rest = next(h for h in held if h[0] is not ready[0])
+    sock.sendall(rest)
+    assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    for s, _ in held:
+        s.close()
+    assert httpx.get(f"{url}/v1/engine/stats", timeout=30).json()["ingress"]["refused"] == 0
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_launcher_proxy_refuses_before_the_ingress(tmp_path):
@@ -209,7 +227,6 @@ def test_launcher_proxy_refuses_before_the_ingress(tmp_path):
     body not), exactly one is refused at once with the OpenAI 503 and Retry-After, by the proxy
     (the ingress, capped at 64 per model, refuses nothing); the other is served once its body
     comes, and the place is free again after it."""
-    import select
     from test_serve_launcher import tiny_app, wait_ready
     from serve_testutil import ROOT
     path, port, env = tiny_app(tmp_path)
@@ -222,19 +239,7 @@ def test_launcher_proxy_refuses_before_the_ingress(tmp_path):
     try:
         wait_ready(proc, url, "the launcher")
         held = [_held_request(port), _held_request(port)]
-        ready, _, _ = select.select([s for s, _ in held], [], [], 120)
-        assert len(ready) == 1                       # the second one to reach the gate
-        refused = ready[0].recv(65536).decode()
-        head, _, text = refused.partition("\r\n\r\n")
-        assert head.startswith("HTTP/1.1 503")
-        assert json.loads(text)["error"]["code"] == "overloaded"
-        assert "retry-after:" in head.lower()
-        sock, rest = next(h for h in held if h[0] is not ready[0])
-        sock.sendall(rest)
-        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
-        for s, _ in held:
-            s.close()
-        assert httpx.get(f"{url}/v1/engine/stats", timeout=30).json()["ingress"]["refused"] == 0
+        assert_one_refused_by_the_proxy(url, held)
         body = {"model": "tiny-llada", "prompt": "hi", "max_tokens": 8}
         assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
     finally:
