@@ -67,8 +67,9 @@ def install_proxy_gate(config: dict[str, Any]) -> Optional[int]:
     processes) to install the gate, capped at the sum of this project's apps' admission
     limits; returns the cap, or None when there is no such app or another callback is set.
     The config's `controller_options.runtime_env.env_vars` (which would override the process
-    env in the proxy) is rewritten to the same values: an explicit env (0: off) wins over the
-    file's cap, which wins over the computed one."""
+    env in the proxy) is rewritten to the same values: an explicit env (0: off) wins, else the
+    sum computed from the apps as they are (a copy of a config with a model dropped must not
+    keep the file's larger cap)."""
     from .proxy_gate import CALLBACK, CALLBACK_ENV, MAX_INFLIGHT_ENV, max_inflight_from_env
     file_env = ((config.get("controller_options") or {}).get("runtime_env") or {}).get("env_vars")
     if os.environ.get(CALLBACK_ENV, CALLBACK) != CALLBACK:
@@ -79,7 +80,7 @@ def install_proxy_gate(config: dict[str, Any]) -> Optional[int]:
     cap = proxy_gate_cap(config)
     if not cap:
         return None
-    os.environ.setdefault(MAX_INFLIGHT_ENV, str((file_env or {}).get(MAX_INFLIGHT_ENV) or cap))
+    os.environ.setdefault(MAX_INFLIGHT_ENV, str(cap))     # an explicit value (0: off) wins
     os.environ[CALLBACK_ENV] = CALLBACK
     if file_env is not None:
         file_env.update({CALLBACK_ENV: CALLBACK, MAX_INFLIGHT_ENV: os.environ[MAX_INFLIGHT_ENV]})

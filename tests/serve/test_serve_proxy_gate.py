@@ -175,8 +175,9 @@ def test_launcher_installs_the_gate_at_the_sum_of_the_models_caps(monkeypatch):
     assert launcher.install_proxy_gate(cfg) is None
     assert file_env[proxy_gate.MAX_INFLIGHT_ENV] == "0"             # ... in the proxy too
     monkeypatch.delenv(proxy_gate.MAX_INFLIGHT_ENV)
-    file_env[proxy_gate.MAX_INFLIGHT_ENV] = "7"                    # the file's cap over the sum
-    assert launcher.install_proxy_gate(cfg) == 7
+    file_env[proxy_gate.MAX_INFLIGHT_ENV] = "128"                  # stale: a model's cap changed
+    assert launcher.install_proxy_gate(cfg) == 10 + 64             # the apps as they are now
+    assert file_env[proxy_gate.MAX_INFLIGHT_ENV] == "74"
     monkeypatch.setenv(proxy_gate.CALLBACK_ENV, "other.module:callback")
     monkeypatch.delenv(proxy_gate.MAX_INFLIGHT_ENV)
     assert launcher.install_proxy_gate(cfg) is None                # never replaces another
