@@ -203,6 +203,24 @@ def _held_request(port: int) -> tuple[socket.socket, bytes]:
     return sock, body[5:]
 
 
+def _read_response(sock: socket.socket) -> tuple[str, str]:
+    """(head, body) of one HTTP response: headers and body may come in separate segments."""
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < _length(data):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, body = data.decode().partition("\r\n\r\n")
+    return head, body
+
+
+def _length(data: bytes) -> int:
+    head = data.partition(b"\r\n\r\n")[0].decode().lower()
+    return next((int(line.split(":", 1)[1]) for line in head.split("\r\n")
+                 if line.startswith("content-length:")), 0)
+
+
 def assert_one_refused_by_the_proxy(url: str, held: list[tuple[socket.socket, bytes]]) -> None:
     """Of two held requests with the gate capped at 1, the second to reach it is answered at
     once with the OpenAI 503 and Retry-After; the other is served once its body comes; the
@@ -210,7 +228,7 @@ def assert_one_refused_by_the_proxy(url: str, held: list[tuple[socket.socket, by
     import select
     ready, _, _ = select.select([s for s, _ in held], [], [], 120)
     assert len(ready) == 1
-    head, _, text = ready[0].recv(65536).decode().partition("\r\n\r\n")
+    head, text = _read_response(ready[0])
     assert head.startswith("HTTP/1.1 503") and "retry-after:" in head.lower()
     assert json.loads(text)["error"]["code"] == "overloaded"
     sock, rest = next(h for h in held if h[0] is not ready[0])
