@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..sampling.params import REFRESH_TRIGGERS
+
 KV_CACHE_MODES = ("none", "prefix", "dual")
 REFRESH_MODES = ("full", "incremental")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -156,8 +158,9 @@ class EngineConfig:
                                               and self.refresh_every >= 1),
                "refresh_every", self.refresh_every, "use an integer >= 1 (block steps between "
                "refreshes) or None (a block's first step only)")
-        _check(self.refresh_on in (None, "content"), "refresh_on", self.refresh_on,
-               'use "content" (refresh after a step that committed a non-EOS token) or None')
+        _check(self.refresh_on is None or self.refresh_on in REFRESH_TRIGGERS, "refresh_on",
+               self.refresh_on, f"use one of {REFRESH_TRIGGERS} (content: refresh after a step "
+               "that committed a non-EOS token) or None")
         _check(self.refresh_budget is None or (isinstance(self.refresh_budget, int)
                                                and self.refresh_budget >= 0),
                "refresh_budget", self.refresh_budget,
