@@ -162,6 +162,15 @@ def ms(x: Optional[float]) -> str:
     return "-" if x is None else f"{x * 1000:.0f} ms"
 
 
+BURST_S = 5.0                 # the clients' first connections: reported apart (where the tail was)
+
+
+def split_at(t: Tally, when: float) -> tuple[list[float], list[float]]:
+    """Refusal latencies of refusals answered before / after `when` (time.time())."""
+    pairs = list(zip(t.refusal_at, t.refusal_s))
+    return [s for a, s in pairs if a < when], [s for a, s in pairs if a >= when]
+
+
 def goodput_rows(name: str, t: Tally, seconds: float) -> list[tuple[str, str]]:
     return [(f"{name}: completed req / tok/s",
              f"{t.completed} / {t.tokens / seconds:.1f}"),
@@ -186,8 +195,11 @@ async def overload_rows(url: str, model: str, args: argparse.Namespace,
                         low: Tally) -> list[tuple[str, str]]:
     d = args.duration
     before = httpx.get(f"{url}/v1/engine/stats", timeout=30).json()["ingress"]["refused"]
+    start = time.time()
     high, probe = await load_with_probe(url, model, args.high, d, args.hang_s, args.client_procs)
     rows = goodput_rows(f"{args.high} clients ({args.client_procs} processes)", high, d)
+    rows.append((f"{args.high} clients: refusal latency p99, first {BURST_S:.0f} s / after",
+                 " / ".join(ms(p99(xs)) for xs in split_at(high, start + BURST_S))))
     rows.append((f"probe beside {args.high} clients: refusals / p99",
                  f"{probe.refused} / {ms(p99(probe.refusal_s))}"))
     ingress = httpx.get(f"{url}/v1/engine/stats", timeout=30).json()["ingress"]

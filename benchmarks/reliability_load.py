@@ -44,6 +44,7 @@ class Tally:
     error_event: int = 0       # a stream ended by a clear in-band error event and [DONE]
     status_500: int = 0
     refusal_s: list[float] = field(default_factory=list)
+    refusal_at: list[float] = field(default_factory=list)  # when each refusal came (time.time())
     latency_s: list[float] = field(default_factory=list)   # completed requests
     loop_lag_s: list[float] = field(default_factory=list)  # the load generator's own lag
 
@@ -107,6 +108,7 @@ def _classify(r: Reply, stream: bool, elapsed: float, tally: Tally) -> float:
     if r.status in (429, 503):
         tally.refused += 1
         tally.refusal_s.append(elapsed)
+        tally.refusal_at.append(time.time())
         if not r.retry_after:
             tally.refused_no_retry_after += 1
         return float(r.retry_after or 1)

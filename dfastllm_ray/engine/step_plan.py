@@ -108,10 +108,13 @@ def refresh_due(req: Request) -> bool:
     all-masked block the first refresh saw; `refresh_on: "content"`, the step after one that
     committed a non-EOS token. It decodes like a cached step (block masks only, the cached
     policy) and writes the K/V of its window again."""
+    return req.block_step > 0 and (every_due(req) or content_due(req))
+
+
+def every_due(req: Request) -> bool:
+    """`refresh_every` N: this is the block's step N, 2N, ..."""
     n = req.params.refresh_every
-    if req.block_step == 0:
-        return False
-    return (bool(n) and req.block_step % n == 0) or content_due(req)
+    return bool(n) and req.block_step % n == 0
 
 
 def content_due(req: Request) -> bool:
@@ -123,8 +126,7 @@ def content_due(req: Request) -> bool:
 
 def content_only(req: Request) -> bool:
     """This mid-block refresh is due to `refresh_on: "content"` alone (not `refresh_every`)."""
-    n = req.params.refresh_every
-    return content_due(req) and not (n and req.block_step % n == 0)
+    return content_due(req) and not every_due(req)
 
 
 def refresh_end(req: Request, mode: str) -> int:
