@@ -159,25 +159,33 @@ async def load(url: str, model: str, clients: int, seconds: float, hang_s: float
     return tally
 
 
-def _load_in_process(args: tuple, out: Any) -> None:
+def _load_in_process(args: tuple, out: Any, ready: Any) -> None:
+    """A child's share of the load, started when every child is up (the imports of a spawned
+    process take a core for ~0.5 s: started at once, the first children's requests were timed
+    while the later ones were still starting)."""
+    ready.wait()
     out.put(asyncio.run(load(*args)))
 
 
 async def load_with_probe(url: str, model: str, clients: int, seconds: float, hang_s: float,
-                          procs: int = 4) -> tuple[Tally, Tally]:
+                          procs: int = 4) -> tuple[Tally, Tally, float]:
     """The load spread over `procs` child processes (as a real load test would: 200 aiohttp
     streams in one Python process made its event loop part of every figure), and a light
     client here sending one request every 100 ms: its refusals show what a refusal costs when
-    the client itself is not the one overloaded."""
+    the client itself is not the one overloaded. Returns (load, probe, the load's start as
+    time.time())."""
     import multiprocessing as mp
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    shares = [clients // procs + (i < clients % procs) for i in range(procs)]
-    children = [ctx.Process(target=_load_in_process, args=((url, model, n, seconds, hang_s), out))
-                for n in shares if n]
+    shares = [n for n in (clients // procs + (i < clients % procs) for i in range(procs)) if n]
+    ready = ctx.Barrier(len(shares) + 1)
+    children = [ctx.Process(target=_load_in_process,
+                            args=((url, model, n, seconds, hang_s), out, ready))
+                for n in shares]
     for child in children:
         child.start()
-    probe = Tally()
+    await asyncio.to_thread(ready.wait)             # every child imported: all start now
+    start, probe = time.time(), Tally()
     end = time.monotonic() + seconds
     async with session(url, 4) as c:
         await asyncio.sleep(min(3.0, seconds / 4))          # let the load fill the model
@@ -189,7 +197,7 @@ async def load_with_probe(url: str, model: str, clients: int, seconds: float, ha
         tally.add(await asyncio.to_thread(out.get))
     for child in children:
         child.join()
-    return tally, probe
+    return tally, probe, start
 
 
 # ---- the server -------------------------------------------------------------------------------
