@@ -2,7 +2,7 @@
 run a generative task with their default model settings (no `tokenizer_backend` override:
 local-completions finds the server's `/tokenizer_info` and sends token ids; the chat model sends
 messages). The task is local (a jsonl file of the tiny model's prompts), so no hub is needed.
-Skipped where `lm_eval[api]` is not installed (it is not a project dependency).
+`lm_eval[api]` comes with the `test` extra, so CI runs this (a missing install fails here).
 """
 from __future__ import annotations
 
@@ -48,8 +48,7 @@ def _task_dir(tmp_path) -> str:
     ("local-chat-completions", "/v1/chat/completions", True)])
 def test_lm_eval_runs_a_generative_task(serve_url, tmp_path, monkeypatch, model_type, route,
                                         chat):
-    pytest.importorskip("lm_eval")
-    pytest.importorskip("tenacity")                    # lm_eval[api]: its API models need it
+    import tenacity  # noqa: F401                      # lm_eval[api]: its API models need it
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("OPENAI_API_KEY", API_KEY)      # the session app has auth on
@@ -64,4 +63,6 @@ def test_lm_eval_runs_a_generative_task(serve_url, tmp_path, monkeypatch, model_
     samples = out["samples"]["tiny_tasks"]
     assert len(samples) == len(PROMPTS)                # every request answered (none refused)
     assert all(isinstance(s["resps"][0][0], str) for s in samples)
-    assert "exact_match,none" in out["results"]["tiny_tasks"]
+    score = out["results"]["tiny_tasks"]["exact_match,none"]
+    if chat:            # the tiny model is trained on chat turns: most answers are right
+        assert score >= 0.5, samples
