@@ -195,7 +195,8 @@ async def overload_rows(url: str, model: str, args: argparse.Namespace,
                         low: Tally) -> list[tuple[str, str]]:
     d = args.duration
     before = httpx.get(f"{url}/v1/engine/stats", timeout=30).json()["ingress"]["refused"]
-    high, probe, start = await load_with_probe(url, model, args.high, d, args.hang_s, args.client_procs)
+    high, probe, start = await load_with_probe(url, model, args.high, d, args.hang_s,
+                                               args.client_procs)
     rows = goodput_rows(f"{args.high} clients ({args.client_procs} processes)", high, d)
     rows.append((f"{args.high} clients: refusal latency p99, first {BURST_S:.0f} s / after",
                  " / ".join(ms(p99(xs)) for xs in split_at(high, start + BURST_S))))
