@@ -3,9 +3,6 @@
 starts inherits), at the cap the launcher and the KubeRay manifests use."""
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -39,7 +36,7 @@ def test_plain_serve_run_gets_the_proxy_gate(tmp_path):
     and Retry-After, and the ingress refuses nothing."""
     from test_serve_proxy_gate import _held_request as held_request
     from test_serve_proxy_gate import assert_one_refused_by_the_proxy
-    from test_serve_launcher import tiny_app, wait_ready
+    from app_process import start_app, stop_app, tiny_app
     path, port, env = tiny_app(tmp_path)
     cfg = yaml.safe_load(path.read_text())
     gate_env(cfg)[proxy_gate.MAX_INFLIGHT_ENV] = "1"
@@ -47,17 +44,10 @@ def test_plain_serve_run_gets_the_proxy_gate(tmp_path):
     for name in (proxy_gate.CALLBACK_ENV, proxy_gate.MAX_INFLIGHT_ENV):
         env.pop(name, None)
     serve_cli = Path(sys.executable).with_name("serve")
-    proc = subprocess.Popen([str(serve_cli), "run", "--address", "local", str(path)], cwd=ROOT,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    proc = start_app([str(serve_cli), "run", "--address", "local", str(path)], url, env,
+                     tmp_path / "serve_run.log", ROOT)
     try:
-        wait_ready(proc, url, "serve run")
         assert_one_refused_by_the_proxy(url, [held_request(port), held_request(port)])
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop_app(proc)

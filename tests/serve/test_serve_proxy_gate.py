@@ -9,9 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import socket
-import subprocess
 import sys
 
 import httpx
@@ -246,25 +244,18 @@ def test_launcher_proxy_refuses_before_the_ingress(tmp_path):
     body not), exactly one is refused at once with the OpenAI 503 and Retry-After, by the proxy
     (the ingress, capped at 64 per model, refuses nothing); the other is served once its body
     comes, and the place is free again after it."""
-    from test_serve_launcher import tiny_app, wait_ready
+    from app_process import start_app, stop_app, tiny_app
     from serve_testutil import ROOT
     path, port, env = tiny_app(tmp_path)
     env = {**env, proxy_gate.MAX_INFLIGHT_ENV: "1"}
     env.pop(proxy_gate.CALLBACK_ENV, None)
-    proc = subprocess.Popen([sys.executable, "-m", "dfastllm_ray.serve", "run", str(path)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    proc = start_app([sys.executable, "-m", "dfastllm_ray.serve", "run", str(path)], url, env,
+                     tmp_path / "launcher.log", ROOT)
     try:
-        wait_ready(proc, url, "the launcher")
         held = [_held_request(port), _held_request(port)]
         assert_one_refused_by_the_proxy(url, held)
         body = {"model": "tiny-llada", "prompt": "hi", "max_tokens": 8}
         assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop_app(proc, 60)
