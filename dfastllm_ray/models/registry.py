@@ -9,7 +9,7 @@ from typing import Callable
 
 from torch import nn
 
-from . import dream, llada, qwen2
+from . import dream, llada, qwen2, sdar
 from .spec import ModelSpec
 
 
@@ -28,6 +28,8 @@ ARCHITECTURES: dict[str, Architecture] = {
                           ("dream", "DreamModel")),
     "qwen2": Architecture("qwen2", qwen2.Qwen2ForCausalLM, qwen2.spec_from_config,
                           ("qwen2", "Qwen2ForCausalLM")),
+    "sdar": Architecture("sdar", sdar.SDARForCausalLM, sdar.spec_from_config,
+                         ("sdar", "SDARForCausalLM")),
 }
 
 

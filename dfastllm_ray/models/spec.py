@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ModelSpec:
-    arch: str                      # registry key: "llada" | "dream" | "qwen2"
+    arch: str                      # registry key: "llada" | "dream" | "qwen2" | "sdar"
     vocab_size: int                # rows of the LM head
     hidden_size: int
     num_layers: int
@@ -29,6 +29,9 @@ class ModelSpec:
     eot_token_id: int | None = None   # end-of-turn (LLaDA-Instruct <|eot_id|>), from the tokenizer
     logits_shift: bool = False     # Dream: position p is predicted by the output at p-1
     causal: bool = False           # an autoregressive LM (Qwen2 verifier): causal mask, exact KV cache
+    block_size: int | None = None  # SDAR: block-causal attention, a query sees the keys of its own
+                                   # block of this many tokens and of earlier blocks (None: not
+                                   # block-causal; the diffusion engine refuses a block-causal model)
 
     @property
     def stop_token_ids(self) -> tuple[int, ...]:
