@@ -62,6 +62,10 @@ class Engine:
             raise ValueError(f"model {loaded.name!r} ({self.spec.arch}) is a causal LM with no mask "
                              "token: the diffusion engine cannot decode it; use it as a `verifier` "
                              "of a diffusion model, or sampling.ar_generate")
+        if self.spec.block_size is not None:    # the engine's forwards attend bidirectionally
+            raise ValueError(f"model {loaded.name!r} ({self.spec.arch}) uses block-causal attention "
+                             f"(block_size={self.spec.block_size}): the engine does not serve it "
+                             "yet; decode it with sampling.sdar_generate")
         self.device, self.dtype = loaded.device, loaded.dtype
         self.max_model_len = min(self.config.max_model_len or self.spec.max_position,
                                  self.spec.max_position)
