@@ -32,7 +32,7 @@ class ReadOnlyKV:
         return self.cache.length
 
     def __call__(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """This forward's (B, H_kv, Lq, D) -> cached + fresh (B, H_kv, T + Lq, D); stores nothing."""
+        """(B, H_kv, Lq, D) fresh -> cached + fresh (B, H_kv, T + Lq, D); nothing is stored."""
         if layer not in self.cache.keys:
             return k, v
         return (torch.cat((self.cache.keys[layer], k), dim=2),

@@ -97,8 +97,9 @@ class SDARAttention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, bias: Optional[Tensor],
                 kv: Optional[KVHook], layer: int) -> Tensor:
-        q = apply_rope(self.q_norm(split_heads(self.q_proj(x), self.n_heads)), cos, sin)  # (B,H,L,D)
-        k = apply_rope(self.k_norm(split_heads(self.k_proj(x), self.n_kv)), cos, sin)  # (B,Hkv,L,D)
+        # (B, H, Lq, D) and (B, H_kv, Lq, D): RMSNorm over head_dim, then RoPE
+        q = apply_rope(self.q_norm(split_heads(self.q_proj(x), self.n_heads)), cos, sin)
+        k = apply_rope(self.k_norm(split_heads(self.k_proj(x), self.n_kv)), cos, sin)
         v = split_heads(self.v_proj(x), self.n_kv)
         return self.o_proj(merge_heads(hooked_attention(q, k, v, bias, kv, layer)))
 
