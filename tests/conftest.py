@@ -11,3 +11,12 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+# Tests that start their own Ray cluster in a child process (`serve run --address local`, the
+# launcher) run first, before the session's cluster (tests/serve/conftest.py) exists: two
+# clusters on 2 loaded cores made Ray's own startup time out (tests/serve/app_process.py).
+FRESH_CLUSTER = "fresh_cluster"
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.get_closest_marker(FRESH_CLUSTER) is None)   # stable

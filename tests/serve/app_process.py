@@ -62,7 +62,7 @@ def kill_group(proc: subprocess.Popen) -> None:
 
 
 def start_app(cmd: list[str], url: str, env: dict, log_path: Path, cwd: Path,
-              timeout_s: float = 150) -> subprocess.Popen:
+              timeout_s: float = 240) -> subprocess.Popen:
     """Start `cmd` and return it once `url`/health/ready is 200 (see the module docstring for
     the one failure that is retried)."""
     for attempt in range(1, RAY_STARTUP_ATTEMPTS + 1):

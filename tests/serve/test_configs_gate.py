@@ -30,6 +30,7 @@ def test_every_config_sets_the_gate_at_the_launchers_cap(path):
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.fresh_cluster
 def test_plain_serve_run_gets_the_proxy_gate(tmp_path):
     """`serve run` (Ray's CLI, not the launcher), the config's cap set to 1 and nothing in the
     environment: of two requests held in flight, one is refused by the proxy with the OpenAI 503

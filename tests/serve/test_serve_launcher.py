@@ -19,6 +19,7 @@ PROMPT = "Reverse the string: abcdef"
 
 
 @pytest.mark.slow
+@pytest.mark.fresh_cluster
 def test_serve_run_answers_and_exits_on_sigterm(tmp_path):
     """The README's first command: `serve run configs/tiny.yaml`, then SIGTERM (what Kubernetes
     and process managers send) must stop it within ~10 s."""
@@ -41,6 +42,7 @@ def test_serve_run_answers_and_exits_on_sigterm(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.fresh_cluster
 def test_launcher_drains_on_sigterm(tmp_path):
     """`python -m dfastllm_ray.serve run configs/tiny.yaml`, SIGTERM under load: nothing new is
     admitted, the admitted stream and unary requests finish ([DONE] / 200), then it exits 0

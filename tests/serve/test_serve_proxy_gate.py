@@ -239,6 +239,7 @@ def assert_one_refused_by_the_proxy(url: str, held: list[tuple[socket.socket, by
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.fresh_cluster
 def test_launcher_proxy_refuses_before_the_ingress(tmp_path):
     """Through real Serve, the gate capped at 1: of two requests held in flight (headers sent,
     body not), exactly one is refused at once with the OpenAI 503 and Retry-After, by the proxy
