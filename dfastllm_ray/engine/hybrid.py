@@ -36,6 +36,9 @@ class HybridRunner:
     def __init__(self, verifier: LoadedModel, batch: InputBatch, num_pages: int, page_size: int,
                  drafter_vocab: int):
         s = verifier.spec
+        if not s.causal:                 # its forward below is causal with an append-only cache
+            raise ValueError(f"verifier {verifier.name!r} ({s.arch}) is not a causal LM: hybrid "
+                             "decoding verifies drafts with an autoregressive model (e.g. qwen2)")
         if drafter_vocab < s.vocab_size:
             raise ValueError(f"the drafter's vocabulary ({drafter_vocab}) is smaller than the "
                              f"verifier's ({s.vocab_size}): hybrid decoding needs a verifier over "

@@ -26,3 +26,11 @@ def test_reference_only_policies_are_refused_at_admission(knob):
     with pytest.raises(ValueError, match=list(knob)[0]):
         eng.add_request("a", [1, 2, 3], SamplingParams(max_tokens=8, **knob))
     assert not eng.has_unfinished()
+
+
+def test_engine_refuses_a_verifier_that_is_not_causal():
+    """A diffusion model as the verifier (here the drafter itself) would be run with a causal
+    mask and an append-only cache it was not trained for: refused, naming the fix."""
+    drafter = load_model(VERIFIER.parent / "dream", dtype="float32", device="cpu")
+    with pytest.raises(ValueError, match="is not a causal LM: hybrid decoding"):
+        Engine(drafter, EngineConfig(num_pages=8), verifier=drafter)
