@@ -38,6 +38,11 @@ class OpenAIIngress:
     def __serve_build_asgi_app__(self) -> Any:
         return self._app
 
+    async def ping(self) -> bool:
+        """A no-op call: the launcher warms its handle with it, so that on SIGTERM its drain
+        call is routed at once (a handle's first call waits for the replica list)."""
+        return True
+
     async def drain(self, timeout_s: float) -> dict[str, Any]:
         """Called by the launcher on SIGTERM (`python -m dfastllm_ray.serve run`)."""
         import ray

@@ -64,6 +64,10 @@ def test_launcher_drains_on_sigterm(tmp_path):
     proc = start_app([sys.executable, "-m", "dfastllm_ray.serve", "run", str(path)], url, env,
                      tmp_path / "launcher.log", ROOT)
     try:
+        deadline = time.time() + 60                  # the drain's handle is warm (launcher)
+        while "ingress handle warm" not in (tmp_path / "launcher.log").read_text():
+            assert time.time() < deadline, "the launcher never warmed its ingress handle"
+            time.sleep(0.1)
         threads = [threading.Thread(target=stream)] + \
             [threading.Thread(target=unary, args=(i,)) for i in range(4)]
         for t in threads:
