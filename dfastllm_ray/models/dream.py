@@ -49,9 +49,10 @@ class DreamAttention(nn.Module):
         super().__init__()
         kv_dim = s.num_kv_heads * s.head_dim
         self.n_heads, self.n_kv = s.num_heads, s.num_kv_heads
-        self.q_proj = nn.Linear(s.hidden_size, s.num_heads * s.head_dim, bias=True)
-        self.k_proj = nn.Linear(s.hidden_size, kv_dim, bias=True)
-        self.v_proj = nn.Linear(s.hidden_size, kv_dim, bias=True)
+        # q/k/v biases: Dream and Qwen2 have them (spec.qkv_bias), Qwen3-style SDAR does not
+        self.q_proj = nn.Linear(s.hidden_size, s.num_heads * s.head_dim, bias=s.qkv_bias)
+        self.k_proj = nn.Linear(s.hidden_size, kv_dim, bias=s.qkv_bias)
+        self.v_proj = nn.Linear(s.hidden_size, kv_dim, bias=s.qkv_bias)
         self.o_proj = nn.Linear(s.num_heads * s.head_dim, s.hidden_size, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, bias: Optional[Tensor],

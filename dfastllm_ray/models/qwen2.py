@@ -32,10 +32,17 @@ def spec_from_config(cfg: dict, tokenizer_ids: dict) -> tuple[ModelSpec, bool]:
     if cfg.get("rope_scaling"):
         raise ValueError(f"config.json rope_scaling={cfg['rope_scaling']!r} is not supported: "
                          "only plain RoPE (rope_scaling null) is implemented")
+    return qwen_spec(cfg, tokenizer_ids, arch="qwen2", qkv_bias=True,
+                     mask_token_id=None,             # an AR model has no [MASK]
+                     causal=True), bool(cfg.get("tie_word_embeddings", False))
+
+
+def qwen_spec(cfg: dict, tokenizer_ids: dict, **fields) -> ModelSpec:
+    """The fields a transformers Qwen2 / Qwen3 config.json shares (Qwen2, SDAR) -> ModelSpec;
+    `fields` give the rest (arch, qkv_bias, mask_token_id, ...)."""
     heads = cfg["num_attention_heads"]
     eos = cfg.get("eos_token_id")
     return ModelSpec(
-        arch="qwen2",
         vocab_size=cfg["vocab_size"],
         hidden_size=cfg["hidden_size"],
         num_layers=cfg["num_hidden_layers"],
@@ -46,14 +53,11 @@ def spec_from_config(cfg: dict, tokenizer_ids: dict) -> tuple[ModelSpec, bool]:
         rope_theta=rope_theta(cfg),
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         max_position=cfg.get("max_position_embeddings", 32768),
-        qkv_bias=True,
-        mask_token_id=None,                          # an AR model has no [MASK]
         eos_token_id=eos[0] if isinstance(eos, list) else eos,
         pad_token_id=cfg.get("pad_token_id"),
         bos_token_id=cfg.get("bos_token_id"),
         eot_token_id=tokenizer_ids.get("eot_token_id"),
-        causal=True,
-    ), bool(cfg.get("tie_word_embeddings", False))
+        **fields)
 
 
 def rope_theta(cfg: dict) -> float:

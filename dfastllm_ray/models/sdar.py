@@ -22,10 +22,10 @@ from torch import Tensor, nn
 
 from .block_kv import ReadOnlyKV
 from .causal_kv import CausalKV
-from .dream import DreamMLP
+from .dream import DreamAttention, DreamMLP
 from .layers import (KVHook, RMSNorm, apply_rope, default_positions, gather_rows, hooked_attention,
                      merge_heads, rope_cos_sin, split_heads)
-from .qwen2 import rope_theta
+from .qwen2 import qwen_spec
 from .spec import ModelSpec
 
 
@@ -40,28 +40,9 @@ def spec_from_config(cfg: dict, tokenizer_ids: dict) -> tuple[ModelSpec, bool]:
         if not isinstance(cfg.get(key), int):
             raise ValueError(f"config.json {key}={cfg.get(key)!r} is invalid: an SDAR config names "
                              "its integer mask_token_id and block_size")
-    heads = cfg["num_attention_heads"]
-    eos = cfg.get("eos_token_id")
-    return ModelSpec(
-        arch="sdar",
-        vocab_size=cfg["vocab_size"],
-        hidden_size=cfg["hidden_size"],
-        num_layers=cfg["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=cfg.get("num_key_value_heads") or heads,
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-        intermediate_size=cfg["intermediate_size"],
-        rope_theta=rope_theta(cfg),
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        max_position=cfg.get("max_position_embeddings", 32768),
-        qkv_bias=False,
-        mask_token_id=cfg["mask_token_id"],
-        eos_token_id=eos[0] if isinstance(eos, list) else eos,
-        pad_token_id=cfg.get("pad_token_id"),
-        bos_token_id=cfg.get("bos_token_id"),
-        eot_token_id=tokenizer_ids.get("eot_token_id"),
-        block_size=cfg["block_size"],
-    ), bool(cfg.get("tie_word_embeddings", False))
+    spec = qwen_spec(cfg, tokenizer_ids, arch="sdar", qkv_bias=False,
+                     mask_token_id=cfg["mask_token_id"], block_size=cfg["block_size"])
+    return spec, bool(cfg.get("tie_word_embeddings", False))
 
 
 def cached_length(kv: Optional[KVHook]) -> int:
@@ -83,15 +64,11 @@ def block_causal_mask(query_pos: Tensor, key_pos: Tensor, block_size: int) -> Op
     return None if bool(allowed.all()) else allowed[:, None]
 
 
-class SDARAttention(nn.Module):
+class SDARAttention(DreamAttention):
+    """Dream's projections (no biases: spec.qkv_bias False) plus Qwen3's q/k norms."""
+
     def __init__(self, s: ModelSpec):
-        super().__init__()
-        kv_dim = s.num_kv_heads * s.head_dim
-        self.n_heads, self.n_kv = s.num_heads, s.num_kv_heads
-        self.q_proj = nn.Linear(s.hidden_size, s.num_heads * s.head_dim, bias=False)
-        self.k_proj = nn.Linear(s.hidden_size, kv_dim, bias=False)
-        self.v_proj = nn.Linear(s.hidden_size, kv_dim, bias=False)
-        self.o_proj = nn.Linear(s.num_heads * s.head_dim, s.hidden_size, bias=False)
+        super().__init__(s)
         self.q_norm = RMSNorm(s.head_dim, s.rms_norm_eps)      # Qwen3: per head, before RoPE
         self.k_norm = RMSNorm(s.head_dim, s.rms_norm_eps)
 
