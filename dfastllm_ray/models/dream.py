@@ -75,11 +75,13 @@ class DreamMLP(nn.Module):
 
 
 class DreamLayer(nn.Module):
+    attention_cls = DreamAttention      # SDAR's layers: the same, with Qwen3's q/k norms
+
     def __init__(self, s: ModelSpec):
         super().__init__()
         self.input_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps)
-        self.self_attn = DreamAttention(s)
+        self.self_attn = self.attention_cls(s)
         self.mlp = DreamMLP(s)
 
     def forward(self, h, cos, sin, bias, kv, layer):
@@ -89,6 +91,7 @@ class DreamLayer(nn.Module):
 
 class DreamModel(nn.Module):
     """`model.{embed_tokens, layers, norm}` + `lm_head` as in the official checkpoint."""
+    layer_cls = DreamLayer
 
     def __init__(self, spec: ModelSpec, tie_word_embeddings: bool = False):
         super().__init__()
@@ -96,7 +99,7 @@ class DreamModel(nn.Module):
         self.tie = tie_word_embeddings
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.model.layers = nn.ModuleList(DreamLayer(spec) for _ in range(spec.num_layers))
+        self.model.layers = nn.ModuleList(self.layer_cls(spec) for _ in range(spec.num_layers))
         self.model.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         if not tie_word_embeddings:
             self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
@@ -105,8 +108,13 @@ class DreamModel(nn.Module):
                 attn_bias: Optional[Tensor] = None, kv: Optional[KVHook] = None,
                 logits_index: Optional[Tensor] = None) -> Tensor:
         """input_ids (B, Lq) -> raw (unshifted) logits (B, Lq or n, V)."""
-        m = self.model
         positions = default_positions(input_ids) if positions is None else positions
+        return self.decode(input_ids, positions, attn_bias, kv, logits_index)
+
+    def decode(self, input_ids: Tensor, positions: Tensor, attn_bias: Optional[Tensor],
+               kv: Optional[KVHook], logits_index: Optional[Tensor]) -> Tensor:
+        """Embeddings, the layers, the final norm at the `logits_index` rows, the LM head."""
+        m = self.model
         cos, sin = rope_cos_sin(positions, self.spec.head_dim, self.spec.rope_theta)
         h = m.embed_tokens(input_ids)
         for i, layer in enumerate(m.layers):

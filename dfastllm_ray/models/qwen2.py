@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .causal_kv import CausalKV
 from .dream import DreamModel
-from .layers import KVHook, default_positions, gather_rows, rope_cos_sin
+from .layers import KVHook, default_positions
 from .spec import ModelSpec
 
 
@@ -106,16 +106,9 @@ class Qwen2ForCausalLM(DreamModel):
         positions default to 0..Lq-1 after what `kv` holds when it is a CausalKV. attn_bias
         (B, 1, Lq, Lk), when given, is the whole mask (causal included, the engine's paged
         caches); else the causal mask is built from the query and key positions."""
-        m = self.model
         if positions is None:
             past = kv.length if isinstance(kv, CausalKV) else 0
             positions = default_positions(input_ids) + past
-        cos, sin = rope_cos_sin(positions, self.spec.head_dim, self.spec.rope_theta)
         if attn_bias is None:
             attn_bias = causal_bias(positions, key_positions(positions, kv), torch.float32)
-        h = m.embed_tokens(input_ids)
-        for i, layer in enumerate(m.layers):
-            h = layer(h, cos, sin, attn_bias, kv, i)
-        h = m.norm(gather_rows(h, logits_index))
-        head = m.embed_tokens.weight if self.tie else self.lm_head.weight
-        return h @ head.T
+        return self.decode(input_ids, positions, attn_bias, kv, logits_index)

@@ -18,13 +18,13 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .block_kv import ReadOnlyKV
 from .causal_kv import CausalKV
-from .dream import DreamAttention, DreamMLP
-from .layers import (KVHook, RMSNorm, apply_rope, default_positions, gather_rows, hooked_attention,
-                     merge_heads, rope_cos_sin, split_heads)
+from .dream import DreamAttention, DreamLayer, DreamModel
+from .layers import (KVHook, RMSNorm, apply_rope, default_positions, hooked_attention,
+                     merge_heads, split_heads)
 from .qwen2 import qwen_spec
 from .spec import ModelSpec
 
@@ -81,36 +81,19 @@ class SDARAttention(DreamAttention):
         return self.o_proj(merge_heads(hooked_attention(q, k, v, bias, kv, layer)))
 
 
-class SDARLayer(nn.Module):
-    def __init__(self, s: ModelSpec):
-        super().__init__()
-        self.input_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps)
-        self.self_attn = SDARAttention(s)
-        self.mlp = DreamMLP(s)                                  # the same SwiGLU names
-
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, bias: Optional[Tensor],
-                kv: Optional[KVHook], layer: int) -> Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, bias, kv, layer)
-        return h + self.mlp(self.post_attention_layernorm(h))
+class SDARLayer(DreamLayer):
+    attention_cls = SDARAttention      # the same SwiGLU and norm names as Dream / Qwen2
 
 
-class SDARForCausalLM(nn.Module):
+class SDARForCausalLM(DreamModel):
     """`model.{embed_tokens, layers, norm}` + `lm_head`, as in the official checkpoint."""
+    layer_cls = SDARLayer
 
     def __init__(self, spec: ModelSpec, tie_word_embeddings: bool = False):
-        super().__init__()
         if spec.block_size is None:
             raise ValueError("spec.block_size=None is invalid for SDAR: its attention is "
                              "block-causal; build the spec with sdar.spec_from_config")
-        self.spec = spec
-        self.tie = tie_word_embeddings
-        self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.model.layers = nn.ModuleList(SDARLayer(spec) for _ in range(spec.num_layers))
-        self.model.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        if not tie_word_embeddings:
-            self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        super().__init__(spec, tie_word_embeddings)
         self.ignored_checkpoint_tensors = ("lm_head.weight",) if tie_word_embeddings else ()
 
     def forward(self, input_ids: Tensor, positions: Optional[Tensor] = None,
@@ -122,17 +105,10 @@ class SDARForCausalLM(nn.Module):
         positions default to 0..Lq-1 after what a `CausalKV` / `ReadOnlyKV` `kv` holds. attn_bias
         (B, 1, Lq, Lk), when given, is the whole mask; else the block-causal mask is built from the
         query and key positions with `block_size` (default: spec.block_size)."""
-        m = self.model
         if positions is None:
             positions = default_positions(input_ids) + cached_length(kv)
-        cos, sin = rope_cos_sin(positions, self.spec.head_dim, self.spec.rope_theta)
         if attn_bias is None:
             past = torch.arange(cached_length(kv), device=positions.device)
             keys = torch.cat((past.expand(positions.shape[0], -1), positions), dim=1)
             attn_bias = block_causal_mask(positions, keys, block_size or self.spec.block_size)
-        h = m.embed_tokens(input_ids)
-        for i, layer in enumerate(m.layers):
-            h = layer(h, cos, sin, attn_bias, kv, i)
-        h = m.norm(gather_rows(h, logits_index))
-        head = m.embed_tokens.weight if self.tie else self.lm_head.weight
-        return h @ head.T
+        return self.decode(input_ids, positions, attn_bias, kv, logits_index)
