@@ -2,8 +2,9 @@
 process: started in its own process group with its output in a log, waited on until
 /health/ready answers 200, and stopped at the end.
 
-Each of these starts a fresh Ray cluster beside the suite's session cluster. Under a heavy CPU
-load, Ray's own `ray.init` can give up before our code runs: it waits a hard-coded 30 s for the
+Each of these starts a fresh Ray cluster (their tests, marked `fresh_cluster`, run before the
+suite's session cluster exists: tests/conftest.py). Under a heavy CPU load, Ray's own `ray.init`
+can still give up before our code runs: it waits a hard-coded 30 s for the
 raylet to register (`ray/_private/node.py`) and raises "The current node timed out during
 startup". That is the machine, not the app, so `start_app` starts again when (and only when) the
 log names that failure, at most `RAY_STARTUP_ATTEMPTS` times; any other early exit fails the test
