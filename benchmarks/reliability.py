@@ -9,7 +9,7 @@ Starts `python -m dfastllm_ray.serve run CONFIG` (the draining launcher) on a fr
    ratio high / low;
 2. bounds: `--bound-clients` clients, first alone, then beside a stream of requests with knobs
    past their bounds (steps, max_tokens, n, stop, seed, prompt length): 400s received, and the
-   other requests' p99 latency with and without them;
+   other requests' p99 latency with and without them (alternated `--bounds-rounds` times);
 3. replica kill: SIGKILL to the model replica's process under load: 500s, readiness 503 latency,
    refusals without Retry-After, time until served again (no app restart);
 4. SIGTERM drain: admitted requests (streams and unary) finished / cut with an error event /
@@ -51,30 +51,47 @@ BAD_KNOBS = [{"steps": 10**9}, {"max_tokens": 10**6}, {"n": 10**4}, {"stop": ["x
              {"seed": 2**64}, {"prompt": "x" * 400_000}, {"steps": 33, "max_tokens": 32}]
 
 
-async def bounds(url: str, model: str, clients: int, seconds: float, hang_s: float) -> dict:
-    """Other requests' p99 latency alone, then beside a stream of out-of-bound requests."""
-    alone = await load(url, model, clients, seconds, hang_s, stream=False)
+async def bounds(url: str, model: str, clients: int, seconds: float, hang_s: float,
+                 rounds: int = 1) -> dict:
+    """Other requests' p99 latency alone, then beside a stream of out-of-bound requests,
+    alternately `rounds` times (alone, beside, alone, beside, ...: the order's drift shows)."""
     bad = Tally()
-    stop = asyncio.Event()
+    pairs: list[tuple[Tally, Tally]] = []
+    for _ in range(rounds):
+        alone = await load(url, model, clients, seconds, hang_s, stream=False)
+        stop = asyncio.Event()
+        task = asyncio.create_task(attack(url, model, bad, stop, hang_s))
+        beside = await load(url, model, clients, seconds, hang_s, stream=False)
+        stop.set()
+        await task
+        pairs.append((alone, beside))
+    return {"pairs": pairs, "bad": bad}
 
-    async def attacker() -> None:
-        async with session(url, 4) as c:
-            i = 0
-            while not stop.is_set():
-                knobs = dict(BAD_KNOBS[i % len(BAD_KNOBS)])
-                body = {"model": model, "prompt": knobs.pop("prompt", PROMPT), **knobs}
-                async with asyncio.timeout(hang_s), c.post("/v1/completions", json=body) as r:
-                    await r.read()
-                bad.bad_request += r.status == 400
-                bad.lost += r.status != 400
-                i += 1
-                await asyncio.sleep(0.02)
 
-    task = asyncio.create_task(attacker())
-    beside = await load(url, model, clients, seconds, hang_s, stream=False)
-    stop.set()
-    await task
-    return {"alone": alone, "beside": beside, "bad": bad}
+async def attack(url: str, model: str, bad: Tally, stop: asyncio.Event, hang_s: float) -> None:
+    """Out-of-bound requests, one every ~20 ms, until `stop`: each must be a 400."""
+    async with session(url, 4) as c:
+        i = 0
+        while not stop.is_set():
+            knobs = dict(BAD_KNOBS[i % len(BAD_KNOBS)])
+            body = {"model": model, "prompt": knobs.pop("prompt", PROMPT), **knobs}
+            async with asyncio.timeout(hang_s), c.post("/v1/completions", json=body) as r:
+                await r.read()
+            bad.bad_request += r.status == 400
+            bad.lost += r.status != 400
+            i += 1
+            await asyncio.sleep(0.02)
+
+
+def bounds_rows(b: dict) -> list[tuple[str, str]]:
+    pairs = b["pairs"]
+    lost = sum(beside.lost for _, beside in pairs)
+    hung = sum(beside.hung for _, beside in pairs)
+    p99s = ", ".join(f"{ms(p99(a.latency_s))} / {ms(p99(x.latency_s))}" for a, x in pairs)
+    return [("bounds: out-of-bound requests -> 400 / other",
+             f"{b['bad'].bad_request} / {b['bad'].lost}"),
+            (f"bounds: others' p99 alone / beside them (x{len(pairs)})", p99s),
+            ("bounds: others lost / hung", f"{lost} / {hung}")]
 
 
 async def kill_replica(url: str, model: str, clients: int, hang_s: float) -> dict:
@@ -250,12 +267,9 @@ async def measure(args: argparse.Namespace) -> list[tuple[str, str]]:
         if not args.skip_high:
             rows += await overload_rows(url, model, args, low)
         if not args.skip_bounds:
-            b = await bounds(url, model, args.bound_clients, d / 2, args.hang_s)
-            rows += [("bounds: out-of-bound requests -> 400 / other",
-                      f"{b['bad'].bad_request} / {b['bad'].lost}"),
-                     ("bounds: others' p99 alone / beside them",
-                      f"{ms(p99(b['alone'].latency_s))} / {ms(p99(b['beside'].latency_s))}"),
-                     ("bounds: others lost / hung", f"{b['beside'].lost} / {b['beside'].hung}")]
+            b = await bounds(url, model, args.bound_clients, args.bounds_s or d / 2,
+                             args.hang_s, args.bounds_rounds)
+            rows += bounds_rows(b)
         if not args.skip_kill:
             kills = [await kill_replica(url, model, args.bound_clients, args.hang_s)
                      for _ in range(args.kills)]
@@ -292,6 +306,10 @@ def main() -> None:
     ap.add_argument("--client-procs", type=int, default=4,
                     help="processes the overload phase's clients are spread over")
     ap.add_argument("--bound-clients", type=int, default=16)
+    ap.add_argument("--bounds-rounds", type=int, default=1,
+                    help="alone / beside rounds of the bounds phase, alternated")
+    ap.add_argument("--bounds-s", type=float, default=None,
+                    help="seconds per bounds load (default: half of --duration)")
     ap.add_argument("--hang-s", type=float, default=120.0, help="a request slower is hung")
     ap.add_argument("--direct", action="store_true",
                     help="ingress -> replicas directly (batcher.bypass), to measure its hop")

@@ -161,7 +161,10 @@ def test_unknown_call_argument_fails():
         BlockDiffusionParams(**dict(GENERATE[0]["kwargs"], eb_threshold=0.35))
 
 
-def test_engine_refuses_block_causal_models():
+def test_engine_serves_it_with_a_kv_cache_only():
+    """The engine decodes SDAR against stored blocks (tests/engine/test_engine_sdar.py); without
+    a KV pool it refuses by name."""
+    from dfastllm_ray.engine.config import EngineConfig
     _, loaded = fixture()
-    with pytest.raises(ValueError, match=r"\(sdar\) uses block-causal attention.*sdar_generate"):
-        Engine(loaded)
+    with pytest.raises(ValueError, match=r"kv_cache_mode='none' is invalid.*block-diffusion"):
+        Engine(loaded, EngineConfig(kv_cache_mode="none"))

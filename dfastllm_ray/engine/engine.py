@@ -25,6 +25,8 @@ from .detokenizer import Detokenizer
 from ..sampling.batch_policies import BATCH_POLICIES
 from .graph_runner import GraphRunner
 from .hybrid import HybridRunner
+from .block_diffusion import check_block_diffusion, resolve_block_diffusion
+from .block_plan import BLOCK
 from .hybrid_plan import start_hybrid
 from .input_batch import InputBatch
 from .kv_pool import GIB, KVPool, bytes_per_page, num_pages_for_budget
@@ -62,10 +64,8 @@ class Engine:
             raise ValueError(f"model {loaded.name!r} ({self.spec.arch}) is a causal LM with no mask "
                              "token: the diffusion engine cannot decode it; use it as a `verifier` "
                              "of a diffusion model, or sampling.ar_generate")
-        if self.spec.block_size is not None:    # the engine's forwards attend bidirectionally
-            raise ValueError(f"model {loaded.name!r} ({self.spec.arch}) uses block-causal attention "
-                             f"(block_size={self.spec.block_size}): the engine does not serve it "
-                             "yet; decode it with sampling.sdar_generate")
+        if self.spec.block_size is not None:
+            check_block_diffusion(loaded.name, self.config, verifier)
         self.device, self.dtype = loaded.device, loaded.dtype
         self.max_model_len = min(self.config.max_model_len or self.spec.max_position,
                                  self.spec.max_position)
@@ -117,6 +117,11 @@ class Engine:
                       next(self._arrivals), seed=seed_to_int64(seed))
         if p.is_hybrid:
             self._prepare_hybrid(req)
+        elif p.block_diffusion:
+            if self.spec.mask_token_id in prompt_token_ids:
+                raise ValueError(f"the prompt holds the mask token ({self.spec.mask_token_id}): "
+                                 "block diffusion decodes masks after the prompt only")
+            req.kv_mode = BLOCK
         else:
             req.kv_mode = self.request_kv_mode(p)
         if p.alg is not None:           # Dream's time schedule: computed here, not inside a step
@@ -132,6 +137,8 @@ class Engine:
 
     def resolve_params(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
         """Fill defaults and check what the engine supports for this model."""
+        if self.spec.block_size is not None:        # SDAR: its own knobs and canvas
+            return resolve_block_diffusion(params, prompt_len, self.spec, self.max_model_len)
         defaults = self.loaded.generation_defaults or {}
         alg = params.alg or defaults.get("alg") or ("origin" if self.spec.arch == "dream" else None)
         if self.spec.arch != "dream" and params.alg is not None:
@@ -145,6 +152,9 @@ class Engine:
                                  "steps (refused, not ignored)")
         if params.is_hybrid:
             return self._resolve_hybrid(params, prompt_len)
+        if params.remasking_strategy is not None:
+            raise ValueError(f"remasking_strategy={params.remasking_strategy!r} is an SDAR (block "
+                             f"diffusion) knob; {self.spec.arch} models do not use it: leave it out")
         if params.policy not in ENGINE_POLICIES:
             raise ValueError(f"the {params.policy!r} policy runs in the reference loop "
                              "(sampling.policy_generate) only, not in the engine yet: drop "

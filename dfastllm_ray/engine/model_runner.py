@@ -56,7 +56,7 @@ class ModelRunner:
         self.hybrid = None                           # HybridRunner, when the engine has a verifier
         self._requests: dict[str, Request] = {}
         self.klass_slots: stateful.KlassSlots | None = None
-        self.family = "dream" if spec.arch == "dream" else "llada"
+        self.family = spec.arch if spec.arch in ("dream", "sdar") else "llada"   # sampler rules
         self.timer = PhaseTimer()
         self.windows = WindowCache()     # device windows reused across a block's steps
 

@@ -71,6 +71,8 @@ class Request:
     canvas_len: int = field(init=False, default=0)        # prompt + max_tokens positions
     num_blocks: int = field(init=False, default=0)        # max_tokens // block_length
     steps_per_block: int = field(init=False, default=0)   # steps // num_blocks
+    block_origin: int = field(init=False, default=0)      # where block 0 starts: the prompt's end,
+                                                          # or (block diffusion) its block's start
 
     def __post_init__(self) -> None:
         p = self.params
@@ -80,11 +82,17 @@ class Request:
         self.steps_per_block = p.steps // self.num_blocks
         self.masked_before = sum(1 for t in self.prompt_token_ids if t == self.mask_token_id)
         self.masked_block = p.block_length
+        self.block_origin = self.prompt_len
+        if p.block_diffusion:    # SDAR: blocks at multiples of B, the prompt's tail in block 0
+            self.block_origin -= self.prompt_len % p.block_length
+            self.num_blocks = (self.canvas_len - self.block_origin) // p.block_length
+            self.steps_per_block = p.steps // self.num_blocks
+            self.masked_block = self.block_origin + p.block_length - self.prompt_len
 
     # ---- shape of the canvas -------------------------------------------------------------
     @property
     def block_start(self) -> int:
-        return self.prompt_len + self.block_idx * self.params.block_length
+        return self.block_origin + self.block_idx * self.params.block_length
 
     @property
     def block_end(self) -> int:
@@ -112,8 +120,8 @@ class Request:
             end = self.output_len
         elif self.params.is_hybrid:               # left to right: every committed token
             end = self.curr - self.prompt_len
-        else:
-            end = self.block_idx * self.params.block_length
+        else:                                     # the finished blocks' generation positions
+            end = max(self.block_start - self.prompt_len, 0)
         return self.generated_tokens(end)
 
     def generated_ids(self) -> list[int]:

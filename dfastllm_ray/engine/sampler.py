@@ -19,7 +19,7 @@ from .step_inputs import GroupInputs, GroupPlan
 
 
 # Quota policies whose ties `exact_ties` breaks as the official torch.topk does
-TOPK_POLICIES = ("fixed", "dream_topk", "dream_threshold")
+TOPK_POLICIES = ("fixed", "dream_topk", "dream_threshold", "sdar_static", "sdar_dynamic")
 
 
 def sample(logits: Tensor, g: GroupPlan, inputs: GroupInputs, spec: ModelSpec,
@@ -44,20 +44,21 @@ def sample(logits: Tensor, g: GroupPlan, inputs: GroupInputs, spec: ModelSpec,
 def official_topk(conf: Tensor, inputs: GroupInputs, g: GroupPlan) -> Tensor:
     """(B, n) bool: each row's k most confident as `torch.topk` picks them over the official
     code's row layout (the forward window, -inf off the candidates). torch.topk's choice among
-    equal values depends on that layout, so only this reproduces the official ties. One topk per
-    distinct k (host-known, at most the block length), never a host sync."""
+    equal values depends on that layout (the row's own window width, not the group's padded
+    one), so only this reproduces the official ties. One topk per distinct (k, width), both
+    host-known, never a host sync."""
     b = conf.shape[0]
     window = torch.full((b, g.lq + 1), float("-inf"), dtype=conf.dtype, device=conf.device)
     rows = torch.where(inputs.knobs.valid, inputs.cand_offset, g.lq)     # window columns
     window.scatter_(1, rows, conf)
     top = torch.zeros(b, g.lq + 1, dtype=torch.bool, device=conf.device)
-    by_k: dict[int, list[int]] = {}
+    by_k: dict[tuple[int, int], list[int]] = {}
     for r, item in enumerate(g.items):
-        if item.k > 0:
-            by_k.setdefault(item.k, []).append(r)
-    for k, members in by_k.items():
+        if item.k > 0:               # topk's ties also depend on the row's length: its own
+            by_k.setdefault((item.k, item.q_len), []).append(r)
+    for (k, width), members in by_k.items():
         idx = torch.tensor(members, device=conf.device)
-        picked = torch.topk(window[idx, :g.lq], k, dim=-1).indices
+        picked = torch.topk(window[idx, :width], k, dim=-1).indices
         top[idx] = top[idx].scatter(1, picked, True)
     return top.gather(1, rows) & inputs.knobs.valid
 

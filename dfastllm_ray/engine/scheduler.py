@@ -14,7 +14,8 @@ from typing import Callable, Optional
 
 from . import step_plan
 from .config import EngineConfig
-from . import hybrid_plan
+from . import block_plan, hybrid_plan
+from .block_plan import BLOCK
 from .outputs import (CACHED, FULL, HYBRID, PREFILL, REFRESH, RequestOutput, RunnerOutput, ScheduledRequest,
                       SchedulerOutput)
 from .page_allocator import PageAllocator, page_hash_chain
@@ -89,7 +90,8 @@ class Scheduler:
                              f" the pool has {self.allocator.num_pages}: raise kv_cache_memory_gb")
         req.status = RequestStatus.WAITING
         req.kv_mode = req.kv_mode or self.config.kv_cache_mode
-        req.prefix_keys = self._prefix_keys(req) if req.kv_mode != "none" else []
+        # block diffusion stores its prompt blocks itself (no prefix cache for it yet)
+        req.prefix_keys = self._prefix_keys(req) if req.kv_mode not in ("none", BLOCK) else []
         self.waiting.append(req)
 
     def _prefix_keys(self, req: Request) -> list[bytes]:
@@ -204,6 +206,10 @@ class Scheduler:
                 continue
             if item.kind == HYBRID:            # left to right: stream every committed span
                 outputs.append(self._after_hybrid(req, item, n_committed))
+                continue
+            if item.kind == PREFILL and req.kv_mode == BLOCK:   # block diffusion's store
+                if block_plan.after_store(req, item):
+                    outputs.append(self._close_block(req))
                 continue
             if item.kind == PREFILL:           # a refresh chunk: K/V written, nothing decoded
                 req.refresh_from = item.q_start + item.q_len

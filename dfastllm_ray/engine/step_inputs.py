@@ -21,7 +21,7 @@ from ..models.spec import ModelSpec
 from ..sampling.batch import GroupFacts, RowKnobs
 from .input_batch import COL, CONF_ALGS, InputBatch
 from .kv_pool import KVPool, to_device
-from .outputs import FULL, HYBRID, REFRESH, ScheduledRequest
+from .outputs import FULL, HYBRID, PREFILL, REFRESH, ScheduledRequest
 from .paged_attention import build_paged_attention
 from .paged_kv import PagedKV
 from .request import Request
@@ -53,6 +53,7 @@ class GroupPlan:
     stateful: bool            # KLASS: per-position state across steps (engine/stateful.py)
     passthrough: bool         # every row's window is its whole canvas (refresh from 0)
     in_block: bool            # every row's candidate range starts at its active block
+    block_causal: bool        # block diffusion's prefill: a query sees its block and earlier ones
     facts: GroupFacts
     meta: Tensor              # (B, len(META)) int64 on the host: a view of `packed`
     packed: Tensor            # (B * len(META) + N,) int64: meta, then the dense index (one H2D copy)
@@ -116,7 +117,8 @@ def pack_group(items: list[ScheduledRequest], requests: dict[str, Request], fami
         stateful=policies == ("klass",),
         passthrough=kind == REFRESH and full and all(i.q_start == 0 and i.q_len == lk
                                                      for i in items),
-        in_block=in_block, facts=facts, meta=torch.from_numpy(meta),
+        in_block=in_block, block_causal=family == "sdar" and kind == PREFILL, facts=facts,
+        meta=torch.from_numpy(meta),
         packed=torch.from_numpy(packed), dense=dense)
 
 
@@ -237,7 +239,9 @@ def build_window(g: GroupPlan, batch: InputBatch, pool: KVPool | None, im: Tenso
     by_range = torch.stack((pos, pos_flat, row.clamp(min=0, max=g.lq - 1),
                             offset.clamp(min=0, max=g.lq)))
     attn_mask = None
-    if g.needs_mask:
+    if g.block_causal:
+        attn_mask = _block_causal(g, batch, slot, positions, col[M["kv_len"]])
+    elif g.needs_mask:
         attn_mask = (ar(g.lk) < col[M["kv_len"]]).view(len(g.items), 1, 1, g.lk)
     return Window(
         slot=slot, block_start=col[M["block_start"]], positions=positions, ids_flat=ids_flat,
@@ -246,6 +250,17 @@ def build_window(g: GroupPlan, batch: InputBatch, pool: KVPool | None, im: Tenso
         by_range=by_range, gen_flat=gen_flat,
         table=batch.knobs.index_select(0, slot), seeds=batch.seeds.index_select(0, slot),
         columns=batch.columns)
+
+
+def _block_causal(g: GroupPlan, batch: InputBatch, slot: Tensor, positions: Tensor,
+                  kv_len: Tensor) -> Tensor:
+    """(B, 1, Lq, Lk) bool: key j is visible to the query at position p when j < the row's
+    kv_len and j's block is p's or an earlier one (blocks of the row's block_length from 0:
+    SDAR's `tril(ones(nb, nb))` repeated B times), so one forward prefills many blocks."""
+    blen = batch.knobs.index_select(0, slot).select(1, COL["block_length"]).long().view(-1, 1, 1)
+    keys = batch.arange(g.lk)
+    same_or_earlier = (keys // blen) <= (positions.unsqueeze(2) // blen)            # (B, Lq, Lk)
+    return (same_or_earlier & (keys < kv_len).unsqueeze(1)).unsqueeze(1)
 
 
 def _window_kv(g: GroupPlan, batch: InputBatch, pool: KVPool | None, col: tuple, slot: Tensor,

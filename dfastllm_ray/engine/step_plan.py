@@ -26,6 +26,8 @@ from typing import Collection, Sequence
 from ..sampling.dream import ThresholdCarry, transfer_probs, dream_quota
 from ..sampling.schedule import transfer_counts
 from .outputs import CACHED, FULL, PREFILL, REFRESH, ScheduledRequest
+from . import block_plan
+from .block_plan import BLOCK
 from .hybrid_plan import plan_hybrid
 from .request import Request
 
@@ -47,6 +49,9 @@ def is_dream(req: Request) -> bool:
 def open_block(req: Request, mode: str) -> None:
     """Reset the per-block counters of the newly active block (its positions are all masked:
     no step ever commits past the active block's end)."""
+    if mode == BLOCK:
+        block_plan.open_block(req)
+        return
     req.block_step = 0
     req.refresh_from = 0
     p = req.params
@@ -67,6 +72,8 @@ def plan(req: Request, mode: str, refresh: str = "full") -> ScheduledRequest:
     """The forward window, candidates and quota of `req`'s next step."""
     if req.params.is_hybrid:
         return plan_hybrid(req, req.drafter_cache)
+    if mode == BLOCK:
+        return block_plan.plan_block(req)
     length, s, e = req.canvas_len, req.block_start, req.block_end
     if mode == "none":
         kind, q_start, q_len = FULL, 0, length
@@ -223,6 +230,9 @@ def quota(req: Request, mode: str, masked: int) -> float:
 
 def after_step(req: Request, item: ScheduledRequest, num_committed: int, mode: str) -> bool:
     """Advance the block counters after a step's commits; True when the block is done."""
+    if mode == BLOCK:                    # done only once its K/V is stored (block_plan)
+        block_plan.after_denoise(req)
+        return False
     req.block_step += 1
     req.refresh_from = 0                 # the next (mid-block) refresh recomputes its window whole
     if req.carry is not None and mode == "none":

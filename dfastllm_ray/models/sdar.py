@@ -45,14 +45,14 @@ def spec_from_config(cfg: dict, tokenizer_ids: dict) -> tuple[ModelSpec, bool]:
     return spec, bool(cfg.get("tie_word_embeddings", False))
 
 
+def builds_mask(kv: Optional[KVHook]) -> bool:
+    """Does the model build the block-causal mask itself (no cache, or the reference's hooks)?"""
+    return kv is None or isinstance(kv, (CausalKV, ReadOnlyKV))
+
+
 def cached_length(kv: Optional[KVHook]) -> int:
-    """Positions 0..T-1 already in the cache; the fresh queries and keys come after them."""
-    if kv is None:
-        return 0
-    if isinstance(kv, (CausalKV, ReadOnlyKV)):
-        return kv.length
-    raise ValueError(f"kv={type(kv).__name__} needs attn_bias and positions: only a CausalKV, a "
-                     "ReadOnlyKV (or no cache) lets SDARForCausalLM build its block-causal mask")
+    """Positions 0..T-1 already in a reference hook; the fresh queries and keys come after them."""
+    return 0 if kv is None else kv.length
 
 
 def block_causal_mask(query_pos: Tensor, key_pos: Tensor, block_size: int) -> Optional[Tensor]:
@@ -104,7 +104,11 @@ class SDARForCausalLM(DreamModel):
 
         positions default to 0..Lq-1 after what a `CausalKV` / `ReadOnlyKV` `kv` holds. attn_bias
         (B, 1, Lq, Lk), when given, is the whole mask; else the block-causal mask is built from the
-        query and key positions with `block_size` (default: spec.block_size)."""
+        query and key positions with `block_size` (default: spec.block_size). With any other KV
+        hook (the engine's paged KV) the caller lays the keys out and gives the mask (None: every
+        key visible, a block decoded against the earlier blocks), and `positions`."""
+        if not builds_mask(kv):          # the engine's paged KV: its mask is the whole mask
+            return self.decode(input_ids, positions, attn_bias, kv, logits_index)
         if positions is None:
             positions = default_positions(input_ids) + cached_length(kv)
         if attn_bias is None:

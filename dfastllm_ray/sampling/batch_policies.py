@@ -220,6 +220,20 @@ def sched_exit(conf: Tensor, knobs: RowKnobs, ranked: Ranked) -> Tensor:
     return torch.where(leave, valid, top_k(ranked, knobs.k))
 
 
+def sdar_sequential(conf: Tensor, knobs: RowKnobs, ranked: Ranked) -> Tensor:
+    """SDAR `sequential`: the first k masks left to right (the candidates are in position
+    order, and a sequential block's masks are one run from its first mask to its end)."""
+    return (ranked._columns() < knobs.k[:, None]) & knobs.valid
+
+
+def sdar_dynamic(conf: Tensor, knobs: RowKnobs, ranked: Ranked) -> Tensor:
+    """SDAR `low_confidence_dynamic`: every mask with confidence > threshold (strictly; the
+    official float32 comparison) when at least k are, else the k most confident."""
+    high = (conf.to(torch.float32) > knobs.column("threshold", torch.float32)) & knobs.valid
+    enough = high.sum(-1, keepdim=True) >= knobs.k[:, None]
+    return torch.where(enough, high, top_k(ranked, knobs.k))
+
+
 BatchPolicy = Callable[[Tensor, RowKnobs, Ranked], Tensor]
 
 BATCH_POLICIES: dict[str, BatchPolicy] = {
@@ -235,4 +249,7 @@ BATCH_POLICIES: dict[str, BatchPolicy] = {
     "pc_sampler": pc_sampler,
     "sched_exit": sched_exit,
     "dus": dus,
+    "sdar_sequential": sdar_sequential,
+    "sdar_static": fixed,                # SDAR low_confidence_static: the top-k rule
+    "sdar_dynamic": sdar_dynamic,
 }

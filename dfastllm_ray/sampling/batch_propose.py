@@ -46,6 +46,8 @@ def propose_batch(logits: Tensor, knobs: RowKnobs, facts: GroupFacts, eos_id: in
         return tokens, conf, lambda: _entropy(logits.to(facts.conf_dtype))
     if facts.family == "dream":
         tokens, conf, entropy = _propose_dream(logits, knobs, facts)
+    elif facts.family == "sdar":
+        tokens, conf, entropy = _propose_sdar(logits, knobs, facts)
     else:
         tokens, conf, entropy = _propose_llada(logits, knobs, facts, eos_id, eot_id)
     if facts.padded:                  # no padding slot (every row has n candidates): no mask
@@ -84,6 +86,8 @@ def greedy_only(facts: GroupFacts) -> bool:
     """No row samples or masks the vocabulary, and the confidence is the token's probability:
     tokens and confidences are per-row argmax and softmax, nothing else."""
     plain = not (facts.sampled or facts.logits_eos_inf or facts.conf_eos_eot_inf)
+    if facts.family == "sdar":          # its filters change the confidence (top_k=1: 1.0)
+        return plain and not (facts.top_p or facts.top_k)
     if facts.family != "dream":
         return plain
     return plain and not (facts.top_p or facts.top_k or facts.needs_entropy) \
@@ -129,6 +133,25 @@ def _propose_dream(logits: Tensor, knobs: RowKnobs, facts: GroupFacts):
     if CONF_NEG_ENTROPY in facts.conf_algs:
         conf = torch.where(knobs.conf_alg[:, None] == CONF_NEG_ENTROPY, neg_ent, conf)
     return tokens, conf, lambda: -neg_ent if neg_ent is not None else _entropy(lg)
+
+
+def _propose_sdar(logits: Tensor, knobs: RowKnobs, facts: GroupFacts):
+    """SDAR `sample_with_temperature_topk_topp`, every row at once: temperature, top-k, then
+    top-p (the reverse of Dream's order), softmax, a draw; the confidence is the drawn token's
+    probability after the filters (top_k=1, the official greedy form: 1.0). A row at T = 0,
+    which the official sampler cannot run (it divides by T), takes the argmax."""
+    lg = logits.to(facts.conf_dtype)
+    if facts.sampled:
+        lg = lg / knobs.temp_div
+    if facts.top_k:
+        lg = _top_k(lg, knobs.top_k)
+    if facts.top_p:
+        lg = _top_p(lg, knobs.top_p)
+    probs = F.softmax(lg, dim=-1)
+    tokens = argmax_last(probs)
+    if facts.sampled:
+        tokens = torch.where(knobs.hot, _draw_probs(probs, knobs), tokens)
+    return tokens, probs.gather(-1, tokens[..., None])[..., 0], lambda: _entropy(lg)
 
 
 def argmax_last(x: Tensor) -> Tensor:

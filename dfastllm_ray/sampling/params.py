@@ -17,6 +17,10 @@ from functools import cached_property
 from typing import Any
 
 REMASKING = ("low_confidence", "random")
+# SDAR's `remasking_strategy` (block diffusion) -> the engine's batched policy of each
+BLOCK_STRATEGIES = {"sequential": "sdar_sequential", "low_confidence_static": "sdar_static",
+                    "low_confidence_dynamic": "sdar_dynamic"}
+SDAR_THRESHOLD = 0.85         # SDAR's confidence_threshold default (low_confidence_dynamic)
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 DEFAULT_MAX_TOKENS = 64
 DEFAULT_BLOCK_LENGTH = 32
@@ -27,6 +31,7 @@ MAX_STOP_CHARS = 256          # characters per stop string (each is searched in 
 # Knobs one model family reads and the other does not, with the value that means "not set".
 # A request setting one of them to anything else on the other family is refused (never ignored).
 DREAM_ONLY = {"alg": None, "alg_temp": None, "top_p": None, "top_k": None, "eps": 1e-3}
+SDAR_ONLY = {"remasking_strategy": None}
 LLADA_ONLY = {"remasking": "low_confidence", "cfg_scale": 0.0, "factor": None,
               "entropy_bound": None, "logits_eos_inf": False, "confidence_eos_eot_inf": False,
               "pc_lambda": None, "exit_high": None, "exit_low": None, "kl_threshold": None,
@@ -56,10 +61,15 @@ MAX_HYBRID_WINDOW = 4096   # values OpenAI clients send by default that change n
 def unused_knobs(fields: dict[str, Any], arch: str) -> list[str]:
     """The knobs in `fields` (a request's own settings) that the model family `arch` does not
     read: Dream's knobs on LLaDA-family models (LLaDA samples Gumbel-max at `temperature`,
-    with no nucleus/top-k filter or time schedule) and LLaDA's on Dream."""
-    foreign = LLADA_ONLY if arch == "dream" else DREAM_ONLY
+    with no nucleus/top-k filter or time schedule), LLaDA's on Dream, and on SDAR (block
+    diffusion: temperature, top_k, top_p, threshold, remasking_strategy) the others' rules."""
+    foreign = FOREIGN.get(arch, {**DREAM_ONLY, **SDAR_ONLY})
     return [k for k, unset in foreign.items()
             if k in fields and fields[k] != unset and fields[k] not in NEUTRAL.get(k, ())]
+
+
+FOREIGN = {"dream": {**LLADA_ONLY, **SDAR_ONLY},
+           "sdar": {**LLADA_ONLY, "alg": None, "alg_temp": None, "eps": 1e-3}}
 
 
 def dus_groups(p: SamplingParams) -> float:
@@ -88,6 +98,7 @@ class SamplingParams:
     top_p: float | None = None             # Dream nucleus filtering
     top_k: int | None = None               # Dream top-k filtering
     remasking: str = "low_confidence"      # LLaDA: which positions to commit, "low_confidence" | "random"
+    remasking_strategy: str | None = None  # SDAR: "sequential" | "low_confidence_static" | "low_confidence_dynamic"
     cfg_scale: float = 0.0                 # LLaDA unsupervised classifier-free guidance
     threshold: float | None = None         # Fast-dLLM: commit every position with confidence >= threshold
     factor: float | None = None            # Fast-dLLM: factor rule (threshold ignored when set)
@@ -137,6 +148,10 @@ class SamplingParams:
         _check(self.top_k is None or (isinstance(self.top_k, int) and self.top_k >= 1),
                "top_k", self.top_k, "must be an integer >= 1")
         _check(self.remasking in REMASKING, "remasking", self.remasking, f"must be one of {REMASKING}")
+        _check(self.remasking_strategy is None or self.remasking_strategy in BLOCK_STRATEGIES,
+               "remasking_strategy", self.remasking_strategy,
+               f"must be one of {tuple(BLOCK_STRATEGIES)} (SDAR block diffusion; "
+               "'entropy_bounded' has no working official behaviour)")
         _check(self.cfg_scale >= 0, "cfg_scale", self.cfg_scale, "must be >= 0")
         _check(self.threshold is None or 0 < self.threshold <= 1, "threshold", self.threshold,
                "must be in (0, 1]")
@@ -155,7 +170,7 @@ class SamplingParams:
             _check(isinstance(self.output_limit, int) and 1 <= self.output_limit
                    <= (self.max_tokens or self.output_limit), "output_limit", self.output_limit,
                    f"must be in [1, max_tokens={self.max_tokens}]")
-        if self.max_tokens and self.block_length and self.steps:
+        if self.max_tokens and self.block_length and self.steps and not self.block_diffusion:
             nb = math.ceil(self.max_tokens / self.block_length)
             _check(self.steps % nb == 0, "steps", self.steps,
                    f"must be a multiple of the number of blocks ({nb} = max_tokens "
@@ -232,6 +247,11 @@ class SamplingParams:
                    f"must be an integer in [1, {top}]")
 
     @property
+    def block_diffusion(self) -> bool:
+        """SDAR's block diffusion: blocks aligned to the canvas start, block-causal attention."""
+        return self.remasking_strategy is not None
+
+    @property
     def is_hybrid(self) -> bool:
         return self.decoding != "diffusion"
 
@@ -267,6 +287,8 @@ class SamplingParams:
         """The decoding policy name this request uses (a key of `sampling.POLICIES`).
 
         Dream requests (`alg` set) use Dream's rules, named by `sampling.dream.dream_policy`."""
+        if self.remasking_strategy is not None:
+            return BLOCK_STRATEGIES[self.remasking_strategy]
         if self.alg is not None:
             from .dream import dream_policy      # dream.py imports this module: no cycle at call time
             return dream_policy(self)

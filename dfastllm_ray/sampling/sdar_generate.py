@@ -20,7 +20,8 @@ Each denoising forward drafts every position of the block with `sample_with_temp
 Quirk, reproduced: when k exceeds the masks left (a block holding the prompt's tail, or
 steps < B), top-k also picks positions at -inf -- the prompt tail or committed tokens -- and they
 get the new draw (`torch.topk` is called on the same 1-D tensor as the reference, so the same
-positions win the -inf ties). After each block, generation stops when an id of
+positions win the -inf ties). `overwrite_committed=False` (not an official knob) clips k to the
+masks left instead, as the engine does. After each block, generation stops when an id of
 `stopping_criteria_idx` appears past the prompt; the blocks after it stay masked.
 
 Refused where the reference has no behaviour: `remasking_strategy="entropy_bounded"` (the official
@@ -57,6 +58,9 @@ class BlockDiffusionParams:
     remasking_strategy: str = "low_confidence_dynamic"
     confidence_threshold: float = 0.85    # low_confidence_dynamic only
     stopping_criteria_idx: Optional[tuple[int, ...]] = None   # stop ids checked after each block
+    # not an official knob: False clips k to the masks left, so committed tokens and the prompt's
+    # tail are never drawn again (the engine's rule, engine/block_plan.py); True: the quirk
+    overwrite_committed: bool = True
 
     def __post_init__(self):
         if self.remasking_strategy == "entropy_bounded":
@@ -170,7 +174,8 @@ class _Run:
             logits = self.forward(block, start, store=False)[0]               # (B, V)
             x0, conf = sample_with_temperature_topk_topp(logits, p.temperature, p.top_k,
                                                          p.top_p, self.generator)
-            commit = select(mask, conf, counts[step], p.confidence_threshold)
+            k = counts[step] if p.overwrite_committed else min(counts[step], int(mask.sum()))
+            commit = select(mask, conf, k, p.confidence_threshold)
             block[0, commit] = x0[commit]
         x[:, start:start + p.block_length] = block
 

@@ -1,0 +1,69 @@
+"""Block diffusion's steps (SDAR, kv mode "block"): the reference loop one step at a time.
+
+JetAstra/SDAR `block_diffusion_generate` (REFERENCE_ALGORITHMS.md 9; `sampling/sdar_generate.py`)
+as the engine runs it beside every other request:
+
+- blocks of B = `block_length` positions start at multiples of B from the canvas start, so
+  block 0 holds the prompt's tail (P mod B tokens, fixed) before its masks;
+- PREFILL [kv_written, block 0's start): the whole prompt blocks in one block-causal forward
+  that writes their K/V to the request's pages (the official prefill with `store_kv=True`);
+- CACHED [block start, block end) against the pages of every earlier block (`store_kv=False`:
+  keys [0, block end), nothing after the block exists for it), the block's masks compete and
+  `transfer_counts(B, steps per block)[step]` of them commit (the strategy's k);
+- once the block has no mask left, PREFILL over the block writes its K/V (the official storing
+  forward); then the block is done and the next one opens.
+
+Where the official code commits more positions than the masks left (k past the masks: its top-k
+also picks the prompt's tail or committed tokens and overwrites them with new draws), the engine
+commits the masks left: committed tokens never change, the prompt least of all. With k within
+the masks, which is every step of a block without a prompt tail and steps <= B, the two agree.
+"""
+from __future__ import annotations
+
+from .outputs import CACHED, PREFILL, ScheduledRequest
+from .request import Request
+from ..sampling.schedule import transfer_counts
+
+BLOCK = "block"                 # the kv mode of block-diffusion requests (set by the engine)
+
+
+def open_block(req: Request) -> None:
+    """The block's commit schedule: B // steps per step, the remainder to the first steps
+    (SDAR's `get_num_transfer_tokens(B, steps)`, over the whole block, prompt tail included)."""
+    req.block_step = 0
+    req.block_quota = transfer_counts(req.params.block_length, req.steps_per_block)
+
+
+def plan_block(req: Request) -> ScheduledRequest:
+    """The next forward of `req`: the prompt's prefill, a denoising step, or the block's store."""
+    s, e = req.block_start, req.block_end
+    if req.kv_written < s:              # whole prompt blocks (or a chunk of them) not stored yet
+        return _store(req, req.kv_written, s)
+    if req.masked_block == 0:           # the block is decoded: store its K/V
+        return _store(req, s, e)
+    i = req.block_step
+    quota = req.block_quota[i] if i < len(req.block_quota) else 0
+    n = req.masked_block
+    return ScheduledRequest(request_id=req.request_id, kind=CACHED, q_start=s, q_len=e - s,
+                            kv_len=e, cand_start=s, cand_end=e, num_candidates=n, quota=quota,
+                            k=min(quota, n), policy=req.params.policy, schedule_step=i,
+                            schedule_len=req.steps_per_block, slot=req.slot)
+
+
+def _store(req: Request, start: int, end: int) -> ScheduledRequest:
+    """A forward that writes the K/V of [start, end) and decodes nothing."""
+    return ScheduledRequest(request_id=req.request_id, kind=PREFILL, q_start=start,
+                            q_len=end - start, kv_len=end, cand_start=end, cand_end=end,
+                            num_candidates=0, quota=0, k=0, policy="fixed",
+                            schedule_step=req.block_step, schedule_len=req.steps_per_block,
+                            slot=req.slot)
+
+
+def after_store(req: Request, item: ScheduledRequest) -> bool:
+    """Record a storing forward's K/V; True when it stored the active block (it is done)."""
+    req.kv_written = max(req.kv_written, item.q_start + item.q_len)
+    return item.q_start == req.block_start and req.masked_block == 0
+
+
+def after_denoise(req: Request) -> None:
+    req.block_step += 1

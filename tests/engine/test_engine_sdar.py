@@ -1,0 +1,202 @@
+"""Block diffusion (SDAR) in the engine == the reference loop, batched, with its refusals.
+
+The engine draws sampled tokens from its counter RNG (rng.py), so token-for-token equality with
+the reference holds where the draw is deterministic: `top_k=1`, SDAR's official greedy form
+(every draw is the argmax, confidence 1.0). Those runs are compared with `block_diffusion_generate`
+for every strategy, block and step count and all three fixture prompts (prompt tail of 1, 0 and
+1 / 5 tokens), canvas and NFE, alone and batched; the official fixtures' greedy cases are matched
+as recorded. The reference runs with `overwrite_committed=False` (k clipped to the masks left:
+the engine never rewrites a committed token); with k within the masks the two rules agree.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dfastllm_ray.engine.config import EngineConfig
+from dfastllm_ray.engine.engine import Engine
+from dfastllm_ray.models.loader import load_model
+from dfastllm_ray.sampling.params import SamplingParams
+from dfastllm_ray.sampling.sdar_generate import BlockDiffusionParams, block_diffusion_generate
+
+FOLDER = Path(__file__).parents[1] / "fixtures" / "sdar" / "sdar-tiny"
+PROMPTS = ("prompt5", "prompt8", "prompt13")
+STRATEGIES = ("sequential", "low_confidence_static", "low_confidence_dynamic")
+SHAPES = ((4, 4), (4, 2), (8, 4), (4, 8))        # (block, denoising steps per block)
+GEN = 16
+
+
+@lru_cache(maxsize=None)
+def fixture():
+    return load_file(str(FOLDER / "fixtures.safetensors")), load_model(FOLDER, "float32", "cpu")
+
+
+def engine(**config) -> Engine:
+    _, loaded = fixture()
+    return Engine(loaded, EngineConfig(**{"max_num_seqs": 16, "exact_ties": True,
+                                          "max_model_len": 128, **config}))
+
+
+def reference(prompt: str, strategy: str, block: int, steps: int, gen: int = GEN):
+    T, loaded = fixture()
+    p = BlockDiffusionParams(gen_length=gen, block_length=block, denoising_steps=steps, top_k=1,
+                             remasking_strategy=strategy, overwrite_committed=False)
+    return block_diffusion_generate(loaded.model, T[prompt], p, loaded.spec)
+
+
+def params(prompt: str, strategy: str, block: int, steps: int, **kw) -> SamplingParams:
+    """The engine's knobs for the reference call: `steps` is the whole generation's budget."""
+    T, _ = fixture()
+    plen = T[prompt].shape[1]
+    blocks = -(-(plen + GEN) // block) - plen // block
+    return SamplingParams(**{"max_tokens": GEN, "block_length": block, "steps": steps * blocks,
+                             "top_k": 1, "temperature": 1.0, "remasking_strategy": strategy,
+                             **kw})
+
+
+def run(eng: Engine, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict:
+    for rid, (ids, p) in requests.items():
+        eng.add_request(rid, ids, p)
+    done = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = o
+    return done
+
+
+CASES = [(p, s, b, k) for p in PROMPTS for s in STRATEGIES for b, k in SHAPES]
+
+
+def case_id(c) -> str:
+    return f"{c[0]}-{c[1]}-b{c[2]}-s{c[3]}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_engine_equals_reference_greedy(case):
+    prompt, strategy, block, steps = case
+    T, _ = fixture()
+    ref = reference(*case)
+    plen = T[prompt].shape[1]
+    out = run(engine(), {"r": (T[prompt][0].tolist(), params(*case))})["r"]
+    # the engine returns the canvas after the prompt (the reference's rounding included)
+    assert out.token_ids[:GEN] == ref.x[0, plen:plen + GEN].tolist()
+    assert out.nfe == ref.nfe
+    assert out.finish_reason == "length"
+
+
+def test_batch_equals_single_and_reference():
+    """Every case at once, strategies and blocks mixed in the same steps."""
+    T, _ = fixture()
+    reqs = {case_id(c): (T[c[0]][0].tolist(), params(*c)) for c in CASES}
+    together = run(engine(max_num_seqs=len(reqs)), reqs)
+    for c in CASES:
+        ref = reference(*c)
+        plen = T[c[0]].shape[1]
+        got = together[case_id(c)]
+        assert got.token_ids[:GEN] == ref.x[0, plen:plen + GEN].tolist(), case_id(c)
+        assert got.nfe == ref.nfe, case_id(c)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_official_greedy_fixture_case_matches(prompt):
+    """The fixtures' `top_k=1` cases (gen_length 17: a canvas rounded past max_tokens)."""
+    T, _ = fixture()
+    name = f"{prompt.replace('prompt', 'p')}.greedy_topk1.b4.s4"
+    case = next(c for c in __import__("json").loads((FOLDER / "manifest.json").read_text())["cases"]
+                if c["name"] == name)
+    k = case["kwargs"]
+    plen, gen = T[prompt].shape[1], k["gen_length"]
+    blocks = -(-(plen + gen) // 4) - plen // 4
+    p = SamplingParams(max_tokens=gen, block_length=4, steps=4 * blocks, top_k=1, temperature=1.0,
+                       remasking_strategy=k["remasking_strategy"],
+                       threshold=k["confidence_threshold"])
+    out = run(engine(), {"r": (T[prompt][0].tolist(), p)})["r"]
+    want = T[case["x"]][0, plen:]
+    assert out.token_ids == want.tolist()              # the whole rounded canvas
+    assert out.nfe == case["nfe"]
+
+
+def test_sampled_requests_are_seeded_and_batch_invariant():
+    T, _ = fixture()
+    ids = T["prompt13"][0].tolist()
+    p = SamplingParams(max_tokens=GEN, block_length=4, temperature=0.7, top_p=0.9, seed=7,
+                       remasking_strategy="low_confidence_dynamic")
+    alone = run(engine(), {"a": (ids, p)})["a"].token_ids
+    other = SamplingParams(max_tokens=GEN, block_length=4, temperature=1.0, top_k=5, seed=1,
+                           remasking_strategy="low_confidence_static")
+    both = run(engine(), {"b": (T["prompt5"][0].tolist(), other), "a": (ids, p)})
+    assert both["a"].token_ids == alone
+    reseeded = run(engine(), {"a": (ids, SamplingParams(**{**p.__dict__, "seed": 8}))})["a"]
+    assert reseeded.token_ids != alone
+    assert 510 not in alone                                  # every position decoded
+
+
+def test_defaults_come_from_the_checkpoint():
+    """block_length = config block_size (4), the official default strategy and threshold,
+    one token per step; the reported output stops at max_tokens through output_limit."""
+    eng = engine()
+    p = eng.resolve_params(SamplingParams(max_tokens=10), prompt_len=5)
+    assert (p.block_length, p.remasking_strategy, p.threshold) == (4, "low_confidence_dynamic",
+                                                                  0.85)
+    # blocks at 4..8, 8..12, 12..16: canvas 16, 11 positions after the prompt, 10 returned
+    assert (p.max_tokens, p.output_limit, p.steps) == (11, 10, 12)
+    assert eng.resolve_params(SamplingParams(max_tokens=10, steps=100), 5).steps == 12   # <= B
+
+
+def test_a_stop_token_ends_the_request_after_its_block():
+    T, loaded = fixture()
+    ids = T["prompt8"][0].tolist()
+    first = run(engine(), {"r": (ids, params("prompt8", "sequential", 4, 4))})["r"].token_ids
+    eng = engine()
+    eng.scheduler.stop_token_ids = frozenset({first[5]})      # a token of the second block
+    out = run(eng, {"r": (ids, params("prompt8", "sequential", 4, 4))})["r"]
+    assert out.finish_reason == "stop"
+    assert out.token_ids == first[:first.index(first[5])]
+    assert out.nfe == 1 + 2 * 5                               # prefill, 2 blocks of 4 + store
+
+
+def test_abort_mid_block_frees_every_page():
+    T, _ = fixture()
+    eng = engine()
+    free = eng.scheduler.allocator.num_free_pages
+    eng.add_request("r", T["prompt13"][0].tolist(), params("prompt13", "sequential", 4, 4))
+    for _ in range(4):
+        eng.step()
+    assert eng.scheduler.allocator.num_free_pages < free
+    eng.abort("r")
+    assert eng.scheduler.allocator.num_free_pages == free and not eng.has_unfinished()
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"kv_cache_mode": "none"}, "kv_cache_mode='none' is invalid.*block-diffusion"),
+    ({"attention_backend": "flex"}, "attention_backend='flex' is invalid"),
+    ({"cuda_graphs": True}, "cuda_graphs=True is invalid"),
+])
+def test_engine_settings_it_cannot_run_are_refused(config, match):
+    with pytest.raises(ValueError, match=match):
+        engine(**config)
+
+
+@pytest.mark.parametrize("knobs, match", [
+    ({"remasking": "random"}, "remasking='random' is a LLaDA / Dream knob"),
+    ({"alg": "entropy"}, "alg='entropy' is a LLaDA / Dream knob"),
+    ({"factor": 1.0}, "factor=1.0 is a LLaDA / Dream knob"),
+    ({"kv_cache_mode": "prefix"}, "kv_cache_mode='prefix' is invalid for a block-diffusion"),
+    ({"speed": "fast"}, "speed='fast' is invalid for a block-diffusion"),
+    ({"decoding": "apd"}, "decoding='apd' is invalid for a block-diffusion"),
+    ({"threshold": 0.5, "remasking_strategy": "sequential"}, "threshold=0.5 applies to"),
+    ({"max_tokens": 124}, "max_tokens=124 is invalid: .*whole blocks of 4.*at most 123"),
+])
+def test_knobs_it_does_not_use_are_refused(knobs, match):
+    with pytest.raises(ValueError, match=match):
+        engine().resolve_params(SamplingParams(**knobs), prompt_len=5)
+
+
+def test_mask_token_in_the_prompt_is_refused():
+    with pytest.raises(ValueError, match="holds the mask token"):
+        engine().add_request("r", [1, 510, 2], SamplingParams(max_tokens=8))
