@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from ..models.spec import ModelSpec
 from ..sampling.params import (DEFAULT_MAX_TOKENS, FOREIGN, SDAR_THRESHOLD, SamplingParams,
                                unused_knobs)
 from .config import EngineConfig
@@ -39,13 +38,14 @@ def check_block_diffusion(name: str, config: EngineConfig, verifier) -> None:
                          "built for full-attention drafters; drop the verifier")
 
 
-def resolve_block_diffusion(params: SamplingParams, prompt_len: int, spec: ModelSpec,
+def resolve_block_diffusion(params: SamplingParams, prompt_len: int, block_size: int,
                             max_len: int) -> SamplingParams:
     """Fill SDAR's defaults and lay the canvas out: blocks of B from position 0, up to B-1
     positions past prompt + max_tokens decoded too (the official canvas), the output cut at
-    max_tokens (`output_limit`)."""
+    max_tokens (`output_limit`). `block_size`: the checkpoint's. Resolving a resolved request
+    again changes nothing (the Serve ingress resolves, then the engine)."""
     _refuse_foreign(params)
-    block = params.block_length or spec.block_size
+    block = params.block_length or block_size
     strategy = params.remasking_strategy or DEFAULT_STRATEGY
     if params.threshold is not None and strategy != "low_confidence_dynamic":
         raise ValueError(f"threshold={params.threshold} applies to remasking_strategy "

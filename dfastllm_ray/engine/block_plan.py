@@ -13,6 +13,12 @@ as the engine runs it beside every other request:
 - once the block has no mask left, PREFILL over the block writes its K/V (the official storing
   forward); then the block is done and the next one opens.
 
+`EngineConfig.block_store="fused"` (the default) drops the storing forwards: the block is done
+as its last mask commits, and the next block's first denoising window starts where the stored
+K/V end (the decoded block, or the whole prompt blocks for block 0), under a block-causal mask,
+so it writes their K/V while decoding; after the last block nothing is stored. The same
+attention, one forward fewer per block (and per prefill). "separate" keeps the official order.
+
 Where the official code commits more positions than the masks left (k past the masks: its top-k
 also picks the prompt's tail or committed tokens and overwrites them with new draws), the engine
 commits the masks left: committed tokens never change, the prompt least of all. With k within
@@ -35,18 +41,23 @@ def open_block(req: Request) -> None:
 
 
 def plan_block(req: Request) -> ScheduledRequest:
-    """The next forward of `req`: the prompt's prefill, a denoising step, or the block's store."""
+    """The next forward of `req`: the prompt's prefill, a denoising step, or the block's store.
+    Fused (`req.fused_store`): what is not stored yet (the prompt blocks, the block decoded
+    last) joins the window of the active block's denoising step instead."""
     s, e = req.block_start, req.block_end
-    if req.kv_written < s:              # whole prompt blocks (or a chunk of them) not stored yet
-        return _store(req, req.kv_written, s)
-    if req.masked_block == 0:           # the block is decoded: store its K/V
-        return _store(req, s, e)
+    if not req.fused_store:
+        if req.kv_written < s:          # whole prompt blocks (or a chunk of them) not stored yet
+            return _store(req, req.kv_written, s)
+        if req.masked_block == 0:       # the block is decoded: store its K/V
+            return _store(req, s, e)
+    q_start = min(req.kv_written, s)
     i = req.block_step
     quota = req.block_quota[i] if i < len(req.block_quota) else 0
     n = req.masked_block
-    return ScheduledRequest(request_id=req.request_id, kind=CACHED, q_start=s, q_len=e - s,
-                            kv_len=e, cand_start=s, cand_end=e, num_candidates=n, quota=quota,
-                            k=min(quota, n), policy=req.params.policy, schedule_step=i,
+    return ScheduledRequest(request_id=req.request_id, kind=CACHED, q_start=q_start,
+                            q_len=e - q_start, kv_len=e, cand_start=s, cand_end=e,
+                            num_candidates=n, quota=quota, k=min(quota, n),
+                            policy=req.params.policy, schedule_step=i,
                             schedule_len=req.steps_per_block, slot=req.slot)
 
 
@@ -65,5 +76,9 @@ def after_store(req: Request, item: ScheduledRequest) -> bool:
     return item.q_start == req.block_start and req.masked_block == 0
 
 
-def after_denoise(req: Request) -> None:
+def after_denoise(req: Request) -> bool:
+    """After a denoising step: [0, block start) is stored now (a fused window wrote it); the
+    block is done when fused and no mask is left (its K/V rides on the next block's forward)."""
     req.block_step += 1
+    req.kv_written = max(req.kv_written, req.block_start)
+    return req.fused_store and req.masked_block == 0

@@ -15,6 +15,7 @@ REFRESH_MODES = ("full", "incremental")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SAMPLER_DTYPES = ("float32", "float64")
 ATTENTION_BACKENDS = ("sdpa", "flex")
+BLOCK_STORES = ("fused", "separate")
 
 
 def _check(cond: bool, name: str, value, fix: str) -> None:
@@ -137,6 +138,14 @@ class EngineConfig:
     token has margin exactly 1.0 (fixture `dream.topk_margin.s32.topp0.9.topk20`). Costs one
     topk per distinct quota in the step; off on the fast path."""
 
+    block_store: str = "fused"
+    """Block diffusion (SDAR) only: when a decoded block's K/V is stored. "fused": by the next
+    block's first forward, whose window starts at the decoded block (a block-causal mask keeps
+    the new block's queries off nothing they should not see; the prompt's prefill rides on
+    block 0's first forward the same way) and not at all after the last block: one forward
+    fewer per block. "separate": the official order, one storing forward per block (NFE equal
+    to `sampling.sdar_generate.block_diffusion_generate`)."""
+
     attention_backend: str = "sdpa"
     """How a cached or refresh forward attends to the paged KV cache. "sdpa": each layer
     gathers the canvas K/V from the pages into a dense tensor for SDPA (the CPU and reference
@@ -188,6 +197,8 @@ class EngineConfig:
         _check(self.dtype in DTYPES, "dtype", self.dtype, f"use one of {DTYPES}")
         _check(self.sampler_dtype in SAMPLER_DTYPES, "sampler_dtype", self.sampler_dtype,
                f"use one of {SAMPLER_DTYPES}")
+        _check(self.block_store in BLOCK_STORES, "block_store", self.block_store,
+               f"use one of {BLOCK_STORES}")
         _check(self.attention_backend in ATTENTION_BACKENDS, "attention_backend",
                self.attention_backend, f"use one of {ATTENTION_BACKENDS}")
         _check(self.attention_backend == "sdpa" or self.kv_cache_mode != "none",

@@ -121,7 +121,7 @@ class Engine:
             if self.spec.mask_token_id in prompt_token_ids:
                 raise ValueError(f"the prompt holds the mask token ({self.spec.mask_token_id}): "
                                  "block diffusion decodes masks after the prompt only")
-            req.kv_mode = BLOCK
+            req.kv_mode, req.fused_store = BLOCK, self.config.block_store == "fused"
         else:
             req.kv_mode = self.request_kv_mode(p)
         if p.alg is not None:           # Dream's time schedule: computed here, not inside a step
@@ -138,7 +138,8 @@ class Engine:
     def resolve_params(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
         """Fill defaults and check what the engine supports for this model."""
         if self.spec.block_size is not None:        # SDAR: its own knobs and canvas
-            return resolve_block_diffusion(params, prompt_len, self.spec, self.max_model_len)
+            return resolve_block_diffusion(params, prompt_len, self.spec.block_size,
+                                           self.max_model_len)
         defaults = self.loaded.generation_defaults or {}
         alg = params.alg or defaults.get("alg") or ("origin" if self.spec.arch == "dream" else None)
         if self.spec.arch != "dream" and params.alg is not None:

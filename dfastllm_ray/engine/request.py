@@ -57,6 +57,7 @@ class Request:
     content_refreshes: int = 0        # refresh_on "content": refreshes it triggered so far
     kv_written: int = 0               # canvas positions [0, kv_written) hold K/V in the pages
     kv_mode: str = ""                 # this request's KV cache mode ("": the engine's default)
+    fused_store: bool = False         # block diffusion: a block's K/V is stored by the next one's forward
     curr: int = 0                     # hybrid: first masked canvas position (left to right)
     prev_accept: int = 0              # hybrid: tokens committed by the previous step
     v_len: int = 0                    # hybrid: canvas positions held in the verifier's cache

@@ -49,13 +49,18 @@ def official_topk(conf: Tensor, inputs: GroupInputs, g: GroupPlan) -> Tensor:
     host-known, never a host sync."""
     b = conf.shape[0]
     window = torch.full((b, g.lq + 1), float("-inf"), dtype=conf.dtype, device=conf.device)
-    rows = torch.where(inputs.knobs.valid, inputs.cand_offset, g.lq)     # window columns
+    offset = inputs.cand_offset
+    block = g.facts.family == "sdar"     # SDAR's row is the block, not the (fused) window
+    if block:
+        offset = offset - (inputs.knobs.cand_start - inputs.knobs.q_start)[:, None]
+    rows = torch.where(inputs.knobs.valid, offset, g.lq)                 # row columns
     window.scatter_(1, rows, conf)
     top = torch.zeros(b, g.lq + 1, dtype=torch.bool, device=conf.device)
     by_k: dict[tuple[int, int], list[int]] = {}
     for r, item in enumerate(g.items):
         if item.k > 0:               # topk's ties also depend on the row's length: its own
-            by_k.setdefault((item.k, item.q_len), []).append(r)
+            width = item.cand_end - item.cand_start if block else item.q_len
+            by_k.setdefault((item.k, width), []).append(r)
     for (k, width), members in by_k.items():
         idx = torch.tensor(members, device=conf.device)
         picked = torch.topk(window[idx, :width], k, dim=-1).indices

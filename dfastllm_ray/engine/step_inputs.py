@@ -21,7 +21,7 @@ from ..models.spec import ModelSpec
 from ..sampling.batch import GroupFacts, RowKnobs
 from .input_batch import COL, CONF_ALGS, InputBatch
 from .kv_pool import KVPool, to_device
-from .outputs import FULL, HYBRID, PREFILL, REFRESH, ScheduledRequest
+from .outputs import FULL, HYBRID, REFRESH, ScheduledRequest
 from .paged_attention import build_paged_attention
 from .paged_kv import PagedKV
 from .request import Request
@@ -117,9 +117,20 @@ def pack_group(items: list[ScheduledRequest], requests: dict[str, Request], fami
         stateful=policies == ("klass",),
         passthrough=kind == REFRESH and full and all(i.q_start == 0 and i.q_len == lk
                                                      for i in items),
-        in_block=in_block, block_causal=family == "sdar" and kind == PREFILL, facts=facts,
+        in_block=in_block, block_causal=family == "sdar" and spans_blocks(items, requests),
+        facts=facts,
         meta=torch.from_numpy(meta),
         packed=torch.from_numpy(packed), dense=dense)
+
+
+def spans_blocks(items: list[ScheduledRequest], requests: dict[str, Request]) -> bool:
+    """Block diffusion: does some row's window reach over more than one block (a prefill, a
+    fused store + denoise)? Then the window needs the block-causal mask."""
+    for it in items:
+        b = requests[it.request_id].params.block_length
+        if it.q_len and it.q_start // b != (it.q_start + it.q_len - 1) // b:
+            return True
+    return False
 
 
 _FACTS: dict[tuple, GroupFacts] = {}
@@ -205,7 +216,7 @@ class WindowCache:
     def get(self, g: GroupPlan, batch: InputBatch, pool: KVPool | None, im: Tensor,
             shift: bool) -> Window:
         key = (g.kind, g.items[0].policy, g.lq, g.lk, g.lc, g.gen_width, g.needs_mask,
-               g.passthrough, shift, g.meta.numpy()[:, :WINDOW_COLS].tobytes())
+               g.passthrough, g.block_causal, shift, g.meta.numpy()[:, :WINDOW_COLS].tobytes())
         w = self._windows.get(key)
         if w is None:
             if len(self._windows) >= self.LIMIT:

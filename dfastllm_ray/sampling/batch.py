@@ -79,6 +79,8 @@ class RowKnobs:
     k = property(lambda self: self._imeta[:, self._mcol["k"]])              # commit count (0: none)
     policy = property(lambda self: self._imeta[:, self._mcol["policy"]])    # index into facts.policies
     block_start = property(lambda self: self._imeta[:, self._mcol["block_start"]])  # canvas position
+    q_start = property(lambda self: self._imeta[:, self._mcol["q_start"]])          # window start
+    cand_start = property(lambda self: self._imeta[:, self._mcol["cand_start"]])    # candidate range
 
     @property
     def prob(self) -> Tensor:

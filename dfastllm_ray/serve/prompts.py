@@ -11,6 +11,7 @@ from dataclasses import replace
 from typing import Any, Union
 
 from dfastllm_ray.sampling.params import SEED_BOUND, SamplingParams, unused_knobs
+from dfastllm_ray.engine.block_diffusion import resolve_block_diffusion
 
 from .errors import bad_request, from_value_error
 from .hybrid import hybrid_fields
@@ -107,7 +108,7 @@ def sampling_params(body: _Body, card: ModelCard, prompt_len: int, max_n: int) -
     overrides = body.sampling_overrides()
     foreign = unused_knobs(overrides, card.arch)
     if foreign:
-        family = "Dream" if card.arch == "dream" else "LLaDA"
+        family = {"dream": "Dream", "sdar": "SDAR"}.get(card.arch, "LLaDA")
         raise bad_request(f"{foreign[0]}={overrides[foreign[0]]!r} is invalid: {card.model_id!r} "
                           f"is a {family}-family model, which does not use "
                           f"{', '.join(foreign)}; leave {'them' if len(foreign) > 1 else 'it'} out.",
@@ -119,8 +120,11 @@ def sampling_params(body: _Body, card: ModelCard, prompt_len: int, max_n: int) -
         raise bad_request(f"max_tokens={mt} is invalid: this server allows at most {limit}.",
                           param="max_tokens")
     try:
-        params = SamplingParams(**fields).resolve(max_context=card.context_length,
-                                                  prompt_len=prompt_len)
+        params = SamplingParams(**fields)
+        if card.block_size:         # block diffusion: blocks from the canvas start (the engine's)
+            return resolve_block_diffusion(params, prompt_len, card.block_size,
+                                           card.context_length)
+        params = params.resolve(max_context=card.context_length, prompt_len=prompt_len)
     except ValueError as exc:
         raise from_value_error(exc) from None
     except TypeError as exc:   # a wrong type SamplingParams' checks compare against (e.g. "abc" < 0)

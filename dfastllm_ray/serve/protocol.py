@@ -20,7 +20,8 @@ POLICY_FIELDS = ("speed", "kv_cache_mode", "refresh_every", "refresh_on", "refre
                  "pc_lambda", "exit_high", "exit_low", "kl_threshold", "kl_history",
                  "revoke_threshold", "dilated")
 # Request fields that map 1:1 onto SamplingParams fields.
-KNOBS = ("steps", "block_length", "threshold", "factor", "entropy_bound", "remasking", "alg",
+KNOBS = ("steps", "block_length", "threshold", "factor", "entropy_bound", "remasking",
+         "remasking_strategy", "alg",
          "alg_temp", "cfg_scale", "top_k", "eps", "logits_eos_inf", "confidence_eos_eot_inf",
          "early_exit", "temperature", "top_p", "seed", *HYBRID_FIELDS, *POLICY_FIELDS)
 
@@ -55,6 +56,8 @@ class _Body(BaseModel):
     factor: Optional[float] = Field(None, gt=0)  # Fast-dLLM factor rule
     entropy_bound: Optional[float] = Field(None, gt=0)   # EB-sampler summed-entropy bound (nats)
     remasking: Optional[Literal["low_confidence", "random"]] = None   # LLaDA: low_confidence | random
+    remasking_strategy: Optional[Literal["sequential", "low_confidence_static",
+                                         "low_confidence_dynamic"]] = None   # SDAR (block diffusion)
     alg: Optional[Literal["origin", "maskgit_plus", "topk_margin", "entropy"]] = None   # Dream: origin | maskgit_plus | topk_margin | entropy
     alg_temp: Optional[float] = Field(None, ge=0)
     cfg_scale: Optional[float] = Field(None, ge=0)   # LLaDA classifier-free guidance

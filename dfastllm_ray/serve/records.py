@@ -21,8 +21,9 @@ class ModelCard:
     defaults: dict[str, Any]            # SamplingParams fields: generation_config.json + config
     max_tokens_limit: Optional[int] = None
     created: int = 0                    # unix seconds the replica loaded the model
-    arch: str = "llada"                 # model family ("llada", "dream"): which knobs it reads
+    arch: str = "llada"                 # model family ("llada", "dream", "sdar"): which knobs it reads
     verifier: Optional[str] = None      # the verifier's model_source (None: no hybrid decoding)
+    block_size: Optional[int] = None    # block diffusion (SDAR): the checkpoint's block; None: not one
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,8 @@ def build_engine(cfg: ModelConfig) -> tuple[Any, ModelCard]:
     card = ModelCard(cfg.model_id, loaded.tokenizer, context, loaded.spec.vocab_size,
                      generation_defaults(loaded.generation_defaults, cfg.sampling_defaults),
                      cfg.max_tokens_limit, int(time.time()), loaded.spec.arch,
-                     cfg.verifier.model_source if cfg.verifier else None)
+                     cfg.verifier.model_source if cfg.verifier else None,
+                     loaded.spec.block_size)
     return AsyncEngine(Engine(loaded, ecfg, verifier=verifier)), card
 
 

@@ -4,8 +4,9 @@ The engine draws sampled tokens from its counter RNG (rng.py), so token-for-toke
 the reference holds where the draw is deterministic: `top_k=1`, SDAR's official greedy form
 (every draw is the argmax, confidence 1.0). Those runs are compared with `block_diffusion_generate`
 for every strategy, block and step count and all three fixture prompts (prompt tail of 1, 0 and
-1 / 5 tokens), canvas and NFE, alone and batched; the official fixtures' greedy cases are matched
-as recorded. The reference runs with `overwrite_committed=False` (k clipped to the masks left:
+1 / 5 tokens), canvas and NFE, alone and batched, in both `block_store` orders (separate: the
+official forwards; fused: the same minus the storing ones); the official fixtures' greedy cases
+are matched as recorded. The reference runs with `overwrite_committed=False` (k clipped to the masks left:
 the engine never rewrites a committed token); with k within the masks the two rules agree.
 """
 from __future__ import annotations
@@ -76,30 +77,38 @@ def case_id(c) -> str:
     return f"{c[0]}-{c[1]}-b{c[2]}-s{c[3]}"
 
 
+def expected_nfe(ref, block_store: str) -> int:
+    """separate: the official forwards; fused: without the storing ones (each rides on the next
+    block's first forward, and the last block's is never needed)."""
+    return ref.nfe if block_store == "separate" else ref.nfe - ref.store_forwards
+
+
+@pytest.mark.parametrize("block_store", ["separate", "fused"])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_engine_equals_reference_greedy(case):
+def test_engine_equals_reference_greedy(case, block_store):
     prompt, strategy, block, steps = case
     T, _ = fixture()
     ref = reference(*case)
     plen = T[prompt].shape[1]
-    out = run(engine(), {"r": (T[prompt][0].tolist(), params(*case))})["r"]
+    out = run(engine(block_store=block_store), {"r": (T[prompt][0].tolist(), params(*case))})["r"]
     # the engine returns the canvas after the prompt (the reference's rounding included)
     assert out.token_ids[:GEN] == ref.x[0, plen:plen + GEN].tolist()
-    assert out.nfe == ref.nfe
+    assert out.nfe == expected_nfe(ref, block_store)
     assert out.finish_reason == "length"
 
 
-def test_batch_equals_single_and_reference():
+@pytest.mark.parametrize("block_store", ["separate", "fused"])
+def test_batch_equals_single_and_reference(block_store):
     """Every case at once, strategies and blocks mixed in the same steps."""
     T, _ = fixture()
     reqs = {case_id(c): (T[c[0]][0].tolist(), params(*c)) for c in CASES}
-    together = run(engine(max_num_seqs=len(reqs)), reqs)
+    together = run(engine(max_num_seqs=len(reqs), block_store=block_store), reqs)
     for c in CASES:
         ref = reference(*c)
         plen = T[c[0]].shape[1]
         got = together[case_id(c)]
         assert got.token_ids[:GEN] == ref.x[0, plen:plen + GEN].tolist(), case_id(c)
-        assert got.nfe == ref.nfe, case_id(c)
+        assert got.nfe == expected_nfe(ref, block_store), case_id(c)
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -115,7 +124,7 @@ def test_official_greedy_fixture_case_matches(prompt):
     p = SamplingParams(max_tokens=gen, block_length=4, steps=4 * blocks, top_k=1, temperature=1.0,
                        remasking_strategy=k["remasking_strategy"],
                        threshold=k["confidence_threshold"])
-    out = run(engine(), {"r": (T[prompt][0].tolist(), p)})["r"]
+    out = run(engine(block_store="separate"), {"r": (T[prompt][0].tolist(), p)})["r"]
     want = T[case["x"]][0, plen:]
     assert out.token_ids == want.tolist()              # the whole rounded canvas
     assert out.nfe == case["nfe"]
@@ -157,7 +166,9 @@ def test_a_stop_token_ends_the_request_after_its_block():
     out = run(eng, {"r": (ids, params("prompt8", "sequential", 4, 4))})["r"]
     assert out.finish_reason == "stop"
     assert out.token_ids == first[:first.index(first[5])]
-    assert out.nfe == 1 + 2 * 5                               # prefill, 2 blocks of 4 + store
+    # fused: prompt prefill and block 0's store ride on forwards; block 1 stops the request
+    # at its last commit (its block-2 forward never runs)
+    assert out.nfe == 2 * 4
 
 
 def test_abort_mid_block_frees_every_page():
