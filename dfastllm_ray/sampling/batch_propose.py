@@ -112,17 +112,7 @@ def _propose_dense(logits: Tensor, dense: Tensor, facts: GroupFacts) -> tuple[Te
 
 def _propose_dream(logits: Tensor, knobs: RowKnobs, facts: GroupFacts):
     """hub `sample_tokens` (temperature, top_p, top_k, margin, neg-entropy), every row at once."""
-    lg = logits.to(facts.conf_dtype)
-    if facts.sampled:
-        lg = lg / knobs.temp_div
-    if facts.top_p:
-        lg = _top_p(lg, knobs.top_p)
-    if facts.top_k:
-        lg = _top_k(lg, knobs.top_k)
-    probs = F.softmax(lg, dim=-1)
-    tokens = argmax_last(probs)
-    if facts.sampled:
-        tokens = torch.where(knobs.hot, _draw_probs(probs, knobs), tokens)
+    lg, probs, tokens = _filter_and_draw(logits, knobs, facts, top_k_first=False)
     conf = probs.gather(-1, tokens[..., None])[..., 0]          # = probs.max(-1), one read
     neg_ent = None
     if CONF_MARGIN in facts.conf_algs:
@@ -140,18 +130,26 @@ def _propose_sdar(logits: Tensor, knobs: RowKnobs, facts: GroupFacts):
     top-p (the reverse of Dream's order), softmax, a draw; the confidence is the drawn token's
     probability after the filters (top_k=1, the official greedy form: 1.0). A row at T = 0,
     which the official sampler cannot run (it divides by T), takes the argmax."""
+    lg, probs, tokens = _filter_and_draw(logits, knobs, facts, top_k_first=True)
+    return tokens, probs.gather(-1, tokens[..., None])[..., 0], lambda: _entropy(lg)
+
+
+def _filter_and_draw(logits: Tensor, knobs: RowKnobs, facts: GroupFacts, top_k_first: bool):
+    """Temperature, the top-p / top-k filters in the family's order, softmax, then the argmax or
+    (rows at T > 0) a draw -> (filtered logits, probabilities, tokens)."""
     lg = logits.to(facts.conf_dtype)
     if facts.sampled:
         lg = lg / knobs.temp_div
-    if facts.top_k:
-        lg = _top_k(lg, knobs.top_k)
-    if facts.top_p:
-        lg = _top_p(lg, knobs.top_p)
+    filters = [(facts.top_p, lambda x: _top_p(x, knobs.top_p)),     # knobs read only when on
+               (facts.top_k, lambda x: _top_k(x, knobs.top_k))]
+    for on, apply in (filters[::-1] if top_k_first else filters):
+        if on:
+            lg = apply(lg)
     probs = F.softmax(lg, dim=-1)
     tokens = argmax_last(probs)
     if facts.sampled:
         tokens = torch.where(knobs.hot, _draw_probs(probs, knobs), tokens)
-    return tokens, probs.gather(-1, tokens[..., None])[..., 0], lambda: _entropy(lg)
+    return lg, probs, tokens
 
 
 def argmax_last(x: Tensor) -> Tensor:

@@ -57,3 +57,33 @@ def fake_args() -> dict:
                            "ray_actor_options": {"num_cpus": 0}},
         }],
     }
+
+
+def in_process_http(entries: dict):
+    """{model_id: ModelConfig} -> a TestClient over the real ingress routes and a ReplicaCore
+    per model (the production factory, no Ray), with `.cores`; a context manager that shuts
+    the cores down after."""
+    from contextlib import contextmanager
+
+    from fastapi.testclient import TestClient
+
+    from dfastllm_ray.serve.api import build_api
+    from dfastllm_ray.serve.clients import LocalClient
+    from dfastllm_ray.serve.config import ServerSettings
+    from dfastllm_ray.serve.guards import ApiKeys
+    from dfastllm_ray.serve.replica import ReplicaCore, build_engine
+    from dfastllm_ray.serve.server import OpenAIServer
+
+    @contextmanager
+    def serving():
+        cores = {m: ReplicaCore(cfg, *build_engine(cfg)) for m, cfg in entries.items()}
+        server = OpenAIServer(ServerSettings(api_keys_env=None),
+                              {m: LocalClient(c) for m, c in cores.items()})
+        try:
+            with TestClient(build_api(server, ApiKeys([]))) as client:
+                client.cores = cores
+                yield client
+        finally:
+            for core in cores.values():
+                core.shutdown()
+    return serving()

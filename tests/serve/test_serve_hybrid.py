@@ -11,16 +11,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fastapi.testclient import TestClient
+from serve_testutil import in_process_http
 from tiny_pair import DRAFTER, multi_step_prompt, verifier_folder
 
-from dfastllm_ray.serve.api import build_api
 from dfastllm_ray.serve.app import check_model
-from dfastllm_ray.serve.clients import LocalClient
-from dfastllm_ray.serve.config import AppArgs, ModelConfig, ServerSettings
-from dfastllm_ray.serve.guards import ApiKeys
-from dfastllm_ray.serve.replica import ReplicaCore, build_engine
-from dfastllm_ray.serve.server import OpenAIServer
+from dfastllm_ray.serve.config import AppArgs, ModelConfig
+from dfastllm_ray.serve.replica import build_engine
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGINE = {"device": "cpu", "dtype": "float32", "max_num_seqs": 8, "kv_cache_mode": "dual"}
@@ -43,16 +39,9 @@ def model_entry(model_id: str, verifier: Path | None) -> ModelConfig:
 
 @pytest.fixture(scope="module")
 def http(verifier):
-    cores = {m: ReplicaCore(cfg, *build_engine(cfg)) for m, cfg in
-             (("tiny-apd", model_entry("tiny-apd", verifier)),
-              ("tiny-llada", model_entry("tiny-llada", None)))}
-    server = OpenAIServer(ServerSettings(api_keys_env=None),
-                          {m: LocalClient(c) for m, c in cores.items()})
-    with TestClient(build_api(server, ApiKeys([]))) as client:
-        client.cores = cores
+    with in_process_http({"tiny-apd": model_entry("tiny-apd", verifier),
+                          "tiny-llada": model_entry("tiny-llada", None)}) as client:
         yield client
-    for core in cores.values():
-        core.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -9,15 +9,10 @@ import json
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
+from serve_testutil import in_process_http
 from tiny_sdar import BLOCK, sdar_folder
 
-from dfastllm_ray.serve.api import build_api
-from dfastllm_ray.serve.clients import LocalClient
-from dfastllm_ray.serve.config import ModelConfig, ServerSettings, shipped_tiny_model
-from dfastllm_ray.serve.guards import ApiKeys
-from dfastllm_ray.serve.replica import ReplicaCore, build_engine
-from dfastllm_ray.serve.server import OpenAIServer
+from dfastllm_ray.serve.config import ModelConfig, shipped_tiny_model
 
 ENGINE = {"device": "cpu", "dtype": "float32", "max_num_seqs": 8, "kv_cache_mode": "dual"}
 PROMPT = "Reverse the string: abcdef"
@@ -34,14 +29,8 @@ def http(folder):
                                         engine=ENGINE),
                "tiny-llada": ModelConfig(model_id="tiny-llada", model_source=shipped_tiny_model(),
                                          engine=ENGINE)}
-    cores = {m: ReplicaCore(cfg, *build_engine(cfg)) for m, cfg in entries.items()}
-    server = OpenAIServer(ServerSettings(api_keys_env=None),
-                          {m: LocalClient(c) for m, c in cores.items()})
-    with TestClient(build_api(server, ApiKeys([]))) as client:
-        client.cores = cores
+    with in_process_http(entries) as client:
         yield client
-    for core in cores.values():
-        core.shutdown()
 
 
 def post(http, route: str, model: str = "tiny-sdar", **body):
