@@ -33,6 +33,16 @@ from ..sampling.schedule import transfer_counts
 BLOCK = "block"                 # the kv mode of block-diffusion requests (set by the engine)
 
 
+def prefix_pages(req: Request, page_size: int) -> int:
+    """Prompt pages the prefix cache may share: the full pages inside the whole prompt blocks.
+    A position's K/V depends on the tokens of its block and the earlier ones, so a page is
+    determined by the tokens up to its end only when pages end on block boundaries
+    (page_size a multiple of B); otherwise none is shared."""
+    if page_size % req.params.block_length:
+        return 0
+    return req.block_origin // page_size
+
+
 def open_block(req: Request) -> None:
     """The block's commit schedule: B // steps per step, the remainder to the first steps
     (SDAR's `get_num_transfer_tokens(B, steps)`, over the whole block, prompt tail included)."""

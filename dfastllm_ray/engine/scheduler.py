@@ -90,8 +90,7 @@ class Scheduler:
                              f" the pool has {self.allocator.num_pages}: raise kv_cache_memory_gb")
         req.status = RequestStatus.WAITING
         req.kv_mode = req.kv_mode or self.config.kv_cache_mode
-        # block diffusion stores its prompt blocks itself (no prefix cache for it yet)
-        req.prefix_keys = self._prefix_keys(req) if req.kv_mode not in ("none", BLOCK) else []
+        req.prefix_keys = self._prefix_keys(req) if req.kv_mode != "none" else []
         self.waiting.append(req)
 
     def _prefix_keys(self, req: Request) -> list[bytes]:
@@ -102,6 +101,8 @@ class Scheduler:
             return []
         size = self.config.page_size
         prompt = req.prompt_token_ids
+        if req.kv_mode == BLOCK:        # block diffusion: block_plan.prefix_pages
+            return page_hash_chain(prompt, size, block_plan.prefix_pages(req, size))
         first_mask = next((i for i, t in enumerate(prompt) if t == req.mask_token_id), len(prompt))
         num = min((len(prompt) - 1) // size, first_mask // size)
         return page_hash_chain(prompt, size, num)
@@ -174,6 +175,8 @@ class Scheduler:
         req.num_frozen_tokens = len(req.prefix_keys) * self.config.page_size
         req.status = RequestStatus.RUNNING
         req.slot = self.take_slot(req)
+        if req.kv_mode == BLOCK:        # the prefix cache's pages hold the first K/V already
+            req.kv_written = req.num_cached_tokens
         self.running[req.request_id] = req
         step_plan.open_block(req, req.kv_mode)
 
@@ -200,16 +203,15 @@ class Scheduler:
                 req.generated = c.generated
             req.nfe += 1
             self.total_nfe += 1
+            if req.kv_mode == BLOCK:           # block diffusion: denoising steps and stores
+                outputs.extend(self._after_block_step(req, item, n_committed))
+                continue
             if item.kind == CACHED:            # the common step: counters only
                 if step_plan.after_step(req, item, n_committed, req.kv_mode):
                     outputs.append(self._close_block(req))
                 continue
             if item.kind == HYBRID:            # left to right: stream every committed span
                 outputs.append(self._after_hybrid(req, item, n_committed))
-                continue
-            if item.kind == PREFILL and req.kv_mode == BLOCK:   # block diffusion's store
-                if block_plan.after_store(req, item):
-                    outputs.append(self._close_block(req))
                 continue
             if item.kind == PREFILL:           # a refresh chunk: K/V written, nothing decoded
                 req.refresh_from = item.q_start + item.q_len
@@ -222,6 +224,18 @@ class Scheduler:
             if step_plan.after_step(req, item, n_committed, req.kv_mode):
                 outputs.append(self._close_block(req))
         return outputs
+
+    def _after_block_step(self, req: Request, item: ScheduledRequest, n: int
+                          ) -> list[RequestOutput]:
+        """Block diffusion: a storing forward or a denoising step; the prompt pages go to the
+        prefix cache once their K/V is written; a done block closes."""
+        if item.kind == PREFILL:
+            done = block_plan.after_store(req, item)
+        else:
+            done = step_plan.after_step(req, item, n, req.kv_mode)
+        if not req.prefix_published and req.kv_written >= req.num_frozen_tokens:
+            self._publish(req)
+        return [self._close_block(req)] if done else []
 
     def _after_hybrid(self, req: Request, item: ScheduledRequest, n: int) -> RequestOutput:
         """Advance a hybrid request; finish it at a stop token, at the canvas end, or (APD with

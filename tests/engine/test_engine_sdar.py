@@ -211,3 +211,23 @@ def test_knobs_it_does_not_use_are_refused(knobs, match):
 def test_mask_token_in_the_prompt_is_refused():
     with pytest.raises(ValueError, match="holds the mask token"):
         engine().add_request("r", [1, 510, 2], SamplingParams(max_tokens=8))
+
+
+@pytest.mark.parametrize("block_store", ["separate", "fused"])
+def test_prefix_cache_shares_whole_prompt_blocks(block_store):
+    """Two requests with one 13-token prompt, pages of 8 (a multiple of B = 4): the second finds
+    the first page (positions 0-7, inside the prompt's whole blocks 0-11) cached, decodes the
+    same tokens, and a page size that cuts blocks shares nothing."""
+    T, _ = fixture()
+    ids = T["prompt13"][0].tolist()
+    p = params("prompt13", "low_confidence_static", 4, 4)
+    alone = run(engine(block_store=block_store), {"a": (ids, p)})["a"]
+    eng = engine(block_store=block_store, enable_prefix_caching=True, page_size=8)
+    first = run(eng, {"a": (ids, p)})["a"]
+    second = run(eng, {"b": (ids, p)})["b"]
+    assert first.num_cached_tokens == 0 and second.num_cached_tokens == 8
+    assert first.token_ids == second.token_ids == alone.token_ids
+    assert second.nfe == first.nfe
+    odd = engine(block_store=block_store, enable_prefix_caching=True, page_size=6)
+    run(odd, {"a": (ids, p)})
+    assert run(odd, {"b": (ids, p)})["b"].num_cached_tokens == 0
