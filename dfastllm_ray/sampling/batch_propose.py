@@ -140,11 +140,12 @@ def _filter_and_draw(logits: Tensor, knobs: RowKnobs, facts: GroupFacts, top_k_f
     lg = logits.to(facts.conf_dtype)
     if facts.sampled:
         lg = lg / knobs.temp_div
-    filters = [(facts.top_p, lambda x: _top_p(x, knobs.top_p)),     # knobs read only when on
-               (facts.top_k, lambda x: _top_k(x, knobs.top_k))]
-    for on, apply in (filters[::-1] if top_k_first else filters):
-        if on:
-            lg = apply(lg)
+    if facts.top_p and facts.top_k:                 # both: one sort of the vocabulary, not two
+        lg = _top_k_and_p(lg, knobs.top_k, knobs.top_p, top_k_first)
+    elif facts.top_p:
+        lg = _top_p(lg, knobs.top_p)
+    elif facts.top_k:
+        lg = _top_k(lg, knobs.top_k)
     probs = F.softmax(lg, dim=-1)
     tokens = argmax_last(probs)
     if facts.sampled:
@@ -209,6 +210,29 @@ def _top_k(lg: Tensor, top_k: Tensor) -> Tensor:
     kth = sorted_lg.gather(-1, k[:, None, None].expand(-1, lg.shape[1], 1))
     drop = (lg < kth) & (top_k > 0)[:, None, None]
     return lg.masked_fill(drop, torch.finfo(lg.dtype).min)
+
+
+def _top_k_and_p(lg: Tensor, top_k: Tensor, top_p: Tensor, top_k_first: bool) -> Tensor:
+    """`_top_k` and `_top_p` in either order over one descending sort: the first filter sets
+    its tail to the dtype's minimum, which leaves the sorted order sorted, so the second reads
+    the same sort. Same drops as the two calls (ties at the cut aside, as for any sort)."""
+    low = torch.finfo(lg.dtype).min
+    sorted_lg, idx = torch.sort(lg, dim=-1, descending=True)
+    k = top_k.clamp(min=1, max=lg.shape[-1]) - 1
+    on_k, on_p = (top_k > 0)[:, None, None], (top_p < 1)[:, None, None]
+
+    def by_k(x: Tensor) -> Tensor:                  # below the k-th largest (kept: ties)
+        kth = x.gather(-1, k[:, None, None].expand(-1, lg.shape[1], 1))
+        return (x < kth) & on_k
+
+    def by_p(x: Tensor) -> Tensor:                  # past the prefix whose mass crosses top_p
+        over = F.softmax(x, dim=-1).cumsum(dim=-1) > top_p.to(x.dtype)[:, None, None]
+        return torch.cat([torch.zeros_like(over[..., :1]), over[..., :-1]], dim=-1) & on_p
+
+    first, second = (by_k, by_p) if top_k_first else (by_p, by_k)
+    drop = first(sorted_lg)
+    drop = drop | second(sorted_lg.masked_fill(drop, low))
+    return lg.masked_fill(torch.zeros_like(drop).scatter_(-1, idx, drop), low)
 
 
 def _entropy(lg: Tensor) -> Tensor:

@@ -231,3 +231,56 @@ def test_prefix_cache_shares_whole_prompt_blocks(block_store):
     odd = engine(block_store=block_store, enable_prefix_caching=True, page_size=6)
     run(odd, {"a": (ids, p)})
     assert run(odd, {"b": (ids, p)})["b"].num_cached_tokens == 0
+
+
+@pytest.mark.parametrize("block_store", ["separate", "fused"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("knobs", [dict(top_k=1, temperature=1.0),
+                                   dict(temperature=0.7, top_p=0.9, top_k=5, seed=3)],
+                         ids=["greedy", "sampled"])
+def test_step_has_no_sync_and_sampling_ops_do_not_grow_with_batch(block_store, strategy, knobs,
+                                                                   monkeypatch):
+    """The hot path's rules hold for block diffusion: no data-dependent op in a step, and one
+    sampler op count per kind of group whatever the batch: at most 60 (tests/engine/
+    test_step_ops.py's bound) for the greedy form; a draw after both filters takes 66 (the
+    counter RNG's ~20 integer ops and the filters' shared sort); a group mixing all three
+    strategies, 74."""
+    from test_step_ops import _sampling_ops
+
+    from dfastllm_ray.sampling import batch_propose
+    monkeypatch.setattr(batch_propose, "ARGMAX_TILED_MIN", float("inf"))
+    T, _ = fixture()
+    counts = {}
+    for batch in (1, 16, 64):
+        eng = engine(max_num_seqs=batch, block_store=block_store, exact_ties=False)
+        for i in range(batch):
+            prompt = T[PROMPTS[i % 3]][0].tolist()
+            eng.add_request(str(i), prompt, SamplingParams(max_tokens=GEN,
+                                                           remasking_strategy=strategy, **knobs))
+        ops, syncs = _sampling_ops(eng, 4, monkeypatch)
+        assert syncs == {}, f"batch {batch}: data-dependent ops in a step: {syncs}"
+        counts[batch] = ops
+    bound = 70 if "seed" in knobs else 60
+    for chain, ops in counts[64].items():
+        assert len(ops) == 1 and max(ops) <= bound, counts
+        assert all(counts[b].get(chain, ops) == ops for b in (1, 16)), counts
+    assert set(counts[64]) & set(counts[16]), counts
+
+
+@pytest.mark.parametrize("top_k_first", [True, False], ids=["sdar", "dream"])
+def test_one_sort_filters_equal_the_two_official_filters(top_k_first):
+    """Both filters on: `_top_k_and_p` (one sort) == the hub's `top_k_logits` and
+    `top_p_logits` applied one after the other in the family's order (SDAR: k then p)."""
+    from dfastllm_ray.sampling.batch_propose import _top_k_and_p
+    from dfastllm_ray.sampling.dream import top_k_logits, top_p_logits
+    g = torch.Generator().manual_seed(0)
+    lg = torch.randn(3, 5, 64, generator=g) * 3
+    top_k, top_p = torch.tensor([5, 0, 40]), torch.tensor([0.9, 0.5, 1.0], dtype=torch.float64)
+    got = _top_k_and_p(lg, top_k, top_p, top_k_first)
+    for r in range(3):
+        want = lg[r]
+        steps = [lambda x: top_k_logits(x, int(top_k[r])) if top_k[r] else x,
+                 lambda x: top_p_logits(x, float(top_p[r])) if top_p[r] < 1 else x]
+        for f in (steps if top_k_first else steps[::-1]):
+            want = f(want)
+        assert torch.equal(got[r], want), r
