@@ -2,6 +2,8 @@
 
     python benchmarks/sdar_offline.py                                  # the fixture's tiny SDAR
     python benchmarks/sdar_offline.py --model dfastllm_ray/assets/tiny-sdar --batch 32 --gen-len 64
+    python benchmarks/sdar_offline.py --random-weights sdar-4b --device cuda --batch 64 \
+        --prompt-len 512 --gen-len 256 --skip-reference                # a GPU, no download
 
 Paths, over the same prompts (random ids of `--prompt-len`, or the task suite's prompts when the
 model is the shipped tiny-sdar): "reference" = `sampling.sdar_generate.block_diffusion_generate`
@@ -31,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from dfastllm_ray.engine.config import EngineConfig  # noqa: E402
 from dfastllm_ray.engine.engine import Engine  # noqa: E402
 from dfastllm_ray.models.loader import load_model  # noqa: E402
+from dfastllm_ray.models.random_weights import random_model  # noqa: E402
 from dfastllm_ray.sampling.params import SamplingParams  # noqa: E402
 from dfastllm_ray.sampling.sdar_generate import (BlockDiffusionParams,  # noqa: E402
                                                  block_diffusion_generate)
@@ -98,24 +101,34 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--random-weights", default=None, help="a published shape (models/shapes.py, "
+                    "e.g. sdar-4b) with random weights instead of --model")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", help="float32 | bfloat16 | auto")
+    ap.add_argument("--skip-reference", action="store_true", help="engine paths only")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    loaded = load_model(args.model, "float32", "cpu")
+    loaded = (random_model(args.random_weights, args.device, args.dtype) if args.random_weights
+              else load_model(args.model, args.dtype, args.device))
     batch = prompts(loaded.spec, args.batch, args.prompt_len, args.seed)
-    ref, ref_nfe, ref_s = run_reference(loaded, batch, args)
-    tokens = sum(len(t) for t in ref)             # returned tokens (an early stop returns fewer)
-    print(f"sdar offline: {Path(args.model).name}, batch {args.batch}, prompt {args.prompt_len}, "
+    ref = None if args.skip_reference else run_reference(loaded, batch, args)
+    print(f"sdar offline: {loaded.name}, batch {args.batch}, prompt {args.prompt_len}, "
           f"gen {args.gen_len}, block {args.block_len}, {args.steps} steps/block, "
-          f"{args.strategy}, top_k=1, {args.threads} torch thread(s), CPU")
+          f"{args.strategy}, top_k=1, {args.threads} torch thread(s), {loaded.device}, "
+          f"{loaded.dtype}")
     print(f"{'path':>10} | tok/s | NFE/req | TPF  | steps | x reference | same tokens")
-    print(f"{'reference':>10} | {tokens / ref_s:5.0f} | {ref_nfe / args.batch:7.1f} | "
-          f"{tokens / ref_nfe:4.2f} | {ref_nfe:5d} |        1.00 | -")
+    if ref is not None:
+        tokens = sum(len(t) for t in ref[0])    # returned tokens (an early stop returns fewer)
+        print(f"{'reference':>10} | {tokens / ref[2]:5.0f} | {ref[1] / args.batch:7.1f} | "
+              f"{tokens / ref[1]:4.2f} | {ref[1]:5d} |        1.00 | -")
     for store in ("separate", "fused"):
         outs, nfe, wall, steps = run_engine(loaded, batch, args, store)
+        tokens = sum(len(t) for t in outs)
+        same = "-" if ref is None else "yes" if outs == ref[0] else "NO"
+        ratio = f"{ref[2] / wall:11.2f}" if ref is not None else f"{'-':>11}"
         print(f"{store:>10} | {tokens / wall:5.0f} | {nfe / args.batch:7.1f} | "
-              f"{tokens / nfe:4.2f} | {steps:5d} | {ref_s / wall:11.2f} | "
-              f"{'yes' if outs == ref else 'NO'}")
+              f"{tokens / nfe:4.2f} | {steps:5d} | {ratio} | {same}")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,17 @@ QWEN25_05B = ModelSpec(arch="qwen2", vocab_size=151936, hidden_size=896, num_lay
                        mask_token_id=None, eos_token_id=151643, pad_token_id=None,
                        bos_token_id=151643, eot_token_id=151645, causal=True)
 
-KNOWN_SHAPES = {"llada-8b": LLADA_8B, "dream-7b": DREAM_7B, "qwen2.5-0.5b": QWEN25_05B}
+# JetAstra SDAR-4B (Qwen3-4B layout, block diffusion): hidden 2560, 36 layers, 32 query heads,
+# 8 key/value heads, head 128, mlp 9728, vocab 151936, no biases, q/k norms, untied head, blocks
+# of 4; ids of its Qwen3 tokenizer (<|endoftext|> 151643, <|im_end|> 151645, <|MASK|> 151669)
+SDAR_4B = ModelSpec(arch="sdar", vocab_size=151936, hidden_size=2560, num_layers=36,
+                    num_heads=32, num_kv_heads=8, head_dim=128, intermediate_size=9728,
+                    rope_theta=1000000.0, rms_norm_eps=1e-6, max_position=32768, qkv_bias=False,
+                    mask_token_id=151669, eos_token_id=151643, pad_token_id=151643,
+                    bos_token_id=151643, eot_token_id=151645, block_size=4)
+
+KNOWN_SHAPES = {"llada-8b": LLADA_8B, "dream-7b": DREAM_7B, "qwen2.5-0.5b": QWEN25_05B,
+                "sdar-4b": SDAR_4B}
 TIED_SHAPES = frozenset({"qwen2.5-0.5b"})     # LM head = the embedding matrix
 
 
