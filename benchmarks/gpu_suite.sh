@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_suite.sh --dry-run  # print the offline.py commands, run nothing
 #
 # Shapes of LLaDA-8B-Instruct and Dream-v0-Instruct-7B with random bf16 weights (no download),
+# (and SDAR-4B for block diffusion, benchmarks/sdar_offline.py, last),
 # prompt 512, generation 256, block 32, every cache mode (none, prefix, dual):
 #   batch 1, one token per step (the fixed schedule: 256 steps);
 #   batch 64, four tokens per step, measured: --scripted-tpf 4 (benchmarks/scripted_model.py
@@ -68,7 +69,15 @@ run "llada-8b-b64-tpf4-flex" --random-weights llada-8b --batch 64 --scripted-tpf
   --warmup-steps 3 --modes dual --attention-backend flex
 run "llada-8b-b64-tpf4-incremental" --random-weights llada-8b --batch 64 --scripted-tpf 4 \
   --warmup-steps 3 --modes dual --refresh incremental
-[[ "$DRY" == 1 ]] && exit 0
+# block diffusion: the SDAR-4B shape, 64 requests, both block-store orders (printed table only)
+SDAR=(--random-weights sdar-4b --device cuda --dtype bfloat16 --batch 64 --prompt-len 512
+      --gen-len 256 --max-len 1024 --skip-reference --no-progress)
+if [[ "$DRY" == 1 ]]; then
+  echo "benchmarks/sdar_offline.py ${SDAR[*]}"
+  exit 0
+fi
+echo "== sdar-4b-b64 ($((SECONDS - START)) s elapsed)" | tee -a "$LOG"
+"$PY" "$ROOT/benchmarks/sdar_offline.py" "${SDAR[@]}" | tee -a "$LOG"
 echo "== table done in $((SECONDS - START)) s; JSON in benchmarks/results/gpu/" | tee -a "$LOG"
 if (( SECONDS - START > 480 )); then
   echo "== over the 8-minute budget: trim the batch-64 no-cache runs (--modes)" | tee -a "$LOG"

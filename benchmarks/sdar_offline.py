@@ -89,7 +89,7 @@ def run_engine(loaded, batch: list[list[int]], args, store: str):
     return outs, sum(o.nfe for o in done.values()), wall, eng.stats()["engine_steps"]
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(FIXTURE))
     ap.add_argument("--batch", type=int, default=16)
@@ -107,7 +107,11 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", help="float32 | bfloat16 | auto")
     ap.add_argument("--skip-reference", action="store_true", help="engine paths only")
     ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(args.threads)
     loaded = (random_model(args.random_weights, args.device, args.dtype) if args.random_weights
               else load_model(args.model, args.dtype, args.device))

@@ -15,7 +15,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks import offline  # noqa: E402
+from benchmarks import offline, sdar_offline  # noqa: E402
 from benchmarks.step_probe import PHASES  # noqa: E402
 
 TINY = str(ROOT / "tests" / "fixtures" / "reference" / "llada-tiny")
@@ -95,7 +95,10 @@ def test_gpu_suite_parses_and_its_commands_are_valid_offline_flags():
     subprocess.run(["bash", "-n", str(SUITE)], check=True)
     out = subprocess.run(["bash", str(SUITE), "--dry-run"], check=True, capture_output=True,
                          text=True).stdout.splitlines()
-    assert len(out) == 7       # 2 shapes x (batch 1, batch 64), then graphs / flex / incremental
+    assert len(out) == 8       # 2 shapes x (batch 1, batch 64), graphs / flex / incremental, SDAR
+    sdar = sdar_offline.parse_args(shlex.split(out.pop())[1:])
+    assert (sdar.random_weights, sdar.device, sdar.batch, sdar.skip_reference) == \
+        ("sdar-4b", "cuda", 64, True)
     for i, line in enumerate(out):
         args = offline.parse_args(shlex.split(line)[1:])
         assert args.random_weights in ("llada-8b", "dream-7b")
