@@ -51,29 +51,35 @@ BAD_KNOBS = [{"steps": 10**9}, {"max_tokens": 10**6}, {"n": 10**4}, {"stop": ["x
              {"seed": 2**64}, {"prompt": "x" * 400_000}, {"steps": 33, "max_tokens": 32}]
 
 
+CHEAP_400 = [{"max_tokens": 0}]     # the control: a 400 as cheap as a request can be
+
+
 async def bounds(url: str, model: str, clients: int, seconds: float, hang_s: float,
-                 rounds: int = 1) -> dict:
-    """Other requests' p99 latency alone, then beside a stream of out-of-bound requests,
-    alternately `rounds` times (alone, beside, alone, beside, ...: the order's drift shows)."""
-    bad = Tally()
-    pairs: list[tuple[Tally, Tally]] = []
+                 rounds: int = 1, control: bool = False) -> dict:
+    """Other requests' p99 latency alone, then beside a stream of out-of-bound requests (and,
+    with `control`, beside the same rate of cheap 400s: what any extra request traffic costs),
+    alternately `rounds` times (alone, beside, ...: the order's drift shows)."""
+    bad, cheap = Tally(), Tally()
+    rows: list[tuple[Tally, ...]] = []
     for _ in range(rounds):
-        alone = await load(url, model, clients, seconds, hang_s, stream=False)
-        stop = asyncio.Event()
-        task = asyncio.create_task(attack(url, model, bad, stop, hang_s))
-        beside = await load(url, model, clients, seconds, hang_s, stream=False)
-        stop.set()
-        await task
-        pairs.append((alone, beside))
-    return {"pairs": pairs, "bad": bad}
+        row = [await load(url, model, clients, seconds, hang_s, stream=False)]
+        for knobs, tally in ((BAD_KNOBS, bad), (CHEAP_400, cheap))[:2 if control else 1]:
+            stop = asyncio.Event()
+            task = asyncio.create_task(attack(url, model, tally, stop, hang_s, knobs))
+            row.append(await load(url, model, clients, seconds, hang_s, stream=False))
+            stop.set()
+            await task
+        rows.append(tuple(row))
+    return {"pairs": rows, "bad": bad, "cheap": cheap}
 
 
-async def attack(url: str, model: str, bad: Tally, stop: asyncio.Event, hang_s: float) -> None:
-    """Out-of-bound requests, one every ~20 ms, until `stop`: each must be a 400."""
+async def attack(url: str, model: str, bad: Tally, stop: asyncio.Event, hang_s: float,
+                 knob_list: list[dict] = BAD_KNOBS) -> None:
+    """Requests with `knob_list`'s knobs, one every ~20 ms, until `stop`: each must be a 400."""
     async with session(url, 4) as c:
         i = 0
         while not stop.is_set():
-            knobs = dict(BAD_KNOBS[i % len(BAD_KNOBS)])
+            knobs = dict(knob_list[i % len(knob_list)])
             body = {"model": model, "prompt": knobs.pop("prompt", PROMPT), **knobs}
             async with asyncio.timeout(hang_s), c.post("/v1/completions", json=body) as r:
                 await r.read()
@@ -84,14 +90,19 @@ async def attack(url: str, model: str, bad: Tally, stop: asyncio.Event, hang_s: 
 
 
 def bounds_rows(b: dict) -> list[tuple[str, str]]:
-    pairs = b["pairs"]
-    lost = sum(beside.lost for _, beside in pairs)
-    hung = sum(beside.hung for _, beside in pairs)
-    p99s = ", ".join(f"{ms(p99(a.latency_s))} / {ms(p99(x.latency_s))}" for a, x in pairs)
-    return [("bounds: out-of-bound requests -> 400 / other",
-             f"{b['bad'].bad_request} / {b['bad'].lost}"),
-            (f"bounds: others' p99 alone / beside them (x{len(pairs)})", p99s),
-            ("bounds: others lost / hung", f"{lost} / {hung}")]
+    rows = b["pairs"]
+    lost = sum(t.lost for row in rows for t in row[1:])
+    hung = sum(t.hung for row in rows for t in row[1:])
+    p99s = ", ".join(" / ".join(ms(p99(t.latency_s)) for t in row) for row in rows)
+    label = "alone / beside them" + (" / beside cheap 400s" if len(rows[0]) > 2 else "")
+    out = [("bounds: out-of-bound requests -> 400 / other",
+            f"{b['bad'].bad_request} / {b['bad'].lost}"),
+           (f"bounds: others' p99 {label} (x{len(rows)})", p99s),
+           ("bounds: others lost / hung", f"{lost} / {hung}")]
+    if len(rows[0]) > 2:
+        out.insert(1, ("bounds: cheap 400s (max_tokens 0) -> 400 / other",
+                       f"{b['cheap'].bad_request} / {b['cheap'].lost}"))
+    return out
 
 
 async def kill_replica(url: str, model: str, clients: int, hang_s: float) -> dict:
@@ -268,7 +279,7 @@ async def measure(args: argparse.Namespace) -> list[tuple[str, str]]:
             rows += await overload_rows(url, model, args, low)
         if not args.skip_bounds:
             b = await bounds(url, model, args.bound_clients, args.bounds_s or d / 2,
-                             args.hang_s, args.bounds_rounds)
+                             args.hang_s, args.bounds_rounds, args.bounds_control)
             rows += bounds_rows(b)
         if not args.skip_kill:
             kills = [await kill_replica(url, model, args.bound_clients, args.hang_s)
@@ -308,6 +319,8 @@ def main() -> None:
     ap.add_argument("--bound-clients", type=int, default=16)
     ap.add_argument("--bounds-rounds", type=int, default=1,
                     help="alone / beside rounds of the bounds phase, alternated")
+    ap.add_argument("--bounds-control", action="store_true",
+                    help="each bounds round also runs beside the same rate of cheap 400s")
     ap.add_argument("--bounds-s", type=float, default=None,
                     help="seconds per bounds load (default: half of --duration)")
     ap.add_argument("--hang-s", type=float, default=120.0, help="a request slower is hung")
