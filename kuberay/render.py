@@ -61,6 +61,8 @@ CLUSTERS = {
     "dream": Cluster(WorkerGroup("gpu", gpus=1, cpus="8", memory="48Gi", shm="8Gi")),
     # Dream-7B + its Qwen2.5-0.5B verifier share one GPU per replica (configs/dream_apd.yaml)
     "dream_apd": Cluster(WorkerGroup("gpu", gpus=1, cpus="8", memory="48Gi", shm="8Gi")),
+    # SDAR-4B (block diffusion) in bfloat16: ~8 GB of weights, one GPU per replica (configs/sdar.yaml)
+    "sdar": Cluster(WorkerGroup("gpu", gpus=1, cpus="8", memory="32Gi", shm="8Gi")),
     # the project's own tiny model runs on CPU (configs/tiny.yaml): no GPU, one small pod
     "tiny": Cluster(WorkerGroup("cpu", gpus=0, cpus="2", memory="4Gi", shm="1Gi"),
                     head_memory="4Gi"),
