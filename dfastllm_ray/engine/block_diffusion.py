@@ -6,7 +6,8 @@ prefill is built in `step_inputs`). Its knobs are the official `block_diffusion_
 `block_length` (default: the checkpoint's `block_size`), `steps` (here, as for every model,
 the forwards budget of the whole generation: `steps // blocks` denoising steps per block, at
 most B), `remasking_strategy`, `threshold` (its `confidence_threshold`), `temperature`, `top_k`,
-`top_p`. Temperature 0 takes the argmax (the official sampler has no greedy mode: `top_k=1` is
+`top_p`. `steps` above one per position is refused; below one per block it is raised to one.
+Temperature 0 takes the argmax (the official sampler has no greedy mode: `top_k=1` is
 its greedy form, and it is served too).
 """
 from __future__ import annotations
@@ -58,7 +59,11 @@ def resolve_block_diffusion(params: SamplingParams, prompt_len: int, block_size:
                          f"max_tokens, rounded up to whole blocks of {block}, must fit the context "
                          f"of {max_len} tokens: at most {room}")
     blocks = (end - prompt_len // block * block) // block
-    per_block = min(block, max(1, (params.steps or blocks * block) // blocks))
+    if params.steps is not None and params.steps > blocks * block:
+        raise ValueError(f"steps={params.steps} is invalid: at most {blocks * block} (one "
+                         f"denoising step per position: {blocks} blocks of {block} for this prompt "
+                         "and max_tokens)")
+    per_block = max(1, (params.steps or blocks * block) // blocks)     # rounded down, >= 1
     return replace(params, max_tokens=end - prompt_len, block_length=block,
                    steps=per_block * blocks, remasking_strategy=strategy,
                    threshold=(params.threshold or SDAR_THRESHOLD)

@@ -27,7 +27,7 @@ from dfastllm_ray.sampling.sdar_generate import BlockDiffusionParams, block_diff
 FOLDER = Path(__file__).parents[1] / "fixtures" / "sdar" / "sdar-tiny"
 PROMPTS = ("prompt5", "prompt8", "prompt13")
 STRATEGIES = ("sequential", "low_confidence_static", "low_confidence_dynamic")
-SHAPES = ((4, 4), (4, 2), (8, 4), (4, 8))        # (block, denoising steps per block)
+SHAPES = ((4, 4), (4, 2), (8, 4), (8, 2))        # (block, denoising steps per block)
 GEN = 16
 
 
@@ -154,7 +154,10 @@ def test_defaults_come_from_the_checkpoint():
                                                                   0.85)
     # blocks at 4..8, 8..12, 12..16: canvas 16, 11 positions after the prompt, 10 returned
     assert (p.max_tokens, p.output_limit, p.steps) == (11, 10, 12)
-    assert eng.resolve_params(SamplingParams(max_tokens=10, steps=100), 5).steps == 12   # <= B
+    assert eng.resolve_params(SamplingParams(max_tokens=10, steps=7), 5).steps == 6   # 2 / block
+    assert eng.resolve_params(SamplingParams(max_tokens=10, steps=1), 5).steps == 3   # >= 1
+    with pytest.raises(ValueError, match=r"steps=13 is invalid: at most 12 .*3 blocks of 4"):
+        eng.resolve_params(SamplingParams(max_tokens=10, steps=13), 5)
 
 
 def test_a_stop_token_ends_the_request_after_its_block():

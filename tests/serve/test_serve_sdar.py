@@ -79,6 +79,7 @@ def test_chat_answers(http):
      ["low_confidence_dynamic"]),
     ("tiny-sdar", {"remasking_strategy": "entropy_bounded"}, "remasking_strategy", []),
     ("tiny-sdar", {"kv_cache_mode": "prefix"}, "kv_cache_mode", ["block-diffusion"]),
+    ("tiny-sdar", {"steps": 10**9}, "steps", ["1000000000", "at most 12"]),
     ("tiny-llada", {"remasking_strategy": "sequential"}, "remasking_strategy",
      ["LLaDA-family"]),
 ])
