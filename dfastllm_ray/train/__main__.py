@@ -1,4 +1,4 @@
-"""`python -m dfastllm_ray.train --out FOLDER [--family llada|dream|ar]`: train a tiny model,
+"""`python -m dfastllm_ray.train --out FOLDER [--family llada|dream|ar|sdar]`: train a tiny model,
 then report held-out accuracy. Commands of the shipped checkpoints: docs/tiny_model.md.
 
 Long runs: `--eval-every N` keeps the best model in --out; the resume state and log.jsonl go to
@@ -37,7 +37,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
                    help="held-out examples per task to score the written folder with (0: skip)")
     p.add_argument("--eval-gen-length", type=int, default=32, help="generation length when scoring")
     p.add_argument("--eval-block-length", type=int, default=8,
-                   help="block length when scoring (8: configs/tiny.yaml's default)")
+                   help="block length when scoring (8: configs/tiny.yaml's default; an SDAR "
+                        "model is scored in blocks of its config's block_size)")
     args = p.parse_args(argv)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in known}), args
@@ -67,21 +68,29 @@ def main(argv: list[str] | None = None, reexec: bool = False) -> int:
     if args.eval_final:
         summary["heldout_accuracy"] = score(cfg.out, args.eval_final, args.eval_gen_length,
                                             args.eval_block_length)
+    if args.eval_final and cfg.family == "sdar":
+        summary["heldout_accuracy_sequential"] = score(cfg.out, args.eval_final,
+                                                       args.eval_gen_length, 0, "sequential")
     print(json.dumps(summary, indent=2))
     return 0
 
 
-def score(folder: str, per_task: int, gen_length: int, block_length: int) -> dict[str, float]:
+def score(folder: str, per_task: int, gen_length: int, block_length: int,
+          sdar_strategy: str = "low_confidence_dynamic") -> dict[str, float]:
     """Reload the written folder through the project's loader and score the held-out split
-    (seed 0) with the reference schedule (one token per step, low-confidence order)."""
+    (seed 0) with the reference schedule (one token per step, low-confidence order); an SDAR
+    folder with its own reference loop, greedy, in blocks of its block_size (evaluate.py)."""
     from ..models.loader import load_model
     from . import tasks
     from .evaluate import evaluate
     loaded = load_model(folder, dtype="float32", device="cpu")
     spec = loaded.spec
+    sdar = spec.block_size is not None
     return evaluate(loaded.model, loaded.tokenizer, tasks.heldout_set(per_task), gen_length,
-                    block_length, spec.mask_token_id, set(spec.stop_token_ids),
-                    logits_shift=spec.logits_shift, causal=spec.mask_token_id is None)
+                    spec.block_size if sdar else block_length, spec.mask_token_id,
+                    set(spec.stop_token_ids), logits_shift=spec.logits_shift,
+                    causal=spec.mask_token_id is None,
+                    block_strategy=sdar_strategy if sdar else None)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
-"""The three tiny model families as data: config.json, tokenizer flavor and training objective.
+"""The four tiny model families as data: config.json, tokenizer flavor and training objective.
 
 * `llada`: LLaDA-8B's config format and parameter names, bidirectional, masked-diffusion loss.
 * `dream`: Dream-v0's (Qwen2 layout: GQA, q/k/v biases), bidirectional, masked-diffusion loss on
   logits shifted by one (Dream predicts token p from the hidden state at p-1).
 * `ar`: `Qwen2ForCausalLM`, causal, next-token loss; LLaDA's tokenizer flavor (same ids and chat
   template as the tiny LLaDA, whose drafts it verifies).
+* `sdar`: `SDARForCausalLM` (Qwen3 layout: q/k RMSNorm per head, no biases), block-causal with
+  `block_size` blocks, unshifted logits, block-diffusion loss (block_loss.py); LLaDA's tokenizer
+  flavor, so its vocabulary has LLaDA's mask token.
 
 The model class comes from the project's architecture registry, so the trainer builds exactly
 what the loader will load.
@@ -25,7 +28,7 @@ from ..models.registry import architecture_for
 class Family:
     name: str
     tokenizer_flavor: str     # a key of tokenizer.FLAVORS
-    objective: str            # "diffusion" (masked positions) or "next_token"
+    objective: str            # "diffusion" (masked positions), "block_diffusion" or "next_token"
     logits_shift: bool        # logits[:, p-1] scores token p (Dream)
     config: Callable[[object, dict], dict]      # (TrainConfig, special ids) -> config.json
     residual_names: tuple[str, ...]            # output projections scaled 1/sqrt(2 n_layers)
@@ -82,12 +85,23 @@ def ar_config(cfg, ids: dict[str, int]) -> dict:
     return {**_qwen2_fields(cfg, ids), "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}
 
 
+def sdar_config(cfg, ids: dict[str, int]) -> dict:
+    """config.json in the official SDARConfig format (Qwen3's fields + `block_size`,
+    `mask_token_id`; the fields of the official config in tests/fixtures/sdar/sdar-tiny), minus
+    `auto_map` (no remote code ships) and `transformers_version`."""
+    return {**_qwen2_fields(cfg, ids), "architectures": ["SDARForCausalLM"], "model_type": "sdar",
+            "attention_bias": False, "head_dim": cfg.d_model // cfg.n_heads,
+            "fuse_cross_entropy": False, "block_size": cfg.block_size,
+            "mask_token_id": ids["mask"]}
+
+
 QWEN2_RESIDUAL = ("o_proj.weight", "down_proj.weight")
 FAMILIES = {
     "llada": Family("llada", "llada", "diffusion", False, llada_config,
                     ("attn_out.weight", "ff_out.weight")),
     "dream": Family("dream", "dream", "diffusion", True, dream_config, QWEN2_RESIDUAL),
     "ar": Family("ar", "llada", "next_token", False, ar_config, QWEN2_RESIDUAL),
+    "sdar": Family("sdar", "llada", "block_diffusion", False, sdar_config, QWEN2_RESIDUAL),
 }
 
 

@@ -1,4 +1,4 @@
-"""Train a tiny LLaDA, Dream or AR model on the task suite (one trainer, the family is data).
+"""Train a tiny LLaDA, Dream, AR or SDAR model on the task suite (one trainer, the family is data).
 
 Each training row is `chat prompt + answer + EOT + <|endoftext|> ...` up to the batch's canvas
 length, as in LLaDA-Instruct SFT: a diffusion model learns to fill the tail of a generation with
@@ -6,7 +6,9 @@ EOS, which lets the engine exit early. Diffusion families mask the row's generat
 (answer, EOT, EOS padding) independently with probability t ~ U(eps, 1] per row; the loss is the
 cross-entropy on masked positions weighted 1/t (LLaDA paper Eq. 5), self-normalised over the batch
 (see `diffusion_loss`). The AR family scores the next-token guess of every answer token and the
-EOT. The prompt is never masked and never scored.
+EOT. The SDAR family masks each block of 4 with its own t and predicts it from the clean earlier
+blocks, on rows cut after the block holding the EOT (block_loss.py). The prompt is never masked
+and never scored.
 
 Long runs are resumable: `state_dir/state.pt` is rewritten every `save_every_s` seconds (see
 checkpoint.py), `state_dir/log.jsonl` gets the loss and, every `eval_every` steps, held-out
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import checkpoint, tasks
+from .block_loss import block_diffusion_loss
 from .evaluate import evaluate
 from .families import Family, build_model, family
 from .tokenizer import save_tokenizer
@@ -36,7 +39,7 @@ EVAL_SEED = 1           # held-out draw used to pick the best checkpoint (report
 @dataclass
 class TrainConfig:
     out: str                      # model folder to write (created): the best model so far
-    family: str = "llada"         # llada | dream | ar (families.FAMILIES)
+    family: str = "llada"         # llada | dream | ar | sdar (families.FAMILIES)
     seed: int = 0                 # model init, data stream and masking all derive from it
     steps: int = 4000             # optimizer steps (the cosine schedule's length)
     batch_size: int = 32          # rows per step, tasks drawn by tasks.WEIGHTS
@@ -75,6 +78,8 @@ class TrainConfig:
     block_mask_share: float = 0.0  # share of diffusion rows masked as the block schedule leaves
                                    # them (see `block_masks`); 0: every row i.i.d. (LLaDA SFT)
     block_mask_length: int = 8    # the block those rows follow (the evaluation's block length)
+    block_size: int = 4           # sdar: config.json block_size, the block-causal granule of
+                                  # its loss and of its decoding
 
 
 class Batcher:
@@ -266,13 +271,7 @@ class Run:
         cfg = self.cfg
         num = den = 0.0
         for x, gen, ans in self.batcher([next(self.data) for _ in range(cfg.batch_size)]):
-            x, gen, ans = x.to(cfg.device), gen.to(cfg.device), ans.to(cfg.device)
-            if self.fam.objective == "diffusion":
-                n, d = diffusion_loss(self.model, x, gen, self.ids["mask"], cfg.eps, self.g,
-                                      self.fam.logits_shift, cfg.block_mask_length,
-                                      cfg.block_mask_share)
-            else:
-                n, d = next_token_loss(self.model, x, ans)
+            n, d = self.loss(x.to(cfg.device), gen.to(cfg.device), ans.to(cfg.device))
             num, den = num + n, den + d
         loss = num / den.clamp_min(1e-12)
         self.opt.zero_grad(set_to_none=True)
@@ -284,6 +283,17 @@ class Run:
         v = loss.item()
         self.ema = v if self.ema is None else 0.98 * self.ema + 0.02 * v
         return v
+
+    def loss(self, x: torch.Tensor, gen: torch.Tensor, ans: torch.Tensor):
+        """One row group's (sum, weight) by the family's objective."""
+        cfg, mask = self.cfg, self.ids["mask"]
+        if self.fam.objective == "diffusion":
+            return diffusion_loss(self.model, x, gen, mask, cfg.eps, self.g, self.fam.logits_shift,
+                                  cfg.block_mask_length, cfg.block_mask_share)
+        if self.fam.objective == "block_diffusion":
+            return block_diffusion_loss(self.model, x, gen, ans, mask, cfg.block_size, cfg.eps,
+                                        self.g)
+        return next_token_loss(self.model, x, ans)
 
     def state(self) -> dict:
         return {"config": asdict(self.cfg), "step": self.step, "ema": self.ema,
@@ -307,14 +317,17 @@ class Run:
 
     def evaluate(self) -> dict[str, float]:
         """Held-out accuracy per task with the reference schedule at configs/tiny.yaml's
-        defaults: 32 positions in blocks of 8, one token per step."""
+        defaults: 32 positions in blocks of 8, one token per step; SDAR: its reference loop in
+        blocks of its block_size, greedy (top_k=1), `low_confidence_dynamic`."""
         spec = self.model.spec
         self.model.eval()
+        sdar = self.fam.objective == "block_diffusion"
         acc = evaluate(self.model, self.tokenizer,
-                       tasks.heldout_set(self.cfg.eval_per_task, EVAL_SEED), 32, 8,
-                       spec.mask_token_id, set(spec.stop_token_ids),
-                       logits_shift=self.fam.logits_shift,
-                       causal=self.fam.objective == "next_token")
+                       tasks.heldout_set(self.cfg.eval_per_task, EVAL_SEED), 32,
+                       spec.block_size if sdar else 8, spec.mask_token_id,
+                       set(spec.stop_token_ids), logits_shift=self.fam.logits_shift,
+                       causal=self.fam.objective == "next_token",
+                       block_strategy="low_confidence_dynamic" if sdar else None)
         self.model.train()
         return acc
 

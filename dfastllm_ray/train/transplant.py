@@ -1,8 +1,9 @@
-"""Start a Qwen2-layout model (the Dream twin) from a trained tiny LLaDA's weights.
+"""Start a Qwen2-layout model (the Dream twin) or a Qwen3-layout SDAR from a tiny LLaDA's weights.
 
 `python -m dfastllm_ray.train.transplant --llada DIR --out DIR --n-kv-heads 2` writes a
-`model.safetensors` with Dream's parameter names for `--init-from`. Both are Llama-style blocks
-(RMSNorm, rotate-half RoPE, SwiGLU), so the mapping is one to one, except:
+`model.safetensors` with Dream's parameter names for `--init-from`; `--to sdar` writes SDAR's
+(`llada_to_sdar`). All are Llama-style blocks (RMSNorm, rotate-half RoPE, SwiGLU), so the
+mapping is one to one, except (Dream):
 * GQA: LLaDA's tiny model has one K/V head per query head; Dream's K/V head j serves query heads
   j*g .. j*g+g-1 (models/layers.py `attention`), so its K/V projections are the mean of that
   group's (the GQA paper's "mean pooling" conversion); q/k/v biases start at 0.
@@ -54,6 +55,21 @@ def llada_to_dream(state: dict[str, torch.Tensor], n_heads: int, n_kv_heads: int
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def llada_to_sdar(state: dict[str, torch.Tensor], n_heads: int, n_kv_heads: int) -> dict:
+    """Dream's mapping without the q/k/v biases (SDAR has none; LLaDA had none either) plus
+    Qwen3's per-head q/k RMSNorms at weight 1. LLaDA and SDAR both score a masked position from
+    its own hidden state (no logit shift), so unlike the Dream twin nothing positional must be
+    relearned; the q/k norms and the block-causal mask are the changes fine-tuning absorbs."""
+    out = {k: v for k, v in llada_to_dream(state, n_heads, n_kv_heads).items()
+           if not k.endswith("_proj.bias")}
+    n_layers = 1 + max(int(k.split(".")[2]) for k in out if k.startswith("model.layers."))
+    head_dim = out["model.layers.0.self_attn.q_proj.weight"].shape[0] // n_heads
+    for i in range(n_layers):
+        for norm in ("q_norm", "k_norm"):
+            out[f"model.layers.{i}.self_attn.{norm}.weight"] = torch.ones(head_dim)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,10 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="folder to write model.safetensors into")
     p.add_argument("--n-heads", type=int, default=4)
     p.add_argument("--n-kv-heads", type=int, default=2)
+    p.add_argument("--to", choices=("dream", "sdar"), default="dream", help="target layout")
     args = p.parse_args(argv)
+    convert = llada_to_sdar if args.to == "sdar" else llada_to_dream
     state = load_file(str(Path(args.llada) / "model.safetensors"))
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    save_file(llada_to_dream(state, args.n_heads, args.n_kv_heads),
+    save_file(convert(state, args.n_heads, args.n_kv_heads),
               str(Path(args.out) / "model.safetensors"), metadata={"format": "pt"})
     return 0
 
