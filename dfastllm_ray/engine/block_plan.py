@@ -80,6 +80,15 @@ def _store(req: Request, start: int, end: int) -> ScheduledRequest:
                             slot=req.slot)
 
 
+def prefill_chunk(req: Request, item: ScheduledRequest, budget: int) -> ScheduledRequest | None:
+    """`chunked_refresh`: a window too wide for the step's token budget stores the K/V of its
+    first whole blocks before the active block (within `budget`) and decodes nothing; the next
+    step goes on from there (the block-causal mask makes a chunk's keys those of one forward)."""
+    b = req.params.block_length
+    c = min(budget, req.block_start - item.q_start) // b * b
+    return _store(req, item.q_start, item.q_start + c) if c >= b else None
+
+
 def after_store(req: Request, item: ScheduledRequest) -> bool:
     """Record a storing forward's K/V; True when it stored the active block (it is done)."""
     req.kv_written = max(req.kv_written, item.q_start + item.q_len)

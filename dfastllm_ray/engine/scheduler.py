@@ -81,6 +81,8 @@ class Scheduler:
         # the widest window that cannot be split: the canvas, or with chunked refreshes the
         # generation (a refresh's last piece runs from the active block to the canvas end)
         widest = req.params.max_tokens if self.config.chunked_refresh else req.canvas_len
+        if req.kv_mode == BLOCK and self.config.chunked_refresh:     # a stored block + the next
+            widest = 2 * req.params.block_length
         if widest > self.config.max_num_batched_tokens:
             raise ValueError(f"a window of {widest} tokens exceeds EngineConfig.max_num_batched_"
                              f"tokens={self.config.max_num_batched_tokens}: raise the budget"
@@ -148,7 +150,11 @@ class Scheduler:
         """Schedule `item` if it fits the budget (or a chunk of it); returns the tokens taken."""
         if item.q_len <= budget:
             return self._take(out, req, item)
-        if self.config.chunked_refresh and item.kind == REFRESH:
+        if self.config.chunked_refresh and req.kv_mode == BLOCK:
+            chunk = block_plan.prefill_chunk(req, item, budget)
+            if chunk is not None:
+                return self._take(out, req, chunk)
+        elif self.config.chunked_refresh and item.kind == REFRESH:
             chunk = step_plan.refresh_chunk(req, item, budget, self.config.page_size)
             if chunk is not None:
                 return self._take(out, req, chunk)
@@ -163,7 +169,9 @@ class Scheduler:
     def _can_admit(self, req: Request, budget: int) -> bool:
         hit = len(self.allocator.match(req.prefix_keys)) * self.config.page_size
         first_window = req.canvas_len - (hit if self.config.uses_kv_cache else 0)
-        if self.config.chunked_refresh and req.block_start - hit >= self.config.page_size:
+        if self.config.chunked_refresh and req.kv_mode == BLOCK:
+            first_window = min(first_window, 2 * req.params.block_length)  # a first chunk
+        elif self.config.chunked_refresh and req.block_start - hit >= self.config.page_size:
             first_window = min(first_window, self.config.page_size)       # a first chunk
         return (first_window <= budget
                 and self.allocator.can_allocate(self.pages_needed(req), req.prefix_keys))

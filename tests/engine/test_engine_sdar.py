@@ -287,3 +287,18 @@ def test_one_sort_filters_equal_the_two_official_filters(top_k_first):
         for f in (steps if top_k_first else steps[::-1]):
             want = f(want)
         assert torch.equal(got[r], want), r
+
+
+@pytest.mark.parametrize("block_store", ["separate", "fused"])
+def test_chunked_prefill_under_a_small_token_budget(block_store):
+    """A 13-token prompt under a budget of 8 tokens per step: the prompt blocks are stored in
+    chunks of whole blocks, and the tokens are those of an unbounded budget."""
+    T, _ = fixture()
+    ids = T["prompt13"][0].tolist()
+    p = params("prompt13", "low_confidence_dynamic", 4, 4)
+    want = run(engine(block_store=block_store), {"a": (ids, p)})["a"].token_ids
+    eng = engine(block_store=block_store, chunked_refresh=True, max_num_batched_tokens=8)
+    assert run(eng, {"a": (ids, p)})["a"].token_ids == want
+    with pytest.raises(ValueError, match="max_num_batched_tokens=7"):
+        engine(block_store=block_store, chunked_refresh=True,
+               max_num_batched_tokens=7).add_request("b", ids, p)
