@@ -66,6 +66,8 @@ CLUSTERS = {
     # the project's own tiny model runs on CPU (configs/tiny.yaml): no GPU, one small pod
     "tiny": Cluster(WorkerGroup("cpu", gpus=0, cpus="2", memory="4Gi", shm="1Gi"),
                     head_memory="4Gi"),
+    "tiny_sdar": Cluster(WorkerGroup("cpu", gpus=0, cpus="2", memory="4Gi", shm="1Gi"),
+                         head_memory="4Gi"),
 }
 
 

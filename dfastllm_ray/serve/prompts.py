@@ -110,7 +110,7 @@ def sampling_params(body: _Body, card: ModelCard, prompt_len: int, max_n: int) -
     if foreign:
         family = {"dream": "Dream", "sdar": "SDAR"}.get(card.arch, "LLaDA")
         raise bad_request(f"{foreign[0]}={overrides[foreign[0]]!r} is invalid: {card.model_id!r} "
-                          f"is a {family}-family model, which does not use "
+                          f"is {'an' if family == 'SDAR' else 'a'} {family}-family model, which does not use "
                           f"{', '.join(foreign)}; leave {'them' if len(foreign) > 1 else 'it'} out.",
                           param=foreign[0])
     fields = hybrid_fields(overrides, card)     # no verifier: hybrid fields are a 400
