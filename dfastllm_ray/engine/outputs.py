@@ -12,14 +12,15 @@ from typing import Sequence
 FULL = "full"        # no KV cache: the whole canvas is the query window (exact reference)
 REFRESH = "refresh"  # first forward of a block: canvas from q_start on, K/V written to the pages
 CACHED = "cached"    # later forwards of a block: the window attends to the cached K/V
-PREFILL = "prefill"  # a chunk of a refresh too large for the step's budget: K/V written, nothing decoded
+PREFILL = "prefill"  # K/V written, nothing decoded: a chunk of a refresh too large for the step's
+                     # budget, or block diffusion's prompt prefill / storing forward (block_plan.py)
 HYBRID = "hybrid"    # APD / speculative: a drafter window, then a verifier forward over the draft
 
 
 @dataclass
 class ScheduledRequest:
     request_id: str
-    kind: str                     # FULL | REFRESH | CACHED
+    kind: str                     # FULL | REFRESH | CACHED | PREFILL | HYBRID
     q_start: int                  # canvas position of the first query row
     q_len: int                    # query rows (tokens) of this request's forward
     kv_len: int                   # keys this request's queries attend to: canvas positions [0, kv_len)
