@@ -98,7 +98,7 @@ def test_training_is_reproducible_across_processes(tmp_path):
     assert a == b != c
 
 
-@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("family", ["llada", "dream", "sdar"])
 def test_resume_continues_exactly(tmp_path, family):
     """12 steps in one go == 5 steps, stop, resume from the state file, 7 more (same process).
     The AR family is left out: inside one pytest process its resumed run has differed from the
