@@ -212,7 +212,7 @@ class Scheduler:
             req.nfe += 1
             self.total_nfe += 1
             if req.kv_mode == BLOCK:           # block diffusion: denoising steps and stores
-                outputs.extend(self._after_block_step(req, item, n_committed))
+                outputs.extend(self._after_block_step(req, item))
                 continue
             if item.kind == CACHED:            # the common step: counters only
                 if step_plan.after_step(req, item, n_committed, req.kv_mode):
@@ -233,14 +233,13 @@ class Scheduler:
                 outputs.append(self._close_block(req))
         return outputs
 
-    def _after_block_step(self, req: Request, item: ScheduledRequest, n: int
-                          ) -> list[RequestOutput]:
+    def _after_block_step(self, req: Request, item: ScheduledRequest) -> list[RequestOutput]:
         """Block diffusion: a storing forward or a denoising step; the prompt pages go to the
         prefix cache once their K/V is written; a done block closes."""
         if item.kind == PREFILL:
             done = block_plan.after_store(req, item)
         else:
-            done = step_plan.after_step(req, item, n, req.kv_mode)
+            done = block_plan.after_denoise(req)
         if not req.prefix_published and req.kv_written >= req.num_frozen_tokens:
             self._publish(req)
         return [self._close_block(req)] if done else []

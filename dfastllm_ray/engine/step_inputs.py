@@ -53,7 +53,8 @@ class GroupPlan:
     stateful: bool            # KLASS: per-position state across steps (engine/stateful.py)
     passthrough: bool         # every row's window is its whole canvas (refresh from 0)
     in_block: bool            # every row's candidate range starts at its active block
-    block_causal: bool        # block diffusion's prefill: a query sees its block and earlier ones
+    block_causal: bool        # block diffusion, a window over several blocks (a prefill, a fused
+                              # store + denoise): a query sees its block and the earlier ones
     facts: GroupFacts
     meta: Tensor              # (B, len(META)) int64 on the host: a view of `packed`
     packed: Tensor            # (B * len(META) + N,) int64: meta, then the dense index (one H2D copy)
@@ -249,9 +250,10 @@ def build_window(g: GroupPlan, batch: InputBatch, pool: KVPool | None, im: Tenso
     row = offset - offset.gt(0).long() if shift else offset
     by_range = torch.stack((pos, pos_flat, row.clamp(min=0, max=g.lq - 1),
                             offset.clamp(min=0, max=g.lq)))
+    table = batch.knobs.index_select(0, slot)                        # (B, len(KNOBS))
     attn_mask = None
     if g.block_causal:
-        attn_mask = _block_causal(g, batch, slot, positions, col[M["kv_len"]])
+        attn_mask = _block_causal(g, batch, table, positions, col[M["kv_len"]])
     elif g.needs_mask:
         attn_mask = (ar(g.lk) < col[M["kv_len"]]).view(len(g.items), 1, 1, g.lk)
     return Window(
@@ -259,16 +261,16 @@ def build_window(g: GroupPlan, batch: InputBatch, pool: KVPool | None, im: Tenso
         attn_mask=attn_mask, kv=_window_kv(g, batch, pool, col, slot, base, ids_flat),
         range_flat=pos_flat.narrow(1, 0, g.lc), targets=batch.count_targets(len(g.items), g.lc),
         by_range=by_range, gen_flat=gen_flat,
-        table=batch.knobs.index_select(0, slot), seeds=batch.seeds.index_select(0, slot),
+        table=table, seeds=batch.seeds.index_select(0, slot),
         columns=batch.columns)
 
 
-def _block_causal(g: GroupPlan, batch: InputBatch, slot: Tensor, positions: Tensor,
+def _block_causal(g: GroupPlan, batch: InputBatch, table: Tensor, positions: Tensor,
                   kv_len: Tensor) -> Tensor:
     """(B, 1, Lq, Lk) bool: key j is visible to the query at position p when j < the row's
     kv_len and j's block is p's or an earlier one (blocks of the row's block_length from 0:
     SDAR's `tril(ones(nb, nb))` repeated B times), so one forward prefills many blocks."""
-    blen = batch.knobs.index_select(0, slot).select(1, COL["block_length"]).long().view(-1, 1, 1)
+    blen = table.select(1, COL["block_length"]).long().view(-1, 1, 1)
     keys = batch.arange(g.lk)
     same_or_earlier = (keys // blen) <= (positions.unsqueeze(2) // blen)            # (B, Lq, Lk)
     return (same_or_earlier & (keys < kv_len).unsqueeze(1)).unsqueeze(1)

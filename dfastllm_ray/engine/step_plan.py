@@ -230,8 +230,6 @@ def quota(req: Request, mode: str, masked: int) -> float:
 
 def after_step(req: Request, item: ScheduledRequest, num_committed: int, mode: str) -> bool:
     """Advance the block counters after a step's commits; True when the block is done."""
-    if mode == BLOCK:                    # block_plan: done at its store, or fused at its last mask
-        return block_plan.after_denoise(req)
     req.block_step += 1
     req.refresh_from = 0                 # the next (mid-block) refresh recomputes its window whole
     if req.carry is not None and mode == "none":

@@ -52,10 +52,10 @@ class Ranked:
                 self._first = self._rank == 0
             else:
                 at = self.conf.argmax(dim=-1, keepdim=True)                  # (B, 1)
-                self._first = self._columns() == at
+                self._first = self.columns() == at
         return self._first
 
-    def _columns(self) -> Tensor:
+    def columns(self) -> Tensor:
         """(n,) int64 0..n-1: the knobs' (an arange the engine keeps per window) or a new one."""
         n = self.conf.shape[-1]
         cols = getattr(self.knobs, "columns", None)
@@ -223,7 +223,7 @@ def sched_exit(conf: Tensor, knobs: RowKnobs, ranked: Ranked) -> Tensor:
 def sdar_sequential(conf: Tensor, knobs: RowKnobs, ranked: Ranked) -> Tensor:
     """SDAR `sequential`: the first k masks left to right (the candidates are in position
     order, and a sequential block's masks are one run from its first mask to its end)."""
-    return (ranked._columns() < knobs.k[:, None]) & knobs.valid
+    return (ranked.columns() < knobs.k[:, None]) & knobs.valid
 
 
 def sdar_dynamic(conf: Tensor, knobs: RowKnobs, ranked: Ranked) -> Tensor:

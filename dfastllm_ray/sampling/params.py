@@ -58,18 +58,19 @@ MAX_DRAFT_TOKENS = 64
 MAX_HYBRID_WINDOW = 4096   # values OpenAI clients send by default that change nothing
 
 
+# Per family, the other families' knobs it does not read (LLaDA: any arch without its own entry)
+FOREIGN = {"llada": {**DREAM_ONLY, **SDAR_ONLY}, "dream": {**LLADA_ONLY, **SDAR_ONLY},
+           "sdar": {**LLADA_ONLY, "alg": None, "alg_temp": None, "eps": 1e-3}}
+
+
 def unused_knobs(fields: dict[str, Any], arch: str) -> list[str]:
     """The knobs in `fields` (a request's own settings) that the model family `arch` does not
     read: Dream's knobs on LLaDA-family models (LLaDA samples Gumbel-max at `temperature`,
     with no nucleus/top-k filter or time schedule), LLaDA's on Dream, and on SDAR (block
     diffusion: temperature, top_k, top_p, threshold, remasking_strategy) the others' rules."""
-    foreign = FOREIGN.get(arch, {**DREAM_ONLY, **SDAR_ONLY})
+    foreign = FOREIGN.get(arch, FOREIGN["llada"])
     return [k for k, unset in foreign.items()
             if k in fields and fields[k] != unset and fields[k] not in NEUTRAL.get(k, ())]
-
-
-FOREIGN = {"dream": {**LLADA_ONLY, **SDAR_ONLY},
-           "sdar": {**LLADA_ONLY, "alg": None, "alg_temp": None, "eps": 1e-3}}
 
 
 def dus_groups(p: SamplingParams) -> float:
