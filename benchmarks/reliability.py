@@ -268,7 +268,7 @@ def kill_rows(kills: list[dict]) -> list[tuple[str, str]]:
 async def measure(args: argparse.Namespace) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     proc, url, model, log = start_server(Path(args.config), free_port(), args.direct,
-                                         args.model)
+                                         args.model, args.only_model)
     try:
         d = args.duration
         low = await load(url, model, args.low, d, args.hang_s)
@@ -311,6 +311,8 @@ def main() -> None:
     ap.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
     ap.add_argument("--model", default=None, help="the model of the config to serve (default: "
                     "its first)")
+    ap.add_argument("--only-model", action="store_true", help="serve --model alone (default: "
+                    "every model of the config, as `serve run` would; the load goes to --model)")
     ap.add_argument("--duration", type=float, default=60.0, help="seconds per load phase")
     ap.add_argument("--low", type=int, default=32, help="clients of the reference phase")
     ap.add_argument("--high", type=int, default=200, help="clients of the overload phase")

@@ -201,9 +201,10 @@ async def load_with_probe(url: str, model: str, clients: int, seconds: float, ha
 
 
 # ---- the server -------------------------------------------------------------------------------
-def start_server(config: Path, port: int, direct: bool,
-                 model: Optional[str] = None) -> tuple[subprocess.Popen, str, str, str]:
-    """The config's first application, with only `model` (default: its first model)."""
+def start_server(config: Path, port: int, direct: bool, model: Optional[str] = None,
+                 only_model: bool = False) -> tuple[subprocess.Popen, str, str, str]:
+    """The config's first application, every model as configured (with `only_model`: `model`
+    alone); returns (process, url, the load's model: `model` or the first, log path)."""
     cfg = yaml.safe_load(config.read_text())
     cfg["http_options"]["port"] = port
     app = cfg["applications"][0]
@@ -211,7 +212,8 @@ def start_server(config: Path, port: int, direct: bool,
     keep = [m for m in models if m["model_id"] == (model or models[0]["model_id"])]
     if not keep:
         raise SystemExit(f"--model {model!r} is not in {config}: {[m['model_id'] for m in models]}")
-    app["args"]["models"] = keep
+    if only_model:
+        app["args"]["models"] = keep
     if direct:
         for m in app["args"]["models"]:
             m.setdefault("batcher", {})["bypass"] = True
@@ -225,7 +227,7 @@ def start_server(config: Path, port: int, direct: bool,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     _wait_ready(proc, url, log.name)
-    return proc, url, app["args"]["models"][0]["model_id"], log.name
+    return proc, url, keep[0]["model_id"], log.name
 
 
 def _wait_ready(proc: subprocess.Popen, url: str, log: str) -> None:

@@ -23,8 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:                       # run as a script from a source checkout
     sys.path.insert(0, str(ROOT))
 
-from dfastllm_ray.serve.launcher import proxy_gate_cap  # noqa: E402
-from dfastllm_ray.serve.proxy_gate import CALLBACK, CALLBACK_ENV, MAX_INFLIGHT_ENV  # noqa: E402
+from dfastllm_ray.serve.launcher import proxy_gate_env  # noqa: E402
 
 CONFIGS = ROOT / "configs"
 OUT_DIR = ROOT / "kuberay"
@@ -132,10 +131,8 @@ def _env(serve_config: dict) -> list[dict]:
         # read by the ingress replicas (args.api_keys_env); no Secret: auth off
         _secret_env("DFASTLLM_API_KEYS", "dfastllm-api-keys", "keys"),
     ]
-    cap = proxy_gate_cap(serve_config)
-    if cap:   # the proxy gate (dfastllm_ray/serve/proxy_gate.py), as the launcher installs it
-        env += [{"name": CALLBACK_ENV, "value": CALLBACK},
-                {"name": MAX_INFLIGHT_ENV, "value": str(cap)}]
+    # the proxy gate (dfastllm_ray/serve/proxy_gate.py), as the launcher installs it
+    env += [{"name": k, "value": v} for k, v in proxy_gate_env(serve_config).items()]
     return env
 
 

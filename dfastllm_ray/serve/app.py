@@ -47,11 +47,11 @@ def model_deployments(cfg: ModelConfig, limit: int) -> tuple[Application, Applic
     return batcher, replica
 
 
-def proxy_max_inflight(args: Union[AppArgs, dict[str, Any]]) -> int:
-    """The proxy gate's cap for this app (`proxy_gate.py`): the sum of its models' admission
-    limits, since the proxy cannot tell the model before the body is read."""
+def proxy_model_caps(args: Union[AppArgs, dict[str, Any]]) -> dict[str, int]:
+    """The proxy gate's caps for this app (`proxy_gate.py`): each model's admission limit."""
     cfg = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
-    return sum(m.admission_limit(EngineConfig(**m.engine).max_num_seqs) for m in cfg.models)
+    return {m.model_id: m.admission_limit(EngineConfig(**m.engine).max_num_seqs)
+            for m in cfg.models}
 
 
 def build_app(args: Union[AppArgs, dict[str, Any]]) -> Application:

@@ -19,6 +19,7 @@ generation requests past the apps' admission caps itself, without routing them t
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -54,36 +55,58 @@ def graceful_timeout(config: dict[str, Any]) -> float:
 APP_IMPORT_PATH = "dfastllm_ray.serve.app:build_app"
 
 
+def proxy_gate_caps(config: dict[str, Any]) -> dict[str, int]:
+    """The proxy gate's per-model caps for a Serve config: each model's admission limit, summed
+    over this project's apps that serve it (empty: none of its apps). Also what
+    kuberay/render.py puts in the pods' env."""
+    from .app import proxy_model_caps
+    caps: dict[str, int] = {}
+    for app in config.get("applications", []):
+        if app.get("import_path") == APP_IMPORT_PATH:
+            for model, cap in proxy_model_caps(app.get("args") or {}).items():
+                caps[model] = caps.get(model, 0) + cap
+    return caps
+
+
 def proxy_gate_cap(config: dict[str, Any]) -> int:
-    """The proxy gate's cap for a Serve config: the sum of this project's apps' caps (0: none of
-    its apps). Also what kuberay/render.py puts in the pods' env."""
-    from .app import proxy_max_inflight
-    apps = [a for a in config.get("applications", []) if a.get("import_path") == APP_IMPORT_PATH]
-    return sum(proxy_max_inflight(app.get("args") or {}) for app in apps)
+    """The proxy gate's total cap: the sum of every model's (0: none of this project's apps)."""
+    return sum(proxy_gate_caps(config).values())
+
+
+def proxy_gate_env(config: dict[str, Any]) -> dict[str, str]:
+    """The env that installs the gate at the config's caps (empty: no app of this project)."""
+    from .proxy_gate import CALLBACK, CALLBACK_ENV, MAX_INFLIGHT_ENV, MODEL_CAPS_ENV
+    caps = proxy_gate_caps(config)
+    if not caps:
+        return {}
+    return {CALLBACK_ENV: CALLBACK, MAX_INFLIGHT_ENV: str(sum(caps.values())),
+            MODEL_CAPS_ENV: json.dumps(caps, separators=(",", ":"))}
 
 
 def install_proxy_gate(config: dict[str, Any]) -> Optional[int]:
     """Set the env that Serve's proxy reads at start (inherited by the new cluster's
-    processes) to install the gate, capped at the sum of this project's apps' admission
-    limits; returns the cap, or None when there is no such app or another callback is set.
-    The config's `controller_options.runtime_env.env_vars` (which would override the process
-    env in the proxy) is rewritten to the same values: an explicit env (0: off) wins, else the
-    sum computed from the apps as they are (a copy of a config with a model dropped must not
-    keep the file's larger cap)."""
-    from .proxy_gate import CALLBACK, CALLBACK_ENV, MAX_INFLIGHT_ENV, max_inflight_from_env
+    processes) to install the gate, capped at this project's apps' admission limits (in all
+    and per model); returns the total cap, or None when there is no such app or another
+    callback is set. The config's `controller_options.runtime_env.env_vars` (which would
+    override the process env in the proxy) is rewritten to the same values: an explicit env
+    (0: off) wins, else the caps computed from the apps as they are (a copy of a config with a
+    model dropped must not keep the file's larger caps)."""
+    from .proxy_gate import CALLBACK, CALLBACK_ENV, MAX_INFLIGHT_ENV, MODEL_CAPS_ENV
+    from .proxy_gate import max_inflight_from_env
     file_env = ((config.get("controller_options") or {}).get("runtime_env") or {}).get("env_vars")
     if os.environ.get(CALLBACK_ENV, CALLBACK) != CALLBACK:
         log.warning("%s is set to another callback: no proxy gate", CALLBACK_ENV)
-        for name in (CALLBACK_ENV, MAX_INFLIGHT_ENV):
+        for name in (CALLBACK_ENV, MAX_INFLIGHT_ENV, MODEL_CAPS_ENV):
             (file_env or {}).pop(name, None)
         return None
-    cap = proxy_gate_cap(config)
-    if not cap:
+    env = proxy_gate_env(config)
+    if not env:
         return None
-    os.environ.setdefault(MAX_INFLIGHT_ENV, str(cap))     # an explicit value (0: off) wins
+    for name, value in env.items():
+        os.environ.setdefault(name, value)           # an explicit value (0: off) wins
     os.environ[CALLBACK_ENV] = CALLBACK
     if file_env is not None:
-        file_env.update({CALLBACK_ENV: CALLBACK, MAX_INFLIGHT_ENV: os.environ[MAX_INFLIGHT_ENV]})
+        file_env.update({name: os.environ[name] for name in env})
     return max_inflight_from_env()
 
 

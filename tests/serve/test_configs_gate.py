@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from dfastllm_ray.serve import proxy_gate
-from dfastllm_ray.serve.launcher import proxy_gate_cap
+from dfastllm_ray.serve.launcher import proxy_gate_cap, proxy_gate_env
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -26,6 +26,7 @@ def test_every_config_sets_the_gate_at_the_launchers_cap(path):
     env = gate_env(cfg)
     assert env[proxy_gate.CALLBACK_ENV] == proxy_gate.CALLBACK
     assert int(env[proxy_gate.MAX_INFLIGHT_ENV]) == proxy_gate_cap(cfg) > 0
+    assert {k: str(v) for k, v in env.items() if k in proxy_gate_env(cfg)} == proxy_gate_env(cfg)
 
 
 @pytest.mark.ray

@@ -151,7 +151,7 @@ def test_proxy_middlewares_read_the_cap_from_the_env(monkeypatch):
     assert proxy_gate.proxy_middlewares() == []
     monkeypatch.setenv(proxy_gate.MAX_INFLIGHT_ENV, "7")
     (mw,) = proxy_gate.proxy_middlewares()
-    assert mw.cls is ProxyGate and mw.kwargs == {"max_inflight": 7}
+    assert mw.cls is ProxyGate and mw.kwargs == {"max_inflight": 7, "model_caps": {}}
     monkeypatch.setenv(proxy_gate.MAX_INFLIGHT_ENV, "seven")
     with pytest.raises(ValueError, match=proxy_gate.MAX_INFLIGHT_ENV):
         proxy_gate.proxy_middlewares()
@@ -160,14 +160,16 @@ def test_proxy_middlewares_read_the_cap_from_the_env(monkeypatch):
 def test_launcher_installs_the_gate_at_the_sum_of_the_models_caps(monkeypatch):
     from serve_testutil import tiny_config
     cfg = tiny_config()
-    for env in (proxy_gate.CALLBACK_ENV, proxy_gate.MAX_INFLIGHT_ENV):
+    for env in (proxy_gate.CALLBACK_ENV, proxy_gate.MAX_INFLIGHT_ENV, proxy_gate.MODEL_CAPS_ENV):
         monkeypatch.delenv(env, raising=False)
     # tiny.yaml: two models, each 2 x max_num_seqs (32) x 1 replica
     assert launcher.install_proxy_gate(cfg) == 128
     assert os.environ[proxy_gate.CALLBACK_ENV] == proxy_gate.CALLBACK
     assert os.environ[proxy_gate.MAX_INFLIGHT_ENV] == "128"
+    assert proxy_gate.model_caps_from_env() == {"tiny-llada": 64, "tiny-dream": 64}
     file_env = cfg["controller_options"]["runtime_env"]["env_vars"]  # the proxy's env wins there
     assert file_env[proxy_gate.MAX_INFLIGHT_ENV] == "128"
+    monkeypatch.delenv(proxy_gate.MODEL_CAPS_ENV)
     cfg["applications"][0]["args"]["models"][0]["max_inflight"] = 10
     monkeypatch.setenv(proxy_gate.MAX_INFLIGHT_ENV, "0")           # an explicit value wins
     assert launcher.install_proxy_gate(cfg) is None
@@ -176,6 +178,7 @@ def test_launcher_installs_the_gate_at_the_sum_of_the_models_caps(monkeypatch):
     file_env[proxy_gate.MAX_INFLIGHT_ENV] = "128"                  # stale: a model's cap changed
     assert launcher.install_proxy_gate(cfg) == 10 + 64             # the apps as they are now
     assert file_env[proxy_gate.MAX_INFLIGHT_ENV] == "74"
+    assert file_env[proxy_gate.MODEL_CAPS_ENV] == '{"tiny-llada":10,"tiny-dream":64}'
     monkeypatch.setenv(proxy_gate.CALLBACK_ENV, "other.module:callback")
     monkeypatch.delenv(proxy_gate.MAX_INFLIGHT_ENV)
     assert launcher.install_proxy_gate(cfg) is None                # never replaces another
