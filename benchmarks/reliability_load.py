@@ -219,8 +219,10 @@ def start_server(config: Path, port: int, direct: bool, model: Optional[str] = N
             m.setdefault("batcher", {})["bypass"] = True
     path = Path(tempfile.mkdtemp()) / "reliability.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    # Ray's worker niceness as the environment has it (unset: nice 15, as under the README's
+    # `serve run`; the serving processes move themselves to DFASTLLM_NICENESS, serve/priority.py)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled",
-           "RAY_worker_niceness": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+           "RAY_USAGE_STATS_ENABLED": "0"}
     log = open(path.with_suffix(".log"), "w")
     proc = subprocess.Popen([sys.executable, "-m", "dfastllm_ray.serve", "run", str(path)],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,

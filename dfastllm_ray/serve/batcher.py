@@ -23,6 +23,7 @@ from typing import Any, AsyncIterator, Optional
 from ray import serve
 from ray.exceptions import RayActorError
 
+from .priority import restore_priority
 from .records import BlockOutput, GenerateRequest
 from .streams import relay
 
@@ -33,6 +34,7 @@ DEFAULT_BATCH_WAIT_S = 0.005
 @serve.deployment
 class Batcher:
     def __init__(self, replica: Any, limit: Optional[int] = None) -> None:
+        restore_priority("batcher")
         self._replica = replica.options(stream=True)   # created once (RAY_SERVE.md pitfall 17)
         self._limit = limit                            # engine requests in flight, all ingresses
         self._inflight, self._shed = 0, 0

@@ -15,6 +15,7 @@ from .clients import HandleClient
 from .config import ServerSettings
 from .guards import ApiKeys, RateLimiter, load_api_keys
 from .metrics import IngressMetrics
+from .priority import restore_priority
 from .server import OpenAIServer
 
 
@@ -23,6 +24,7 @@ from .server import OpenAIServer
 class OpenAIIngress:
     def __init__(self, settings: ServerSettings, models: dict[str, tuple[Any, Any, bool]],
                  limits: Optional[dict[str, int]] = None) -> None:
+        restore_priority("ingress")
         clients = {model: HandleClient(batcher, replica, bypass)
                    for model, (batcher, replica, bypass) in models.items()}
         self.server = OpenAIServer(settings, clients, limits)

@@ -29,6 +29,7 @@ from dfastllm_ray.sampling.params import SamplingParams
 
 from .config import ModelConfig
 from .metrics import ReplicaMetrics
+from .priority import restore_priority
 from .records import BlockOutput, GenerateRequest, ModelCard, ReplicaCounters
 
 log = logging.getLogger("ray.serve.dfastllm")
@@ -199,6 +200,7 @@ class ModelReplica:
     and Serve replaces the replica."""
 
     async def __init__(self, cfg: ModelConfig) -> None:
+        restore_priority(f"model replica {cfg.model_id}")   # before the engine's threads start
         self.core = await ReplicaCore.create(cfg)
         self._poller = asyncio.create_task(self.core.poll_metrics())
         log.info("model %s ready", cfg.model_id)
