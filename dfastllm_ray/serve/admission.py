@@ -30,6 +30,12 @@ def retry_after_s(latency_s: float) -> int:
     return max(1, min(MAX_RETRY_AFTER_S, math.ceil(wait)))
 
 
+def at_capacity(model: str, limit: int) -> str:
+    """The refusal's message for a full model (the proxy gate uses it too: a client cannot tell
+    which gate refused)."""
+    return f"Model {model!r} is at capacity ({limit} requests admitted); retry shortly."
+
+
 class Admission:
     def __init__(self, limits: dict[str, Optional[int]], max_total: int) -> None:
         self.limits = limits                          # model -> engine requests; None: no cap
@@ -84,8 +90,7 @@ class Admission:
         if free > self.pending:
             return None
         if len(capped) == 1:
-            return self._refuse(f"Model {capped[0]!r} is at capacity ({self.limits[capped[0]]} "
-                                "requests admitted); retry shortly.")
+            return self._refuse(at_capacity(capped[0], self.limits[capped[0]]))
         return self._refuse("Every model is at capacity; retry shortly.")
 
     def _refuse(self, message: str) -> APIError:
@@ -104,8 +109,7 @@ class Admission:
         """The model's own cap; `more` > 0: would `more` extra engine requests still fit?"""
         limit = self.limits.get(model) if model else None
         if limit is not None and self.inflight.get(model, 0) + more >= limit + (more > 0):
-            raise self._refuse(f"Model {model!r} is at capacity ({limit} requests admitted); "
-                               "retry shortly.")
+            raise self._refuse(at_capacity(model, limit))
 
     def enter(self, model: str, choices: int) -> None:
         self.inflight[model] = self.inflight.get(model, 0) + choices

@@ -26,7 +26,7 @@ import time
 import uuid
 from typing import Any, Optional
 
-from .admission import EWMA_WEIGHT, retry_after_s
+from .admission import EWMA_WEIGHT, at_capacity, retry_after_s
 from .errors import overloaded
 
 CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"   # read by Serve's proxy at start
@@ -70,7 +70,7 @@ class ProxyGate:
                 model, receive = await peek_model(receive)
                 cap = self.model_caps.get(model or "")
                 if cap is not None and self.model_inflight[model] >= cap:
-                    return await self._refuse(scope, send, model_full(model, cap))
+                    return await self._refuse(scope, send, at_capacity(model, cap))
                 if cap is not None:       # no await since the check
                     counted = model
                     self.model_inflight[model] += 1
@@ -102,11 +102,6 @@ class ProxyGate:
         headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
         await send({"type": "http.response.start", "status": err.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
-
-
-def model_full(model: str, cap: int) -> str:
-    """The ingress's wording (admission.py), so a client cannot tell which gate refused."""
-    return f"Model {model!r} is at capacity ({cap} requests admitted); retry shortly."
 
 
 async def peek_model(receive: Any) -> tuple[Optional[str], Any]:
