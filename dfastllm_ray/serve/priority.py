@@ -16,7 +16,7 @@ import logging
 import os
 from typing import Optional
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ray.serve.dfastllm")   # Serve writes it to the replica's log file
 
 NICENESS_ENV = "DFASTLLM_NICENESS"
 KEEP = "keep"
