@@ -19,25 +19,27 @@ from typing import Optional
 log = logging.getLogger("ray.serve.dfastllm")   # Serve writes it to the replica's log file
 
 NICENESS_ENV = "DFASTLLM_NICENESS"
+PROXY_NICENESS_ENV = "DFASTLLM_PROXY_NICENESS"     # the HTTP proxy's own; unset: NICENESS_ENV's
 KEEP = "keep"
 
 
-def target_niceness() -> Optional[int]:
-    """The niceness asked for: `DFASTLLM_NICENESS` (an integer, or "keep": None), default 0."""
-    raw = os.environ.get(NICENESS_ENV, "0").strip().lower()
+def target_niceness(env: str = NICENESS_ENV) -> Optional[int]:
+    """The niceness asked for by `env` (an integer, or "keep": None); unset: NICENESS_ENV's
+    value, default 0."""
+    raw = os.environ.get(env, os.environ.get(NICENESS_ENV, "0")).strip().lower()
     if raw == KEEP:
         return None
     try:
         return int(raw)
     except ValueError:
-        raise ValueError(f"{NICENESS_ENV}={raw!r} must be an integer niceness (-20..19) or "
+        raise ValueError(f"{env}={raw!r} must be an integer niceness (-20..19) or "
                          f"{KEEP!r}") from None
 
 
-def restore_priority(who: str) -> Optional[int]:
-    """Lower this process's niceness (every thread) to the target; returns the niceness the
+def restore_priority(who: str, env: str = NICENESS_ENV) -> Optional[int]:
+    """Lower this process's niceness (every thread) to `env`'s target; returns the niceness the
     process has afterwards (None: not Linux, or left as it was by "keep")."""
-    target = target_niceness()
+    target = target_niceness(env)
     if target is None or not hasattr(os, "setpriority"):
         return None
     current = os.getpriority(os.PRIO_PROCESS, 0)
@@ -45,16 +47,21 @@ def restore_priority(who: str) -> Optional[int]:
         return current
     try:
         for tid in _threads():
-            os.setpriority(os.PRIO_PROCESS, tid, target)
+            _set_thread(tid, target)
     except PermissionError:
         log.warning("%s runs at nice %d and may not lower it to %d; start Ray with "
                     "RAY_worker_niceness=%d (or set %s=%s)", who, current, target, target,
-                    NICENESS_ENV, KEEP)
+                    env, KEEP)
         return current
-    except ProcessLookupError:        # a thread ended while we walked the list: it is gone
-        pass
-    log.info("%s: nice %d -> %d (%s)", who, current, target, NICENESS_ENV)
+    log.info("%s: nice %d -> %d (%s)", who, current, target, env)
     return os.getpriority(os.PRIO_PROCESS, 0)
+
+
+def _set_thread(tid: int, niceness: int) -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, niceness)
+    except ProcessLookupError:        # the thread ended since the list was read: the rest go on
+        pass
 
 
 def _threads() -> list[int]:

@@ -166,8 +166,8 @@ def model_caps_from_env() -> dict[str, int]:
 def proxy_middlewares() -> list:
     """Serve's proxy callback: the gate when `DFASTLLM_PROXY_MAX_INFLIGHT` is set, else none."""
     from starlette.middleware import Middleware
-    from .priority import restore_priority
-    restore_priority("HTTP proxy")       # called once, in the proxy process, at its start
+    from .priority import PROXY_NICENESS_ENV, restore_priority
+    restore_priority("HTTP proxy", PROXY_NICENESS_ENV)   # once, in the proxy process, at start
     cap = max_inflight_from_env()
     if cap is None:
         return []

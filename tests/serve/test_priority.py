@@ -56,3 +56,20 @@ def test_a_bad_value_names_the_variable(monkeypatch):
     monkeypatch.setenv(priority.NICENESS_ENV, "low")
     with pytest.raises(ValueError, match=priority.NICENESS_ENV):
         priority.target_niceness()
+
+
+def test_a_thread_that_ended_mid_walk_does_not_stop_the_rest(monkeypatch):
+    """A thread gone between reading /proc/self/task and setting it (ProcessLookupError) is
+    skipped; every other thread is still moved."""
+    niceness = {1: 15, 2: 15, 3: 15}
+
+    def setpriority(_which, tid, value):
+        if tid == 2:
+            raise ProcessLookupError(tid)
+        niceness[tid] = value
+    monkeypatch.setattr(priority, "_threads", lambda: [1, 2, 3])
+    monkeypatch.setattr(priority.os, "setpriority", setpriority)
+    monkeypatch.setattr(priority.os, "getpriority", lambda _which, _who: niceness[1])
+    monkeypatch.delenv(priority.NICENESS_ENV, raising=False)
+    assert priority.restore_priority("test") == 0
+    assert niceness == {1: 0, 2: 15, 3: 0}
