@@ -156,6 +156,7 @@ async def drain(proc: subprocess.Popen, url: str, model: str, clients: int,
     ones sent after it."""
     inflight, after = Tally(), Tally()
     term: list[float] = []
+    admitted_at: list[float] = []     # sent after the signal and admitted: seconds after it
     body = {"max_tokens": 64, "block_length": 8, "steps": 64, "early_exit": False}
 
     async def client(c, i: int) -> None:
@@ -166,6 +167,8 @@ async def drain(proc: subprocess.Popen, url: str, model: str, clients: int,
                 inflight.add(mine)
             elif term:
                 after.add(mine)
+                if mine.completed:
+                    admitted_at.append(t_start - term[0])
             if wait:
                 await asyncio.sleep(min(wait, 0.2))
 
@@ -182,7 +185,8 @@ async def drain(proc: subprocess.Popen, url: str, model: str, clients: int,
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    return {"inflight": inflight, "after": after, "exit_code": proc.poll(), "exit_s": exit_s}
+    return {"inflight": inflight, "after": after, "exit_code": proc.poll(), "exit_s": exit_s,
+            "admitted_at": admitted_at}
 
 
 # ---- the table ----------------------------------------------------------------------------------
@@ -292,6 +296,8 @@ async def measure(args: argparse.Namespace) -> list[tuple[str, str]]:
                       f"{i.completed} / {i.error_event + i.refused} / {i.lost + i.hung}"),
                      ("SIGTERM: sent after -> admitted / refused / unreachable",
                       f"{a.completed} / {a.refused} / {a.lost}"),
+                     ("SIGTERM: the last admitted was sent this long after the signal",
+                      ms(max(r["admitted_at"], default=None))),
                      ("SIGTERM: exit code / seconds to exit",
                       f"{r['exit_code']} / {r['exit_s']:.1f}")]
     finally:
