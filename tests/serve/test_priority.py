@@ -73,3 +73,17 @@ def test_a_thread_that_ended_mid_walk_does_not_stop_the_rest(monkeypatch):
     monkeypatch.delenv(priority.NICENESS_ENV, raising=False)
     assert priority.restore_priority("test") == 0
     assert niceness == {1: 0, 2: 15, 3: 0}
+
+
+def test_the_proxy_niceness_falls_back_to_the_shared_one(monkeypatch):
+    monkeypatch.delenv(priority.PROXY_NICENESS_ENV, raising=False)
+    monkeypatch.delenv(priority.NICENESS_ENV, raising=False)
+    assert priority.target_niceness(priority.PROXY_NICENESS_ENV) == 0
+    monkeypatch.setenv(priority.NICENESS_ENV, "keep")
+    assert priority.target_niceness(priority.PROXY_NICENESS_ENV) is None
+    monkeypatch.setenv(priority.PROXY_NICENESS_ENV, "-5")
+    assert priority.target_niceness(priority.PROXY_NICENESS_ENV) == -5
+    assert priority.target_niceness() is None                 # the others keep theirs
+    monkeypatch.setenv(priority.PROXY_NICENESS_ENV, "high")
+    with pytest.raises(ValueError, match=priority.PROXY_NICENESS_ENV):
+        priority.target_niceness(priority.PROXY_NICENESS_ENV)
