@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,8 @@ from typing import Any, Optional
 import aiohttp
 import httpx
 import yaml
+
+from dfastllm_ray.serve.ports import free_port  # noqa: F401  (re-exported to reliability.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Reverse the string: abcdef"
@@ -62,12 +63,6 @@ def p99(xs: list[float]) -> Optional[float]:
 
 def p50(xs: list[float]) -> Optional[float]:
     return sorted(xs)[len(xs) // 2] if xs else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def session(url: str, connections: int) -> aiohttp.ClientSession:

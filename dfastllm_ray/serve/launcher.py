@@ -6,7 +6,8 @@ This launcher deploys the same Serve config the same way (`ServeDeploySchema`, `
 `deploy_apps`) and on SIGTERM or SIGINT:
 
 1. tells every ingress replica to drain: readiness turns 503 ("draining") and new requests get
-   503 + Retry-After;
+   503 + Retry-After (on a new local cluster the proxy gate refuses them from the signal on:
+   the handler creates the gate's drain file, `arm_drain_file`);
 2. lets admitted requests, streamed or not, finish for up to the graceful timeout (the config's
    largest `graceful_shutdown_timeout_s`, or `--graceful-timeout-s`); requests still open then
    get a 503 or an in-band error event and `[DONE]`;
@@ -22,8 +23,10 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -169,13 +172,39 @@ def drain_all(app_names: list[str], timeout_s: float, handles: dict[str, Any],
     return results
 
 
+def arm_drain_file() -> Path:
+    """The proxy gate's drain file (`proxy_gate.DRAIN_FILE_ENV`, in the env that the new
+    cluster's processes inherit): not created yet; the signal handler creates it, and from then
+    the proxy admits no new generation request. Its folder is removed at exit."""
+    from .proxy_gate import DRAIN_FILE_ENV
+    path = Path(tempfile.mkdtemp(prefix="dfastllm-drain-")) / "draining"
+    os.environ[DRAIN_FILE_ENV] = str(path)
+    return path
+
+
+def on_signal(stop: threading.Event, drain_file: Path) -> Any:
+    def handler(*_: Any) -> None:
+        drain_file.touch()           # first: the proxy refuses from now on
+        stop.set()
+    return handler
+
+
 def run(path: str, address: Optional[str], grace_s: Optional[float]) -> int:
     config = yaml.safe_load(Path(path).read_text())
     grace = grace_s if grace_s is not None else graceful_timeout(config)
     stop = threading.Event()
+    drain_file = arm_drain_file()     # before ray.init: the proxy inherits the env
+    try:
+        return _serve_until_signal(config, path, address, grace, stop, drain_file)
+    finally:
+        shutil.rmtree(drain_file.parent, ignore_errors=True)
+
+
+def _serve_until_signal(config: dict[str, Any], path: str, address: Optional[str], grace: float,
+                        stop: threading.Event, drain_file: Path) -> int:
     deploy(config, address)
     for sig in (signal.SIGTERM, signal.SIGINT):      # after ray.init, which sets its own
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal(stop, drain_file))
     log.info("deployed %s; SIGTERM drains for up to %g s", path, grace)
     names = [app["name"] for app in config.get("applications", [])]
     handles: dict[str, Any] = {}

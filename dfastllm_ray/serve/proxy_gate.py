@@ -17,6 +17,11 @@ a routed round trip (the slow refusals the gate exists to avoid). The proxy coun
 and the ingress engine requests (choices), so the proxy is never the stricter of the two; it
 counts a request until its response has been sent, after the ingress has let go of it, so its
 count is never below the ingress's and it is the gate that closes first.
+
+Draining. Under the launcher (`python -m dfastllm_ray.serve run`) the gate also refuses every
+new generation request once `DFASTLLM_DRAIN_FILE` exists: the launcher creates it in its
+SIGTERM handler, before its drain call reaches the ingress, so a request sent after the signal
+is not admitted in the moment that call takes (one stat per generation request).
 """
 from __future__ import annotations
 
@@ -26,13 +31,14 @@ import time
 import uuid
 from typing import Any, Optional
 
-from .admission import EWMA_WEIGHT, at_capacity, retry_after_s
+from .admission import DRAINING, EWMA_WEIGHT, at_capacity, retry_after_s
 from .errors import overloaded
 
 CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"   # read by Serve's proxy at start
 CALLBACK = "dfastllm_ray.serve.proxy_gate:proxy_middlewares"
 MAX_INFLIGHT_ENV = "DFASTLLM_PROXY_MAX_INFLIGHT"            # the cap; unset or 0: no gate
 MODEL_CAPS_ENV = "DFASTLLM_PROXY_MODEL_CAPS"                # JSON {model: cap}; unset: total only
+DRAIN_FILE_ENV = "DFASTLLM_DRAIN_FILE"       # set by the launcher; once the file exists: draining
 MAX_PEEK_BYTES = 1 << 20    # a larger body is not parsed here: the total cap and the ingress apply
 # the same routes as api.GENERATION_PATHS (not imported: api pulls FastAPI and the engine into
 # the proxy process); matched as suffixes so an app under a route prefix is gated too
@@ -46,12 +52,14 @@ class ProxyGate:
     The body is read (and replayed) only when there are two or more model caps."""
 
     def __init__(self, app: Any, max_inflight: int,
-                 model_caps: Optional[dict[str, int]] = None) -> None:
+                 model_caps: Optional[dict[str, int]] = None,
+                 drain_file: Optional[str] = None) -> None:
         if max_inflight < 1:
             raise ValueError(f"{MAX_INFLIGHT_ENV}={max_inflight} must be >= 1 (or unset)")
         self.app = app
         self.max_inflight = max_inflight
         self.model_caps = dict(model_caps or {})
+        self.drain_file = drain_file      # exists: the launcher got SIGTERM, admit nothing new
         self.inflight = 0                 # generation requests let through, not yet answered
         self.model_inflight = {m: 0 for m in self.model_caps}
         self.refused = 0
@@ -60,6 +68,8 @@ class ProxyGate:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if not _is_generation(scope):
             return await self.app(scope, receive, send)
+        if self.drain_file and os.path.exists(self.drain_file):
+            return await self._refuse(scope, send, DRAINING)
         if self.inflight >= self.max_inflight:
             # decided before any await: a refusal never queues behind the streams it protects
             return await self._refuse(scope, send, FULL)
@@ -171,4 +181,5 @@ def proxy_middlewares() -> list:
     cap = max_inflight_from_env()
     if cap is None:
         return []
-    return [Middleware(ProxyGate, max_inflight=cap, model_caps=model_caps_from_env())]
+    return [Middleware(ProxyGate, max_inflight=cap, model_caps=model_caps_from_env(),
+                       drain_file=os.environ.get(DRAIN_FILE_ENV) or None)]

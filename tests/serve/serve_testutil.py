@@ -3,8 +3,9 @@ pick up another directory's conftest)."""
 from __future__ import annotations
 
 import copy
-import socket
 from pathlib import Path
+
+from dfastllm_ray.serve.ports import free_port  # noqa: F401  (re-exported to the tests)
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -13,12 +14,6 @@ API_KEY = "sk-test-key"                 # the session app has auth on; health ro
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 # Fast replica teardown at the end of the session (defaults cost ~3 s per deployment).
 FAST_SHUTDOWN = {"graceful_shutdown_wait_loop_s": 0.1, "graceful_shutdown_timeout_s": 1}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tiny_config() -> dict:

@@ -128,12 +128,13 @@ def test_one_model_never_reads_the_body():
 
 def test_model_caps_from_the_env(monkeypatch):
     monkeypatch.delenv(proxy_gate.MODEL_CAPS_ENV, raising=False)
+    monkeypatch.delenv(proxy_gate.DRAIN_FILE_ENV, raising=False)
     assert proxy_gate.model_caps_from_env() == {}
     monkeypatch.setenv(proxy_gate.MODEL_CAPS_ENV, '{"a": 1, "b": 2}')
     assert proxy_gate.model_caps_from_env() == CAPS
     monkeypatch.setenv(proxy_gate.MAX_INFLIGHT_ENV, "3")
     (mw,) = proxy_gate.proxy_middlewares()
-    assert mw.kwargs == {"max_inflight": 3, "model_caps": CAPS}
+    assert mw.kwargs == {"max_inflight": 3, "model_caps": CAPS, "drain_file": None}
     for bad in ('{"a": 0}', '["a"]', '{"a": "1"}', "a=1"):
         monkeypatch.setenv(proxy_gate.MODEL_CAPS_ENV, bad)
         with pytest.raises(ValueError, match=proxy_gate.MODEL_CAPS_ENV):

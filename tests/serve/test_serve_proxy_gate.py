@@ -146,12 +146,14 @@ def test_retry_after_follows_the_latency_of_admitted_requests():
 
 def test_proxy_middlewares_read_the_cap_from_the_env(monkeypatch):
     monkeypatch.delenv(proxy_gate.MAX_INFLIGHT_ENV, raising=False)
+    monkeypatch.delenv(proxy_gate.DRAIN_FILE_ENV, raising=False)
     assert proxy_gate.proxy_middlewares() == []
     monkeypatch.setenv(proxy_gate.MAX_INFLIGHT_ENV, "0")         # explicitly off
     assert proxy_gate.proxy_middlewares() == []
     monkeypatch.setenv(proxy_gate.MAX_INFLIGHT_ENV, "7")
     (mw,) = proxy_gate.proxy_middlewares()
-    assert mw.cls is ProxyGate and mw.kwargs == {"max_inflight": 7, "model_caps": {}}
+    assert mw.cls is ProxyGate and mw.kwargs == {"max_inflight": 7, "model_caps": {},
+                                                 "drain_file": None}
     monkeypatch.setenv(proxy_gate.MAX_INFLIGHT_ENV, "seven")
     with pytest.raises(ValueError, match=proxy_gate.MAX_INFLIGHT_ENV):
         proxy_gate.proxy_middlewares()
@@ -263,3 +265,43 @@ def test_launcher_proxy_refuses_before_the_ingress(tmp_path):
         assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
     finally:
         stop_app(proc, 60)
+
+
+def test_the_drain_file_closes_the_gate_to_new_generation_requests(tmp_path):
+    """Once the launcher's drain file exists, a generation request gets the draining 503 (with
+    Retry-After) and never reaches the app; requests already admitted finish; other routes
+    (health, models) still pass."""
+    from dfastllm_ray.serve.admission import DRAINING
+    flag = tmp_path / "draining"
+
+    async def run() -> None:
+        inner = HeldApp()
+        gate = ProxyGate(inner, max_inflight=8, drain_file=str(flag))
+        async with client(gate) as c:
+            held = asyncio.create_task(c.post("/v1/completions", json=BODY))
+            await until(lambda: inner.entered == 1)
+            flag.touch()                                      # the launcher's SIGTERM handler
+            r = await c.post("/v1/completions", json=BODY)
+            assert r.status_code == 503 and r.json()["error"]["message"] == DRAINING
+            assert int(r.headers["retry-after"]) >= 1 and inner.entered == 1
+            assert (await c.get("/health/ready")).status_code == 200 and inner.entered == 2
+            inner.release.set()
+            assert (await held).status_code == 200            # admitted before: finished
+    asyncio.run(run())
+
+
+def test_the_launcher_arms_the_drain_file_and_its_signal_handler_creates_it(monkeypatch):
+    import threading
+    monkeypatch.delenv(proxy_gate.DRAIN_FILE_ENV, raising=False)
+    path = launcher.arm_drain_file()
+    try:
+        assert os.environ[proxy_gate.DRAIN_FILE_ENV] == str(path) and not path.exists()
+        monkeypatch.setenv(proxy_gate.MAX_INFLIGHT_ENV, "4")
+        (gate,) = proxy_gate.proxy_middlewares()        # in the proxy: it reads the file's path
+        assert gate.kwargs["drain_file"] == str(path)
+        stop = threading.Event()
+        launcher.on_signal(stop, path)(15, None)
+        assert path.exists() and stop.is_set()
+    finally:
+        import shutil
+        shutil.rmtree(path.parent, ignore_errors=True)
