@@ -195,28 +195,23 @@ def run(path: str, address: Optional[str], grace_s: Optional[float]) -> int:
     stop = threading.Event()
     drain_file = arm_drain_file()     # before ray.init: the proxy inherits the env
     try:
-        return _serve_until_signal(config, path, address, grace, stop, drain_file)
+        deploy(config, address)
+        for sig in (signal.SIGTERM, signal.SIGINT):      # after ray.init, which sets its own
+            signal.signal(sig, on_signal(stop, drain_file))
+        log.info("deployed %s; SIGTERM drains for up to %g s", path, grace)
+        names = [app["name"] for app in config.get("applications", [])]
+        handles: dict[str, Any] = {}
+        while not stop.wait(1.0):
+            if len(handles) < len(names):
+                warm_handles(names, handles)
+        t0 = time.monotonic()
+        results = drain_all(names, grace, handles)
+        from ray import serve
+        import ray
+        serve.shutdown()
+        ray.shutdown()
     finally:
         shutil.rmtree(drain_file.parent, ignore_errors=True)
-
-
-def _serve_until_signal(config: dict[str, Any], path: str, address: Optional[str], grace: float,
-                        stop: threading.Event, drain_file: Path) -> int:
-    deploy(config, address)
-    for sig in (signal.SIGTERM, signal.SIGINT):      # after ray.init, which sets its own
-        signal.signal(sig, on_signal(stop, drain_file))
-    log.info("deployed %s; SIGTERM drains for up to %g s", path, grace)
-    names = [app["name"] for app in config.get("applications", [])]
-    handles: dict[str, Any] = {}
-    while not stop.wait(1.0):
-        if len(handles) < len(names):
-            warm_handles(names, handles)
-    t0 = time.monotonic()
-    results = drain_all(names, grace, handles)
-    from ray import serve
-    import ray
-    serve.shutdown()
-    ray.shutdown()
     cut = sum(r.get("cut", 0) for r in {r.get("replica"): r for r in results}.values())
     log.info("stopped in %.1f s (%d requests cut past the %g s grace)",
              time.monotonic() - t0, cut, grace)

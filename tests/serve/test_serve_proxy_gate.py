@@ -270,7 +270,7 @@ def test_launcher_proxy_refuses_before_the_ingress(tmp_path):
 def test_the_drain_file_closes_the_gate_to_new_generation_requests(tmp_path):
     """Once the launcher's drain file exists, a generation request gets the draining 503 (with
     Retry-After) and never reaches the app; requests already admitted finish; other routes
-    (health, models) still pass."""
+    (health) still pass."""
     from dfastllm_ray.serve.admission import DRAINING
     flag = tmp_path / "draining"
 
@@ -292,7 +292,7 @@ def test_the_drain_file_closes_the_gate_to_new_generation_requests(tmp_path):
 
 def test_the_launcher_arms_the_drain_file_and_its_signal_handler_creates_it(monkeypatch):
     import threading
-    monkeypatch.delenv(proxy_gate.DRAIN_FILE_ENV, raising=False)
+    monkeypatch.setenv(proxy_gate.DRAIN_FILE_ENV, "")      # so the test's end restores it
     path = launcher.arm_drain_file()
     try:
         assert os.environ[proxy_gate.DRAIN_FILE_ENV] == str(path) and not path.exists()
