@@ -216,19 +216,32 @@ def _hang_up(url: str, stream: bool) -> None:
             got += chunk
 
 
-@pytest.mark.parametrize("stream", [True, False], ids=["stream", "unary"])
-def test_client_disconnect_aborts_request(serve_url, ready, stream):
-    before = stats(serve_url)["replica"]
-    _hang_up(serve_url, stream)
+def _hang_up_outcome(url: str, stream: bool) -> str:
+    """Hang up one request; returns what the replica counted for it: "aborted" or "finished".
+    Exactly one of the two, once, and the engine left with nothing running."""
+    before = stats(url)["replica"]
+    _hang_up(url, stream)
     deadline = time.time() + 30                         # a bounded wait, not a speed assertion
     while time.time() < deadline:
-        s = stats(serve_url)
-        if s["replica"]["aborted"] > before["aborted"] and s["engine"]["num_running"] == 0:
+        s = stats(url)
+        done = {k: s["replica"][k] - before[k] for k in ("aborted", "finished", "failed")}
+        if sum(done.values()) and s["engine"]["num_running"] == 0:
             break
         time.sleep(0.1)
-    assert s["replica"]["aborted"] == before["aborted"] + 1
-    assert s["replica"]["finished"] == before["finished"]   # it was cut, not completed
-    assert s["engine"]["num_running"] == 0
+    assert s["engine"]["num_running"] == 0, "the request was neither aborted nor finished"
+    assert done["failed"] == 0 and sorted(done.values()) == [0, 0, 1], done
+    return "aborted" if done["aborted"] else "finished"
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "unary"])
+def test_client_disconnect_aborts_request(serve_url, ready, stream):
+    # The hang-up comes while the engine decodes, but the abort travels proxy -> ingress ->
+    # batcher -> replica; on a loaded box the 224 forwards can win that race (seen once in CI).
+    # A lost race is counted as finished, never lost: try again, up to five times.
+    outcomes = []
+    while len(outcomes) < 5 and "aborted" not in outcomes:
+        outcomes.append(_hang_up_outcome(serve_url, stream))
+    assert outcomes[-1] == "aborted", outcomes
 
 
 def test_api_key_required(serve_url, ready):
