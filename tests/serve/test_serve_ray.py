@@ -236,8 +236,9 @@ def _hang_up_outcome(url: str, stream: bool) -> str:
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "unary"])
 def test_client_disconnect_aborts_request(serve_url, ready, stream):
     # The hang-up comes while the engine decodes, but the abort travels proxy -> ingress ->
-    # batcher -> replica; on a loaded box the 224 forwards can win that race (seen once in CI).
-    # A lost race is counted as finished, never lost: try again, up to five times.
+    # batcher -> replica; on a loaded box the 224 forwards (1.4-1.9 s here) can win that race
+    # (the likely cause of one CI failure, not reproduced here). A lost race is counted as
+    # finished, never lost: try again, up to five times.
     outcomes = []
     while len(outcomes) < 5 and "aborted" not in outcomes:
         outcomes.append(_hang_up_outcome(serve_url, stream))
