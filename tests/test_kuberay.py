@@ -19,8 +19,9 @@ jsonschema = pytest.importorskip("jsonschema")
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD = ROOT / "tests" / "fixtures" / "kuberay" / "ray.io_rayservices.yaml"
-NAMES = ("llada", "dream", "tiny", "dream_apd")  # each configs/<name>.yaml has a kuberay/<name>.yaml
-GPU_NAMES = ("llada", "dream", "dream_apd")
+# every configs/<name>.yaml, each with a kuberay/<name>.yaml
+NAMES = ("llada", "dream", "tiny", "dream_apd", "sdar", "tiny_sdar")
+GPU_NAMES = ("llada", "dream", "dream_apd", "sdar")
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 _spec = importlib.util.spec_from_file_location("kuberay_render", ROOT / "kuberay" / "render.py")
@@ -70,6 +71,7 @@ def test_every_manifest_has_a_config_and_back():
     manifests = {p.stem for p in (ROOT / "kuberay").glob("*.yaml")}
     configs = {p.stem for p in (ROOT / "configs").glob("*.yaml")}
     assert set(NAMES) <= manifests, f"missing manifests: {set(NAMES) - manifests}"
+    assert set(NAMES) == configs, f"configs not in NAMES: {configs - set(NAMES)}"
     assert manifests <= configs, f"manifests without a configs/ file: {manifests - configs}"
     assert set(render.CLUSTERS) == manifests
 
