@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .admission import Admission
-from .errors import APIError, error_body, validation_error
+from .errors import APIError, error_body, http_error, validation_error
 from .guards import ApiKeys, RateLimiter
 from .metrics import IngressMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest
@@ -29,7 +29,9 @@ from .tokenizer_api import add_tokenizer_routes
 
 log = logging.getLogger("ray.serve.dfastllm")
 OUTCOMES = {200: "ok", 400: "bad_request", 401: "unauthorized", 404: "not_found",
+            405: "method_not_allowed", 413: "bad_request", 422: "bad_request",
             429: "rate_limited", 499: "client_closed", 503: "overloaded", 504: "timeout"}
+UNMATCHED = "unmatched"    # the `route` label of a path no route matched (one series, not one per path)
 
 
 class RequestContext:
@@ -90,8 +92,12 @@ class RequestContext:
                         "latency_ms": round(seconds * 1000, 2)})
         if self.admission is not None and status in (429, 503):
             self.admission.refusal_s.append(seconds)
-        if self.metrics is not None and path.startswith("/v1/"):
-            self.metrics.request(model, path, OUTCOMES.get(status, "error"), seconds)
+        if self.metrics is not None and not path.startswith("/health"):
+            # the matched route's template ("/v1/models/{model}"): a label per route, not per
+            # path a client or a scanner sends (the front gate refuses before routing)
+            route = getattr(scope.get("route"), "path", None) or (
+                path if path in GENERATION_PATHS else UNMATCHED)
+            self.metrics.request(model, route, OUTCOMES.get(status, "error"), seconds)
 
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
@@ -116,13 +122,15 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        err = validation_error(list(exc.errors()))
+        err = validation_error(list(exc.errors()), request.headers.get("content-type"))
         return JSONResponse(err.body(), status_code=err.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body(exc.status_code, str(exc.detail)),
-                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        err = http_error(exc.status_code, str(exc.detail), request.method, request.url.path,
+                         (headers or {}).get("Allow"))
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:

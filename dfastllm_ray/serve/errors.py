@@ -90,18 +90,92 @@ def timed_out(timeout_s: float) -> APIError:
                     code="request_timeout")
 
 
-def validation_error(errors: list[dict[str, Any]]) -> APIError:
-    """FastAPI/pydantic body errors -> 400 naming the first offending field (OpenAI uses 400)."""
+# A pydantic `loc` names a Union member it tried ("str", "list[int]", "TextPart") between the
+# field names; those are not fields. What each member means, for "must be one of" messages.
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|[A-Z]\w*|\w+\[.*\]|function-.*)$")
+_MEMBER_NAMES = {"str": "a string", "list[str]": "a list of strings",
+                 "list[int]": "a list of token ids", "list[list[int]]": "a list of token-id lists",
+                 "list[TextPart]": "a list of text parts", "int": "an integer",
+                 "float": "a number", "bool": "a boolean"}
+_CODES = {"missing": "missing_field", "extra_forbidden": "unknown_field"}
+
+
+def validation_error(errors: list[dict[str, Any]],
+                     content_type: Optional[str] = None) -> APIError:
+    """FastAPI/pydantic body errors -> 400 naming the first offending field, its value and
+    what it must be (OpenAI uses 400). `content_type`: the request's header, for the message
+    when the body could not be read as JSON at all."""
     if not errors:
-        return bad_request("Invalid request body.")
+        return bad_request("Invalid request body.", code="invalid_body")
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
         return bad_request(f"The request body is not valid JSON: {first.get('msg', '')}",
                            code="invalid_json")
-    param = ".".join(loc) or None
-    where = f" at {param!r}" if param else ""
+    loc = _loc(first)
+    if not loc:
+        return _body_error(first, content_type)
+    cut = next((i for i, p in enumerate(loc) if isinstance(p, str) and _UNION_MEMBER.match(p)),
+               None)
+    if cut is not None:          # a Union field: what it is, unless one member went deeper
+        first = _union_error(errors, loc[:cut])
+        loc = _loc(first)
+    param = ".".join(str(p) for p in loc
+                     if not (isinstance(p, str) and _UNION_MEMBER.match(p)))
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if first.get("type") == "missing":
+        msg = "this field is required"
+    elif first.get("type") == "extra_forbidden":
+        msg = "no such field in this request (unknown fields are refused; check the spelling)"
     value = first.get("input")
-    got = "" if value is None or isinstance(value, (dict, list)) else f" (got {value!r:.80})"
-    return bad_request(f"{first.get('msg', 'invalid value')}{where}{got}", param=param,
-                       code="invalid_value" if loc else "invalid_body")
+    shown = (value is not None and not isinstance(value, (dict, list, bytes))
+             and first.get("type") != "extra_forbidden" and repr(value) not in msg)
+    got = f" (got {value!r:.80})" if shown else ""
+    return bad_request(f"{param}: {msg}{got}", param=param,
+                       code=_CODES.get(str(first.get("type")), "invalid_value"))
+
+
+def _loc(error: dict[str, Any]) -> list[Any]:
+    return [p for p in error.get("loc", ()) if p != "body"]
+
+
+def _union_error(errors: list[dict[str, Any]], field: list[Any]) -> dict[str, Any]:
+    """The error to report for a Union field: the deepest member's (the value had that
+    member's shape and failed inside it), or one that lists every member's shape."""
+    cut = len(field)                    # _loc(e)[cut]: the member e's error is about
+    group = [e for e in errors if _loc(e)[:cut] == field and len(_loc(e)) > cut]
+    deepest = max(group, key=lambda e: len(_loc(e)))
+    if len(_loc(deepest)) > cut + 1:
+        return deepest
+    members = [str(_loc(e)[cut]) for e in group]
+    names = [_MEMBER_NAMES.get(m, m) for m in dict.fromkeys(members)]
+    shape = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+    return {**group[0], "msg": f"must be {shape}", "type": "union_type"}
+
+
+def _body_error(first: dict[str, Any], content_type: Optional[str]) -> APIError:
+    """The body as a whole: empty, not JSON by its Content-Type, or JSON that is no object."""
+    fix = "send a JSON object with Content-Type: application/json"
+    if first.get("type") == "missing":
+        return bad_request(f"The request body is empty: {fix}.", code="invalid_body")
+    if content_type is not None and "json" not in content_type.lower():
+        return bad_request(f"The request body was sent as Content-Type: {content_type:.60}, "
+                           f"not JSON: {fix}.", code="invalid_body")
+    kind = type(first.get("input")).__name__
+    return bad_request(f"The request body must be a JSON object (got a JSON {kind}): {fix}.",
+                       code="invalid_body")
+
+
+def http_error(status: int, detail: str, method: str, path: str,
+               allow: Optional[str] = None) -> APIError:
+    """Starlette's own refusals (no route, wrong method, an unreadable body) with a message
+    that says what to do, in the same OpenAI body."""
+    if status == 404 and detail == "Not Found":
+        return APIError(404, f"No route {path!r} on this server (the OpenAI routes are under "
+                        "/v1; /openapi.json lists them).", code="unknown_route")
+    if status == 405:
+        return APIError(405, f"{method} is not allowed on {path!r}; use {allow or 'another method'}.",
+                        code="method_not_allowed")
+    if status == 400 and "parsing the body" in detail:   # not UTF-8, or nested too deep
+        return bad_request("The request body could not be parsed as JSON (not UTF-8, or "
+                           "nested too deeply): send a JSON object.", code="invalid_json")
+    return APIError(status, detail)

@@ -58,6 +58,18 @@ def completion_prompts(body: CompletionRequest, card: ModelCard) -> list[list[in
     return out
 
 
+def check_no_mask(ids: list[int], card: ModelCard, param: str) -> None:
+    """A diffusion model's [MASK] id marks a position to decode; in a prompt (a user's text
+    holding "<|mdm_mask|>", or a token-id prompt) it has no defined meaning here: this server
+    decodes only after the prompt (no infilling), so it is refused rather than fed to the model."""
+    if card.mask_token_id is not None and card.mask_token_id in ids:
+        token = getattr(card.tokenizer, "mask_token", None) or "the mask token"
+        raise bad_request(f"The prompt holds {token} (token id {card.mask_token_id}), which "
+                          f"marks a position to decode in {card.model_id!r}; this server decodes "
+                          "after the prompt only (no infilling): remove it from the prompt.",
+                          param=param)
+
+
 def total_chars(body: _Body) -> int:
     if isinstance(body, ChatCompletionRequest):
         return sum(len(m.text()) for m in body.messages)
@@ -80,14 +92,25 @@ def check_prompt_size(body: _Body, card: ModelCard) -> None:
 def chat_prompt(body: ChatCompletionRequest, card: ModelCard) -> list[list[int]]:
     """The chat template's ids. An empty or blank message is a valid OpenAI turn and is encoded
     as it is (the tiny models answer it with their greeting)."""
-    if not body.messages:
+    return [chat_ids(card, body.messages)]
+
+
+def chat_ids(card: ModelCard, messages: list[Any], add_generation_prompt: bool = True
+             ) -> list[int]:
+    """The ids of `messages` (ChatMessage records) under the model's chat template; an empty
+    list, a model without a template or a template that raises is a 400 (chat completions and
+    /tokenize alike)."""
+    if not messages:
         raise bad_request("messages must hold at least one message.", param="messages")
     if getattr(card.tokenizer, "chat_template", None) is None:
         raise bad_request(f"model {card.model_id!r} has no chat template; use /v1/completions.",
                           param="model")
-    messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in body.messages]
+    turns = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in messages]
     try:
-        return [encode_chat(card.tokenizer, messages)]
+        if add_generation_prompt:
+            return encode_chat(card.tokenizer, turns)
+        text = card.tokenizer.apply_chat_template(turns, tokenize=False)
+        return list(card.tokenizer(text)["input_ids"])
     except Exception as exc:   # a template may raise on a role order it does not accept
         raise bad_request(f"the chat template rejected the messages: {exc}", param="messages")
 
@@ -97,7 +120,12 @@ def sampling_params(body: _Body, card: ModelCard, prompt_len: int, max_n: int) -
     Every refusal is a 400 naming the field, the value and the bound."""
     unsupported = body.unsupported()
     if unsupported:
-        raise bad_request(f"{unsupported} is not supported by this server.", param=unsupported)
+        raise bad_request(f"{unsupported}={getattr(body, unsupported)!r} is not supported by this "
+                          f"server; leave {unsupported} out (or null).", param=unsupported,
+                          code="unsupported_parameter")
+    if body.stream_options is not None and not body.stream:
+        raise bad_request("stream_options is only allowed with stream: true.",
+                          param="stream_options")
     if body.n > max_n:
         raise bad_request(f"n={body.n} is invalid: at most {max_n} choices per request.", param="n")
     if prompt_len >= card.context_length:
@@ -120,22 +148,28 @@ def sampling_params(body: _Body, card: ModelCard, prompt_len: int, max_n: int) -
         raise bad_request(f"max_tokens={mt} is invalid: this server allows at most {limit}.",
                           param="max_tokens")
     try:
-        params = SamplingParams(**fields)
         if card.block_size:         # block diffusion: blocks from the canvas start (the engine's)
-            return resolve_block_diffusion(params, prompt_len, card.block_size,
+            return resolve_block_diffusion(SamplingParams(**fields), prompt_len, card.block_size,
                                            card.context_length)
-        params = params.resolve(max_context=card.context_length, prompt_len=prompt_len)
+        steps = fields.pop("steps", None)      # bounded by the canvas, checked once it is known
+        params = SamplingParams(**fields).resolve(max_context=card.context_length,
+                                                  prompt_len=prompt_len)
     except ValueError as exc:
         raise from_value_error(exc) from None
     except TypeError as exc:   # a wrong type SamplingParams' checks compare against (e.g. "abc" < 0)
         raise bad_request(str(exc)) from None
-    if "steps" in overrides and params.steps > params.max_tokens:
+    if steps is None:
+        return params
+    if steps > params.max_tokens:
         # One forward per generated position at most: more only adds forwards that commit
         # nothing, and a huge schedule would stall every other request while it is built.
-        raise bad_request(f"steps={params.steps} is invalid: at most {params.max_tokens} "
+        raise bad_request(f"steps={steps} is invalid: at most {params.max_tokens} "
                           "(one forward per generated position; max_tokens rounded up to whole "
                           f"blocks of {params.block_length}).", param="steps")
-    return params
+    try:
+        return replace(params, steps=steps)
+    except ValueError as exc:
+        raise from_value_error(exc) from None
 
 
 def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dfastllm_ray.sampling.params import MAX_DRAFT_TOKENS, MAX_HYBRID_WINDOW
 
@@ -32,14 +32,16 @@ class StreamOptions(BaseModel):
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # allow_inf_nan=False: NaN / Infinity (which Python's JSON parser accepts) are refused as
+    # "a finite number" rather than passing a bound check they cannot be compared against
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     model: str
     max_tokens: Optional[int] = Field(None, ge=1)
     temperature: Optional[float] = Field(None, ge=0)
     top_p: Optional[float] = Field(None, gt=0, le=1)
-    n: int = Field(1, ge=1)
-    stream: bool = False
+    n: Optional[int] = Field(1, ge=1)     # null: the default (`_null_is_default`); an int after
+    stream: Optional[bool] = False        # validation, as both are read
     stream_options: Optional[StreamOptions] = None
     stop: Optional[Union[str, list[str]]] = None
     seed: Optional[int] = Field(None, ge=0, le=2**64 - 1)   # torch takes an unsigned 64-bit seed
@@ -106,11 +108,17 @@ class _Body(BaseModel):
         "Speculative: positions the dLLM drafts per step, adapted up to this (default 4). "
         "decoding=speculative only."))
 
+    @field_validator("n", "stream", mode="before")
+    @classmethod
+    def _null_is_default(cls, value: Any, info: Any) -> Any:
+        """OpenAI's clients may send `n: null` / `stream: null` for "the default"."""
+        return cls.model_fields[info.field_name].default if value is None else value
+
     def unsupported(self) -> Optional[str]:
         """The first field set to a value this server cannot honour, or None."""
         if self.presence_penalty or self.frequency_penalty:
             return "presence_penalty" if self.presence_penalty else "frequency_penalty"
-        if self.logprobs:
+        if self.logprobs is not None and self.logprobs is not False:   # 0 asks for them too
             return "logprobs"
         if self.logit_bias:
             return "logit_bias"
@@ -150,14 +158,34 @@ class CompletionRequest(_Body):
 
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    type: Literal["text"]
+    type: str
     text: str
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, value: str) -> str:
+        if value != "text":
+            raise ValueError(f"content parts of type {value!r} are not supported: these models "
+                             "read text only (parts of type 'text')")
+        return value
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")     # name, tool_call_id... are passed to the template
+    # OpenAI's message fields; any other key is refused like an unknown top-level field
+    model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[str, list[TextPart]]] = None
+    name: Optional[str] = None                   # passed to the chat template
+    tool_call_id: Optional[str] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None
+
+    @model_validator(mode="after")
+    def _has_content(self) -> "ChatMessage":
+        """Only an assistant turn may leave `content` out (OpenAI: it then carries tool_calls)."""
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role!r} message needs content (a string or a list of "
+                             "text parts)")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):

@@ -131,8 +131,8 @@ async def peek_model(receive: Any) -> tuple[Optional[str], Any]:
     if messages[-1]["type"] == "http.request" and not messages[-1].get("more_body"):
         try:
             body = json.loads(b"".join(m.get("body", b"") for m in messages))
-        except ValueError:                               # the ingress gives the 400
-            body = None
+        except (ValueError, RecursionError):             # not JSON, or nested past the
+            body = None                                  # parser's depth: the ingress's 400
         if isinstance(body, dict) and isinstance(body.get("model"), str):
             model = body["model"]
     replay = iter(messages)

@@ -24,6 +24,7 @@ class ModelCard:
     arch: str = "llada"                 # model family ("llada", "dream", "sdar"): which knobs it reads
     verifier: Optional[str] = None      # the verifier's model_source (None: no hybrid decoding)
     block_size: Optional[int] = None    # block diffusion (SDAR): the checkpoint's block; None: not one
+    mask_token_id: Optional[int] = None  # the [MASK] id: refused in prompts (None: no check)
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ def build_engine(cfg: ModelConfig) -> tuple[Any, ModelCard]:
                      generation_defaults(loaded.generation_defaults, cfg.sampling_defaults),
                      cfg.max_tokens_limit, int(time.time()), loaded.spec.arch,
                      cfg.verifier.model_source if cfg.verifier else None,
-                     loaded.spec.block_size)
+                     loaded.spec.block_size, loaded.spec.mask_token_id)
     return AsyncEngine(Engine(loaded, ecfg, verifier=verifier)), card
 
 

@@ -40,7 +40,14 @@ class Prepared:
     requests: list[GenerateRequest]     # one per choice, in choice order
     stream: bool
     include_usage: bool
+    n: int = 1                          # choices per prompt: requests[i] is prompt i // n's
     t0: float = field(default_factory=time.perf_counter)   # arrival, for time to first block
+
+    def choices(self) -> list[Choice]:
+        """One running Choice per request; a prompt's tokens count once in the usage however
+        many choices it has (OpenAI's and vLLM's `prompt_tokens` with n > 1)."""
+        return [Choice(i, len(r.prompt_token_ids) if i % self.n == 0 else 0)
+                for i, r in enumerate(self.requests)]
 
 
 def root_cause(exc: BaseException) -> BaseException:
@@ -144,6 +151,7 @@ class OpenAIServer:
         engine_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
         reqs: list[GenerateRequest] = []
         for ids in prompt_ids:
+            prompts.check_no_mask(ids, card, "messages" if chat else "prompt")
             params = prompts.sampling_params(body, card, len(ids), self.settings.max_n)
             for p in prompts.choice_params(params, body.n):
                 reqs.append(GenerateRequest(f"{engine_id}-{len(reqs)}", ids, p,
@@ -152,7 +160,7 @@ class OpenAIServer:
             raise APIError(400, f"{len(reqs)} choices (prompts x n) exceed the limit of "
                            f"{self.settings.max_n}.", param="n")
         meta = ResponseMeta(request_id, body.model, chat)
-        return Prepared(meta, reqs, body.stream, body.include_usage())
+        return Prepared(meta, reqs, body.stream, body.include_usage(), body.n)
 
     def _fanin(self, prep: Prepared) -> Fanin:
         client = self.clients[prep.meta.model]
@@ -192,7 +200,7 @@ class OpenAIServer:
     # ---- running -----------------------------------------------------------------------------
     async def complete(self, prep: Prepared) -> dict[str, Any]:
         """Non-streaming: wait for every choice to finish; one OpenAI body."""
-        choices = [Choice(i, len(r.prompt_token_ids)) for i, r in enumerate(prep.requests)]
+        choices = prep.choices()
         fan = self._fanin(prep)
         first = True
         try:
@@ -223,7 +231,7 @@ class OpenAIServer:
 
     async def _events(self, prep: Prepared, fan: Fanin,
                       item: Optional[tuple[int, BlockOutput]]) -> AsyncIterator[str]:
-        choices = [Choice(i, len(r.prompt_token_ids)) for i, r in enumerate(prep.requests)]
+        choices = prep.choices()
         started: set[int] = set()
         try:
             while item is not None:

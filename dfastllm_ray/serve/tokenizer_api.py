@@ -4,7 +4,9 @@ Clients that count tokens with the server's own tokenizer (lm-eval-harness's
 `local-completions` / `local-chat-completions` probe `/tokenizer_info` and then tokenize
 remotely) need these; the shapes follow vLLM's (`count`, `max_model_len`, `tokens`,
 `token_strs`; `prompt`). `model` may be left out when the app serves one model, or several with
-one tokenizer (the same vocabulary and EOS; lm-eval never names it). The ingress
+one vocabulary and EOS (lm-eval never names it): the first model's tokenizer answers, and
+`/tokenizer_info` describes it (its BOS, mask and chat template); `messages` also need the
+same chat template. The ingress
 holds each model's tokenizer (the model card), so no replica is called.
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ from fastapi import Depends, FastAPI
 from pydantic import BaseModel, ConfigDict
 
 from .errors import bad_request
-from .prompts import encode_chat
+from .prompts import chat_ids
 from .protocol import ChatMessage
 from .records import ModelCard
 from .server import OpenAIServer
@@ -58,13 +60,7 @@ def _tokens(card: ModelCard, body: TokenizeRequest) -> list[int]:
     if body.prompt is not None:
         return list(card.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)
                     ["input_ids"])
-    if getattr(card.tokenizer, "chat_template", None) is None:
-        raise bad_request(f"model {card.model_id!r} has no chat template.", param="messages")
-    messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in body.messages]
-    if not body.add_generation_prompt:
-        text = card.tokenizer.apply_chat_template(messages, tokenize=False)
-        return list(card.tokenizer(text)["input_ids"])
-    return encode_chat(card.tokenizer, messages)
+    return chat_ids(card, body.messages or [], body.add_generation_prompt)
 
 
 def same_tokenizer(a: ModelCard, b: ModelCard) -> bool:
@@ -78,21 +74,30 @@ def same_tokenizer(a: ModelCard, b: ModelCard) -> bool:
             and getattr(a.tokenizer, "eos_token", None) == getattr(b.tokenizer, "eos_token", None))
 
 
+def same_template(a: ModelCard, b: ModelCard) -> bool:
+    """The same chat template and BOS: `messages` render to the same ids."""
+    return all(getattr(a.tokenizer, k, None) == getattr(b.tokenizer, k, None)
+               for k in ("chat_template", "bos_token"))
+
+
 def add_tokenizer_routes(app: FastAPI, server: OpenAIServer, guard: Any) -> None:
     shared: dict[str, bool] = {}     # the verdict of `same_tokenizer`, once the cards loaded
 
-    async def card_for(model: Optional[str]) -> ModelCard:
+    async def card_for(model: Optional[str], chat: bool = False) -> ModelCard:
         """The named model's card; unnamed, the first model's, if every served model has the
         same tokenizer (lm-eval never names the model here; configs/tiny.yaml serves two models
-        on one vocabulary), else a 400 asking for `model`."""
+        on one vocabulary) and, for `messages`, the same chat template; else a 400 asking for
+        `model`."""
         if model is not None:
             return await server.card(model)
         cards = [await server.card(m) for m in server.clients]
-        if "all" not in shared:
-            shared["all"] = all(same_tokenizer(cards[0], c) for c in cards[1:])
-        if not shared["all"]:
+        kind = "chat templates" if chat else "tokenizers"
+        if kind not in shared:
+            shared[kind] = all(same_tokenizer(cards[0], c) and (not chat or same_template(
+                cards[0], c)) for c in cards[1:])
+        if not shared[kind]:
             raise bad_request(f"model is required: this server serves {sorted(server.clients)} "
-                              "with different tokenizers.", param="model")
+                              f"with different {kind}.", param="model")
         return cards[0]
 
     for prefix in ("", "/v1"):       # vLLM serves them at the root; some clients add /v1
@@ -102,7 +107,7 @@ def add_tokenizer_routes(app: FastAPI, server: OpenAIServer, guard: Any) -> None
 
         @app.post(f"{prefix}/tokenize", dependencies=[Depends(guard)])
         async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
-            card = await card_for(body.model)
+            card = await card_for(body.model, chat=body.messages is not None)
             ids = _tokens(card, body)
             strs: Union[list[str], None] = None
             if body.return_token_strs:

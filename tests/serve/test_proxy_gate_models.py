@@ -59,7 +59,9 @@ def test_a_full_model_is_refused_in_the_proxy_and_the_other_is_admitted():
 
 
 @pytest.mark.parametrize("body", [json.dumps({"model": "a", "prompt": "é" * 100}).encode(),
-                                  b"not json", b"[1, 2]", b'{"model": 7}', b""])
+                                  b"not json", b"[1, 2]", b'{"model": 7}', b"",
+                                  # past the JSON parser's depth: RecursionError, once a 500
+                                  b'{"model": "a", "prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}"])
 def test_the_body_reaches_the_app_unchanged(body):
     async def run() -> None:
         inner = EchoHeldApp()

@@ -262,6 +262,10 @@ def test_tokenizer_routes_without_model_when_models_share_a_tokenizer():
     named = pair.post("/tokenize", json={"prompt": "add 47+85", "model": "tiny-dream"})
     assert unnamed.status_code == 200 and unnamed.json() == named.json()
     assert pair.get("/tokenizer_info").json()["eos_token"] == "<|endoftext|>"
+    chat = {"messages": [{"role": "user", "content": "Hi"}]}    # the two chat templates differ
+    r = pair.post("/tokenize", json=chat)
+    assert r.status_code == 400 and "chat templates" in r.json()["error"]["message"]
+    assert pair.post("/tokenize", json={**chat, "model": "tiny-dream"}).status_code == 200
     from serve_fakes import CharTokenizer
     mixed = app_of({"a": CharTokenizer(), "b": CharTokenizer()})
     r = mixed.get("/tokenizer_info")
