@@ -32,7 +32,7 @@ import uuid
 from typing import Any, Optional
 
 from .admission import DRAINING, EWMA_WEIGHT, at_capacity, retry_after_s
-from .errors import overloaded
+from .errors import APIError, overloaded, unavailable
 
 CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"   # read by Serve's proxy at start
 CALLBACK = "dfastllm_ray.serve.proxy_gate:proxy_middlewares"
@@ -91,11 +91,16 @@ class ProxyGate:
                 self.model_inflight[counted] -= 1
 
     async def _admitted(self, scope: dict, receive: Any, send: Any) -> None:
-        t0, status = time.perf_counter(), [0]
+        t0, status, replaced = time.perf_counter(), [0], [False]
 
         async def watch(message: dict) -> None:
+            if replaced[0]:                   # Serve's 404 body, already answered for
+                return
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                if _serve_not_found(message):
+                    replaced[0] = True
+                    return await self._send(scope, send, not_deployed(scope.get("path", "")))
             await send(message)
         await self.app(scope, receive, watch)
         if status[0] == 200:
@@ -103,7 +108,10 @@ class ProxyGate:
 
     async def _refuse(self, scope: dict, send: Any, message: str) -> None:
         self.refused += 1
-        err = overloaded(message, retry_after_s=retry_after_s(self.latency_s))
+        await self._send(scope, send, overloaded(message,
+                                                 retry_after_s=retry_after_s(self.latency_s)))
+
+    async def _send(self, scope: dict, send: Any, err: APIError) -> None:
         body = json.dumps(err.body()).encode()
         # the proxy's own request-id middleware sits inside this one: add the header here
         rid = dict(scope.get("headers") or []).get(b"x-request-id") or uuid.uuid4().hex.encode()
@@ -140,6 +148,21 @@ async def peek_model(receive: Any) -> tuple[Optional[str], Any]:
     async def replayed() -> dict:
         return next(replay, None) or await receive()
     return model, replayed
+
+
+def _serve_not_found(message: dict) -> bool:
+    """Serve's own "Path ... not found" (plain text; the ingress's 404s are JSON): no app serves
+    the path, which for a generation route means the app is not deployed yet."""
+    headers = dict(message.get("headers") or [])
+    return message["status"] == 404 and headers.get(b"content-type", b"").startswith(b"text/plain")
+
+
+def not_deployed(path: str) -> APIError:
+    """503 + Retry-After (OpenAI's clients retry it) rather than Serve's plain-text 404 (a
+    NotFoundError, which they do not) in the seconds before the app is deployed."""
+    return unavailable(f"No application serves {path!r} yet: the server is starting; retry "
+                       "shortly (if this lasts, the path is outside every application's "
+                       "route_prefix).", retry_after_s=2)
 
 
 def _is_generation(scope: dict) -> bool:

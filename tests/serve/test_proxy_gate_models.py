@@ -141,3 +141,34 @@ def test_model_caps_from_the_env(monkeypatch):
         monkeypatch.setenv(proxy_gate.MODEL_CAPS_ENV, bad)
         with pytest.raises(ValueError, match=proxy_gate.MODEL_CAPS_ENV):
             proxy_gate.model_caps_from_env()
+
+
+class NotFoundApp:
+    """Answers every request with a 404 as Serve's proxy (plain text) or as the ingress (JSON)."""
+
+    def __init__(self, content_type: bytes) -> None:
+        self.content_type = content_type
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 404,
+                    "headers": [(b"content-type", self.content_type)]})
+        await send({"type": "http.response.body", "body": b"Path '/v1/completions' not found."})
+
+
+@pytest.mark.parametrize("content_type,status", [(b"text/plain; charset=utf-8", 503),
+                                                 (b"application/json", 404)])
+def test_serve_own_404_before_the_app_is_deployed_is_a_503_to_retry(content_type, status):
+    """Before the app is deployed Serve's proxy answers every path with a plain-text 404 (an
+    OpenAI client's NotFoundError, never retried); the gate makes a generation request's a 503
+    with Retry-After. The ingress's own JSON 404 (an unknown model) passes unchanged."""
+    async def run() -> None:
+        gate = ProxyGate(NotFoundApp(content_type), max_inflight=3, model_caps=CAPS)
+        async with client(gate) as c:
+            r = await c.post("/v1/completions", json={"model": "a"})
+        assert r.status_code == status
+        if status == 503:
+            err = r.json()["error"]
+            assert err["code"] == "model_unavailable" and "starting" in err["message"]
+            assert int(r.headers["retry-after"]) >= 1
+        assert gate.inflight == 0 and gate.model_inflight == {"a": 0, "b": 0}
+    asyncio.run(run())
