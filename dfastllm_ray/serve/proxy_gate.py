@@ -161,8 +161,9 @@ def not_deployed(path: str) -> APIError:
     """503 + Retry-After (OpenAI's clients retry it) rather than Serve's plain-text 404 (a
     NotFoundError, which they do not) in the seconds before the app is deployed."""
     return unavailable(f"No application serves {path!r} yet: the server is starting; retry "
-                       "shortly (if this lasts, the path is outside every application's "
-                       "route_prefix).", retry_after_s=2)
+                       "shortly. If this lasts, the application failed to deploy (`serve "
+                       "status` and the server's output say why) or the path is outside every "
+                       "application's route_prefix.", retry_after_s=2)
 
 
 def _is_generation(scope: dict) -> bool:

@@ -25,7 +25,7 @@ from dfastllm_ray.engine.engine import Engine
 from dfastllm_ray.models.loader import load_model
 from dfastllm_ray.output_limit import OutputCut
 from dfastllm_ray.sampling.defaults import generation_defaults
-from dfastllm_ray.sampling.params import SamplingParams
+from dfastllm_ray.sampling.params import SamplingParams, unused_knobs
 
 from .config import ModelConfig
 from .metrics import ReplicaMetrics
@@ -53,6 +53,7 @@ def build_engine(cfg: ModelConfig) -> tuple[Any, ModelCard]:
     context = loaded.spec.max_position
     if ecfg.max_model_len is not None:
         context = min(context, ecfg.max_model_len)
+    check_defaults_family(cfg, loaded.spec.arch)
     verifier = load_verifier(cfg, loaded)
     card = ModelCard(cfg.model_id, loaded.tokenizer, context, loaded.spec.vocab_size,
                      generation_defaults(loaded.generation_defaults, cfg.sampling_defaults),
@@ -60,6 +61,18 @@ def build_engine(cfg: ModelConfig) -> tuple[Any, ModelCard]:
                      cfg.verifier.model_source if cfg.verifier else None,
                      loaded.spec.block_size, loaded.spec.mask_token_id)
     return AsyncEngine(Engine(loaded, ecfg, verifier=verifier)), card
+
+
+def check_defaults_family(cfg: ModelConfig, arch: str) -> None:
+    """A `sampling_defaults` knob the checkpoint's family does not read would make every
+    request that leaves it out a 400 naming a field the client never sent: refused at start,
+    naming the YAML field (the family is known only once the checkpoint's config is read)."""
+    foreign = unused_knobs(cfg.sampling_defaults, arch)
+    if foreign:
+        raise ValueError(f"models[{cfg.model_id}].sampling_defaults.{foreign[0]}="
+                         f"{cfg.sampling_defaults[foreign[0]]!r}: {cfg.model_source!r} is a "
+                         f"{arch}-family checkpoint, which does not read {', '.join(foreign)}; "
+                         "remove it from sampling_defaults")
 
 
 def load_verifier(cfg: ModelConfig, loaded: Any) -> Any:
