@@ -53,7 +53,7 @@ def build_engine(cfg: ModelConfig) -> tuple[Any, ModelCard]:
     context = loaded.spec.max_position
     if ecfg.max_model_len is not None:
         context = min(context, ecfg.max_model_len)
-    check_defaults_family(cfg, loaded.spec.arch)
+    check_defaults(cfg, loaded.spec.arch, context)
     verifier = load_verifier(cfg, loaded)
     card = ModelCard(cfg.model_id, loaded.tokenizer, context, loaded.spec.vocab_size,
                      generation_defaults(loaded.generation_defaults, cfg.sampling_defaults),
@@ -63,10 +63,16 @@ def build_engine(cfg: ModelConfig) -> tuple[Any, ModelCard]:
     return AsyncEngine(Engine(loaded, ecfg, verifier=verifier)), card
 
 
-def check_defaults_family(cfg: ModelConfig, arch: str) -> None:
-    """A `sampling_defaults` knob the checkpoint's family does not read would make every
-    request that leaves it out a 400 naming a field the client never sent: refused at start,
-    naming the YAML field (the family is known only once the checkpoint's config is read)."""
+def check_defaults(cfg: ModelConfig, arch: str, context: int) -> None:
+    """A `sampling_defaults` knob the checkpoint's family does not read, or a `max_tokens` past
+    its context, would make every request that leaves it out a 400 naming a field the client
+    never sent: refused at start, naming the YAML field (the family and the context are known
+    only once the checkpoint's config is read)."""
+    max_tokens = cfg.sampling_defaults.get("max_tokens")
+    if isinstance(max_tokens, int) and max_tokens >= context:
+        raise ValueError(f"models[{cfg.model_id}].sampling_defaults.max_tokens={max_tokens}: "
+                         f"the model's context is {context} tokens (prompt + max_tokens); use "
+                         f"at most {context - 1}, well below it to leave room for prompts")
     foreign = unused_knobs(cfg.sampling_defaults, arch)
     if foreign:
         raise ValueError(f"models[{cfg.model_id}].sampling_defaults.{foreign[0]}="

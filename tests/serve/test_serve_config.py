@@ -108,12 +108,14 @@ def test_replica_health_follows_engine():
         asyncio.run(core.check_health())
 
 
-@pytest.mark.parametrize("knob,value", [("alg", "entropy"), ("top_k", 5)])
-def test_a_default_the_family_does_not_read_is_refused_at_start(knob, value):
-    """tiny-llada is LLaDA-family: a Dream knob in its sampling_defaults would turn every
-    request that leaves it out into a 400 naming a field the client never sent."""
+@pytest.mark.parametrize("knob,value,words", [("alg", "entropy", "llada-family.*remove it"),
+                                              ("top_k", 5, "llada-family.*remove it"),
+                                              ("max_tokens", 10**6, "context is 256.*at most 255")])
+def test_a_default_no_request_could_use_is_refused_at_start(knob, value, words):
+    """tiny-llada is LLaDA-family with 256 positions: a Dream knob, or a max_tokens past the
+    context, in its sampling_defaults would turn every request that leaves it out into a 400
+    naming a field the client never sent."""
     from dfastllm_ray.serve.replica import build_engine
     cfg = ModelConfig(model_id="m", engine={"device": "cpu"}, sampling_defaults={knob: value})
-    with pytest.raises(ValueError, match=rf"models\[m\]\.sampling_defaults\.{knob}=.*llada-family"
-                                         r".*remove it"):
+    with pytest.raises(ValueError, match=rf"models\[m\]\.sampling_defaults\.{knob}=.*{words}"):
         build_engine(cfg)
