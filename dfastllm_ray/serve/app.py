@@ -14,26 +14,31 @@ from ray.serve import Application
 
 from dfastllm_ray.engine.config import EngineConfig
 from dfastllm_ray.sampling.defaults import generation_defaults
+from dfastllm_ray.sampling.params import SamplingParams
 
 from .batcher import Batcher
 from .config import AppArgs, ModelConfig
+from .config_errors import ConfigError, check_keys, dataclass_fields
 from .ingress import OpenAIIngress
 from .replica import ModelReplica
 
 
 def check_model(cfg: ModelConfig) -> None:
     """Fail at start, naming the field, for settings only the engine layer can judge."""
+    path = f"models[{cfg.model_id}]"
+    check_keys(cfg.engine, dataclass_fields(EngineConfig), f"{path}.engine")
+    check_keys(cfg.sampling_defaults, dataclass_fields(SamplingParams), f"{path}.sampling_defaults")
     try:
         EngineConfig(**cfg.engine)
-    except (TypeError, ValueError) as exc:   # TypeError: an unknown EngineConfig field
-        raise ValueError(f"models[{cfg.model_id}].engine: {exc}") from None
+    except ValueError as exc:     # "EngineConfig.<field>=<value> is invalid: <fix>"
+        raise ConfigError(f"{path}.engine.{str(exc).removeprefix('EngineConfig.')}") from None
     try:
         generation_defaults({}, cfg.sampling_defaults)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"models[{cfg.model_id}].sampling_defaults: {exc}") from None
+    except ValueError as exc:     # "<field>=<value> is invalid: <rule>"
+        raise ConfigError(f"{path}.sampling_defaults.{exc}") from None
     decoding = cfg.sampling_defaults.get("decoding", "diffusion")
     if cfg.verifier is None and decoding != "diffusion":
-        raise ValueError(f"models[{cfg.model_id}].sampling_defaults: decoding={decoding!r} "
+        raise ConfigError(f"models[{cfg.model_id}].sampling_defaults: decoding={decoding!r} "
                          "needs a verifier: set models[].verifier.model_source (a causal LM "
                          "over the same tokenizer), or leave decoding out")
 
@@ -49,13 +54,13 @@ def model_deployments(cfg: ModelConfig, limit: int) -> tuple[Application, Applic
 
 def proxy_model_caps(args: Union[AppArgs, dict[str, Any]]) -> dict[str, int]:
     """The proxy gate's caps for this app (`proxy_gate.py`): each model's admission limit."""
-    cfg = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
+    cfg = AppArgs.parse(args)
     return {m.model_id: m.admission_limit(EngineConfig(**m.engine).max_num_seqs)
             for m in cfg.models}
 
 
 def build_app(args: Union[AppArgs, dict[str, Any]]) -> Application:
-    cfg = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
+    cfg = AppArgs.parse(args)
     models, limits = {}, {}
     for model in cfg.models:
         check_model(model)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 import dfastllm_ray
+
+from .config_errors import check_keys, validate
 
 DEFAULT_ENGINE_FACTORY = "dfastllm_ray.serve.replica:build_engine"
 
@@ -26,9 +28,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+def _ray_schema(value: Optional[dict[str, Any]], schema: type[BaseModel]) -> None:
+    """Check a mapping handed to Ray as is against Ray's own schema, keys included (Ray's
+    `AutoscalingConfig` and actor-options schema keep or drop a misspelt key without a word:
+    `max_replica: 4` would deploy one replica)."""
+    if value is not None:
+        check_keys(value, schema.model_fields, "")
+        validate(schema, value, top="")
+
+
 class DeploymentOptions(_Strict):
     """Ray Serve `@serve.deployment` options; unset ones keep Serve's defaults."""
-    num_replicas: Optional[Union[int, Literal["auto"]]] = None
+    num_replicas: Optional[Union[Annotated[int, Field(ge=1)], Literal["auto"]]] = None
     autoscaling_config: Optional[dict[str, Any]] = None   # min/max_replicas, target_ongoing_requests...
     max_ongoing_requests: Optional[int] = Field(None, ge=1)
     max_queued_requests: Optional[int] = Field(None, ge=-1)   # beyond it: BackPressureError -> 503
@@ -37,6 +48,20 @@ class DeploymentOptions(_Strict):
     health_check_timeout_s: Optional[float] = Field(None, gt=0)
     graceful_shutdown_wait_loop_s: Optional[float] = Field(None, ge=0)
     graceful_shutdown_timeout_s: Optional[float] = Field(None, ge=0)   # drain in-flight requests
+
+    @field_validator("autoscaling_config")
+    @classmethod
+    def _autoscaling(cls, v: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+        from ray.serve.config import AutoscalingConfig
+        _ray_schema(v, AutoscalingConfig)
+        return v
+
+    @field_validator("ray_actor_options")
+    @classmethod
+    def _actor_options(cls, v: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+        from ray.serve.schema import RayActorOptionsSchema
+        _ray_schema(v, RayActorOptionsSchema)
+        return v
 
     @model_validator(mode="after")
     def _one_scaling_mode(self) -> "DeploymentOptions":
@@ -153,6 +178,11 @@ class AppArgs(ServerSettings):
     """The full `args:` mapping of a Serve application built by `build_app`."""
     models: list[ModelConfig] = Field(min_length=1)
     ingress: DeploymentOptions = Field(default_factory=_ingress_defaults)
+
+    @classmethod
+    def parse(cls, args: Union["AppArgs", Any]) -> "AppArgs":
+        """`args` validated, or `ConfigError` listing each bad field by its YAML path."""
+        return args if isinstance(args, cls) else validate(cls, args)
 
     @model_validator(mode="after")
     def _unique_ids(self) -> "AppArgs":
