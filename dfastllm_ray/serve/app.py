@@ -55,17 +55,17 @@ def model_deployments(cfg: ModelConfig, limit: int) -> tuple[Application, Applic
 def proxy_model_caps(args: Union[AppArgs, dict[str, Any]]) -> dict[str, int]:
     """The proxy gate's caps for this app (`proxy_gate.py`): each model's admission limit."""
     cfg = AppArgs.parse(args)
-    return {m.model_id: m.admission_limit(EngineConfig(**m.engine).max_num_seqs)
-            for m in cfg.models}
+    caps = {}
+    for model in cfg.models:
+        check_model(model)
+        caps[model.model_id] = model.admission_limit(EngineConfig(**model.engine).max_num_seqs)
+    return caps
 
 
 def build_app(args: Union[AppArgs, dict[str, Any]]) -> Application:
     cfg = AppArgs.parse(args)
-    models, limits = {}, {}
-    for model in cfg.models:
-        check_model(model)
-        limits[model.model_id] = model.admission_limit(EngineConfig(**model.engine).max_num_seqs)
-        models[model.model_id] = (*model_deployments(model, limits[model.model_id]),
-                                  model.batcher.bypass)
+    limits = proxy_model_caps(cfg)
+    models = {m.model_id: (*model_deployments(m, limits[m.model_id]), m.batcher.bypass)
+              for m in cfg.models}
     ingress = OpenAIIngress.options(**cfg.ingress.serve_options())
     return ingress.bind(cfg.server_settings(), models, limits)

@@ -59,9 +59,10 @@ def _model_in(annotation: Any) -> Optional[type[BaseModel]]:
 
 
 def _label(node: Any, index: int) -> str:
-    """A list item's name in a path: its `model_id` where it has one, else its index."""
+    """A list item's name in a path: its `model_id` (a model) or `name` (a Serve application)
+    where it has one, else its index."""
     item = node[index] if isinstance(node, list) and 0 <= index < len(node) else None
-    ident = item.get("model_id") if isinstance(item, Mapping) else None
+    ident = (item.get("model_id") or item.get("name")) if isinstance(item, Mapping) else None
     return ident if isinstance(ident, str) and ident else str(index)
 
 
@@ -129,3 +130,27 @@ def validate(root: type[BaseModel], args: Any, top: str = "args") -> Any:
         return root.model_validate(args)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, root, args, top)) from None
+
+
+def unknown_keys(root: type[BaseModel], data: Any, path: str = "") -> list[str]:
+    """A line per key of `data` (and of the mappings inside it that are models too) that is no
+    field of `root`: for schemas that ignore unknown keys (Ray Serve's config schemas keep
+    `rout_prefix: /` without a word, and serve the app at the default route)."""
+    if not isinstance(data, Mapping):
+        return []
+    fields = {name: f for name, f in root.model_fields.items()}
+    fields.update({f.alias: f for f in root.model_fields.values() if f.alias})
+    lines = []
+    for key, value in data.items():
+        field = fields.get(key)
+        if field is None:
+            lines.append(unknown_key_message(path or "config", str(key), root.model_fields))
+            continue
+        inner = _model_in(field.annotation)
+        where = f"{path}.{key}" if path else str(key)
+        if inner is not None and isinstance(value, list):
+            for i, item in enumerate(value):
+                lines += unknown_keys(inner, item, f"{where}[{_label(value, i)}]")
+        elif inner is not None:
+            lines += unknown_keys(inner, value, where)
+    return lines

@@ -23,6 +23,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -56,6 +57,7 @@ def graceful_timeout(config: dict[str, Any]) -> float:
 
 
 APP_IMPORT_PATH = "dfastllm_ray.serve.app:build_app"
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt): ")
 
 
 def proxy_gate_caps(config: dict[str, Any]) -> dict[str, int]:
@@ -172,6 +174,39 @@ def drain_all(app_names: list[str], timeout_s: float, handles: dict[str, Any],
     return results
 
 
+def first_deploy_failure(app_names: list[str], ran: set[str]) -> Optional[str]:
+    """Why an app's first deploy failed (its build raised, or its replicas failed to start past
+    Serve's retries: a missing checkpoint folder, no GPU), or None. Apps seen RUNNING are added
+    to `ran`; a later failure of theirs is a replica loss that Serve recovers from, not this."""
+    from ray import serve
+    try:
+        apps = serve.status().applications
+    except Exception as exc:      # the controller is busy or restarting: asked again next second
+        log.debug("serve.status(): %r", exc)
+        return None
+    for name in app_names:
+        app = apps.get(name)
+        if app is None:
+            continue
+        if app.status == "RUNNING":
+            ran.add(name)
+        elif app.status == "DEPLOY_FAILED" and name not in ran:
+            why = [f"  {dep}: {last_exception(d.message)}" for dep, d in app.deployments.items()
+                   if d.status == "DEPLOY_FAILED" and d.message]
+            return "\n".join([f"application {name!r} failed to deploy: "
+                              f"{last_exception(app.message)}", *why,
+                              "(the tracebacks are in the controller's log above)"])
+    return None
+
+
+def last_exception(message: str) -> str:
+    """The last `SomeError: text` line of a Serve status message (a replica's traceback), or
+    its first line: what a person acts on."""
+    lines = [ln.strip() for ln in (message or "").splitlines() if ln.strip()]
+    errors = [ln for ln in lines if EXCEPTION_LINE.match(ln)]
+    return errors[-1] if errors else (lines[0] if lines else "")
+
+
 def arm_drain_file() -> Path:
     """The proxy gate's drain file (`proxy_gate.DRAIN_FILE_ENV`, in the env that the new
     cluster's processes inherit): not created yet; the signal handler creates it, and from then
@@ -201,21 +236,32 @@ def run(path: str, address: Optional[str], grace_s: Optional[float]) -> int:
         log.info("deployed %s; SIGTERM drains for up to %g s", path, grace)
         names = [app["name"] for app in config.get("applications", [])]
         handles: dict[str, Any] = {}
-        while not stop.wait(1.0):
+        ran: set[str] = set()
+        failure = None
+        while failure is None and not stop.wait(1.0):
+            if len(ran) < len(names):
+                failure = first_deploy_failure(names, ran)
             if len(handles) < len(names):
                 warm_handles(names, handles)
         t0 = time.monotonic()
-        results = drain_all(names, grace, handles)
-        from ray import serve
-        import ray
-        serve.shutdown()
-        ray.shutdown()
+        results = [] if failure else drain_all(names, grace, handles)
+        shutdown_serve()
     finally:
         shutil.rmtree(drain_file.parent, ignore_errors=True)
+    if failure:
+        log.error("%s\nstopped: fix the config and run it again", failure)
+        return 1
     cut = sum(r.get("cut", 0) for r in {r.get("replica"): r for r in results}.values())
     log.info("stopped in %.1f s (%d requests cut past the %g s grace)",
              time.monotonic() - t0, cut, grace)
     return 0
+
+
+def shutdown_serve() -> None:
+    from ray import serve
+    import ray
+    serve.shutdown()
+    ray.shutdown()
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -230,7 +276,35 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "config's largest graceful_shutdown_timeout_s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    problem = config_problem(args.config)
+    if problem:
+        log.error("%s: %s", args.config, problem)
+        return 2
     return run(args.config, args.address, args.graceful_timeout_s)
+
+
+def config_problem(path: str) -> Optional[str]:
+    """What is wrong with a Serve config file, checked before any cluster starts (None: it
+    reads, matches Serve's schema, and this project's apps' `args` validate)."""
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+    from .config_errors import ConfigError, format_validation_error, unknown_keys
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+        ServeDeploySchema.model_validate(config)
+    except (OSError, yaml.YAMLError) as exc:
+        return f"cannot read it: {exc}"
+    except ValidationError as exc:
+        return "\n" + format_validation_error(exc, ServeDeploySchema, config, top="config")
+    unknown = unknown_keys(ServeDeploySchema, config)
+    if unknown:
+        return "\n" + "\n".join(unknown)
+    for app in config.get("applications", []):
+        try:
+            proxy_gate_caps({"applications": [app]})    # validates this project's apps' args
+        except ConfigError as exc:
+            return f"application {app.get('name')!r} args:\n{exc}"
+    return None
 
 
 if __name__ == "__main__":
