@@ -8,6 +8,7 @@ Deployment names carry the model id (`Batcher:<id>` style, see docs/serving.md) 
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Union
 
 from ray.serve import Application
@@ -21,6 +22,9 @@ from .config import AppArgs, ModelConfig
 from .config_errors import ConfigError, check_keys, dataclass_fields
 from .ingress import OpenAIIngress
 from .replica import ModelReplica
+
+log = logging.getLogger("ray.serve.dfastllm")
+SERVE_DEFAULT_MAX_ONGOING = 5      # what Serve applies when max_ongoing_requests is null
 
 
 def check_model(cfg: ModelConfig) -> None:
@@ -36,11 +40,25 @@ def check_model(cfg: ModelConfig) -> None:
         generation_defaults({}, cfg.sampling_defaults)
     except ValueError as exc:     # "<field>=<value> is invalid: <rule>"
         raise ConfigError(f"{path}.sampling_defaults.{exc}") from None
+    warn_idle_slots(cfg, EngineConfig(**cfg.engine).max_num_seqs)
     decoding = cfg.sampling_defaults.get("decoding", "diffusion")
     if cfg.verifier is None and decoding != "diffusion":
         raise ConfigError(f"models[{cfg.model_id}].sampling_defaults: decoding={decoding!r} "
                          "needs a verifier: set models[].verifier.model_source (a causal LM "
                          "over the same tokenizer), or leave decoding out")
+
+
+def warn_idle_slots(cfg: ModelConfig, max_num_seqs: int) -> None:
+    """Each engine request is one call to a replica, so a replica's `max_ongoing_requests`
+    below the engine's `max_num_seqs` leaves decoding slots that no request can ever fill:
+    allowed (a deliberate cap), but said."""
+    ongoing = cfg.deployment.max_ongoing_requests or SERVE_DEFAULT_MAX_ONGOING
+    if ongoing < max_num_seqs:
+        log.warning("models[%s].deployment.max_ongoing_requests=%d is below "
+                    "engine.max_num_seqs=%d: a replica never holds more than %d requests, so %d "
+                    "of its decoding slots stay idle; set max_ongoing_requests >= %d (the engine "
+                    "queues what it cannot decode yet)", cfg.model_id, ongoing, max_num_seqs,
+                    ongoing, max_num_seqs - ongoing, max_num_seqs)
 
 
 def model_deployments(cfg: ModelConfig, limit: int) -> tuple[Application, Application]:

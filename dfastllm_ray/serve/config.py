@@ -82,6 +82,16 @@ def _replica_defaults() -> DeploymentOptions:
                              graceful_shutdown_timeout_s=60)
 
 
+def _onto(defaults: Any) -> Any:
+    """A `mode="before"` validator: a `deployment:` block given in the YAML is laid over the
+    defaults field by field (`deployment: {num_replicas: 2}` keeps max_ongoing_requests 64 and
+    the rest; without this it would get Serve's default of 5 requests per replica). A field
+    set to null gets Serve's own default."""
+    def merge(v: Any) -> Any:
+        return {**defaults().model_dump(exclude_none=True), **v} if isinstance(v, dict) else v
+    return merge
+
+
 def _batcher_defaults() -> DeploymentOptions:
     return DeploymentOptions(max_ongoing_requests=512, max_queued_requests=1024,
                              ray_actor_options={"num_cpus": 0})
@@ -92,6 +102,7 @@ class BatcherConfig(_Strict):
     max_batch_size: int = Field(16, ge=1)            # arrivals handed to the engine together
     batch_wait_timeout_s: float = Field(0.005, ge=0)  # every lone request pays this wait
     deployment: DeploymentOptions = Field(default_factory=_batcher_defaults)
+    _merge_deployment = field_validator("deployment", mode="before")(_onto(_batcher_defaults))
     # Measurement only (benchmarks/reliability.py --direct): the ingress calls the replicas
     # directly, skipping the batcher's hop (the batcher stays deployed for stats and pings).
     bypass: bool = False
@@ -125,6 +136,7 @@ class ModelConfig(_Strict):
     max_inflight: Optional[int] = Field(None, ge=1)
     deployment: DeploymentOptions = Field(default_factory=_replica_defaults)
     batcher: BatcherConfig = Field(default_factory=BatcherConfig)
+    _merge_deployment = field_validator("deployment", mode="before")(_onto(_replica_defaults))
 
     @field_validator("engine_factory")
     @classmethod
@@ -178,6 +190,7 @@ class AppArgs(ServerSettings):
     """The full `args:` mapping of a Serve application built by `build_app`."""
     models: list[ModelConfig] = Field(min_length=1)
     ingress: DeploymentOptions = Field(default_factory=_ingress_defaults)
+    _merge_ingress = field_validator("ingress", mode="before")(_onto(_ingress_defaults))
 
     @classmethod
     def parse(cls, args: Union["AppArgs", Any]) -> "AppArgs":
@@ -193,4 +206,7 @@ class AppArgs(ServerSettings):
         return self
 
     def server_settings(self) -> ServerSettings:
-        return ServerSettings(**{k: getattr(self, k) for k in ServerSettings.model_fields})
+        """The ingress's part; fields the config left out stay unset (`model_fields_set`): an
+        `api_keys_env` the config names must find keys, the default one may not."""
+        return ServerSettings(**{k: getattr(self, k) for k in ServerSettings.model_fields
+                                 if k in self.model_fields_set})

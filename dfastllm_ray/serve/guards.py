@@ -16,18 +16,29 @@ from typing import Callable, Optional
 from .errors import APIError, rate_limited
 
 
-def load_api_keys(keys: list[str], env_var: Optional[str]) -> list[str]:
+def load_api_keys(keys: list[str], env_var: Optional[str], required: bool = False) -> list[str]:
     """Keys from the config plus the comma-separated environment variable (read at replica start,
-    so a Kubernetes secret mounted as env reaches the ingress without touching the YAML)."""
+    so a Kubernetes secret mounted as env reaches the ingress without touching the YAML).
+    `required` (the config named `api_keys_env` itself): no key at all is an error, not a
+    server that is open to everyone because a secret was not mounted."""
     out = [k for k in keys if k]
     if env_var:
         out += [k.strip() for k in os.environ.get(env_var, "").split(",") if k.strip()]
+    if required and env_var and not out:
+        raise ValueError(f"api_keys_env={env_var!r}: the environment variable is unset or empty "
+                         "in the ingress replica and api_keys is empty, so auth would be off. "
+                         f"Set {env_var} (comma-separated keys; on Kubernetes from a secret), or "
+                         "remove api_keys_env from the config to serve without keys")
     return out
 
 
 class ApiKeys:
     def __init__(self, keys: list[str]) -> None:
         self._keys = [k.encode() for k in keys]
+
+    @property
+    def count(self) -> int:
+        return len(self._keys)
 
     @property
     def enabled(self) -> bool:

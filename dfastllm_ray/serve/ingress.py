@@ -6,6 +6,7 @@ for globals. API keys are read here, at replica start, from the config and the e
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional
 
 from ray import serve
@@ -17,6 +18,8 @@ from .guards import ApiKeys, RateLimiter, load_api_keys
 from .metrics import IngressMetrics
 from .priority import restore_priority
 from .server import OpenAIServer
+
+log = logging.getLogger("ray.serve.dfastllm")
 
 
 @serve.deployment
@@ -30,7 +33,11 @@ class OpenAIIngress:
         self.server = OpenAIServer(settings, clients, limits)
         metrics = IngressMetrics()
         self.server.on_first_block = metrics.first_block
-        keys = ApiKeys(load_api_keys(settings.api_keys, settings.api_keys_env))
+        keys = ApiKeys(load_api_keys(settings.api_keys, settings.api_keys_env,
+                                     required="api_keys_env" in settings.model_fields_set))
+        log.info("auth: %s", f"on ({keys.count} API keys)" if keys.enabled else
+                 f"off (no api_keys, and {settings.api_keys_env or 'no api_keys_env'} "
+                 "is unset or empty)")
         limiter = None
         if settings.rate_limit is not None:
             limiter = RateLimiter(settings.rate_limit.requests_per_second, settings.rate_limit.burst)

@@ -79,3 +79,30 @@ def test_suggestions_only_when_close():
     check_keys({"memory": 1}, ["memory"], "x")           # known keys pass
     with pytest.raises(ConfigError, match=r"x\.zzz: unknown field; the fields here are: memory"):
         check_keys({"zzz": 1}, ["memory"], "x")
+
+
+def test_a_partial_deployment_block_keeps_the_other_defaults():
+    """`deployment: {num_replicas: 2}` alone must not drop max_ongoing_requests to Serve's 5."""
+    args = AppArgs.parse({"models": [{"model_id": "m", "deployment": {"num_replicas": 2},
+                                      "batcher": {"deployment": {"max_ongoing_requests": 7}}}],
+                          "ingress": {"num_replicas": 2}})
+    replica = args.models[0].deployment.serve_options()
+    assert replica["num_replicas"] == 2 and replica["max_ongoing_requests"] == 64
+    assert replica["graceful_shutdown_timeout_s"] == 60
+    batcher = args.models[0].batcher.deployment.serve_options()
+    assert batcher["max_ongoing_requests"] == 7 and batcher["ray_actor_options"] == {"num_cpus": 0}
+    assert args.ingress.serve_options()["max_ongoing_requests"] == 512
+    null = AppArgs.parse({"models": [{"model_id": "m",
+                                      "deployment": {"max_ongoing_requests": None}}]})
+    assert "max_ongoing_requests" not in null.models[0].deployment.serve_options()
+
+
+@pytest.mark.parametrize("ongoing,warned", [(8, True), (None, True), (32, False)])
+def test_replica_slots_no_request_can_fill_are_warned(caplog, ongoing, warned):
+    build_app(model(engine={"device": "cpu", "max_num_seqs": 32},
+                    deployment={"max_ongoing_requests": ongoing}))
+    text = "models[tiny].deployment.max_ongoing_requests="
+    assert (text in caplog.text) == warned
+    if warned:
+        assert "engine.max_num_seqs=32" in caplog.text and "set max_ongoing_requests >= 32" \
+            in caplog.text

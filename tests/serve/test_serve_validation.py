@@ -177,3 +177,23 @@ def test_engine_side_refusal_is_a_record_not_an_exception(caplog):
     r = TestClient(app).post("/v1/completions", json={"model": "fake", "prompt": "x",
                                                        "cfg_scale": 1.0})
     assert r.status_code == 400 and r.json()["error"]["param"] == "cfg_scale"
+
+
+def test_an_api_keys_env_the_config_names_must_hold_keys(monkeypatch):
+    """Naming `api_keys_env` in the config and not mounting the secret must not serve openly;
+    the default variable being unset is auth off, as documented."""
+    from dfastllm_ray.serve.config import AppArgs
+    from dfastllm_ray.serve.guards import load_api_keys
+    monkeypatch.delenv("MY_KEYS", raising=False)
+    monkeypatch.delenv("DFASTLLM_API_KEYS", raising=False)
+    named = AppArgs.parse({"models": [{"model_id": "m"}], "api_keys_env": "MY_KEYS"})
+    settings = named.server_settings()
+    assert "api_keys_env" in settings.model_fields_set
+    with pytest.raises(ValueError, match=r"api_keys_env='MY_KEYS': the environment variable is "
+                                         r"unset or empty.*auth would be off"):
+        load_api_keys(settings.api_keys, settings.api_keys_env, required=True)
+    monkeypatch.setenv("MY_KEYS", "k1, k2")
+    assert load_api_keys(settings.api_keys, settings.api_keys_env, required=True) == ["k1", "k2"]
+    default = AppArgs.parse({"models": [{"model_id": "m"}]}).server_settings()
+    assert "api_keys_env" not in default.model_fields_set
+    assert load_api_keys(default.api_keys, default.api_keys_env, required=False) == []
