@@ -174,6 +174,7 @@ class ServerSettings(_Strict):
     """What the HTTP ingress enforces before a request reaches any model."""
     api_keys: list[str] = Field(default_factory=list)   # empty + no env keys: auth off
     api_keys_env: Optional[str] = "DFASTLLM_API_KEYS"   # comma-separated keys, read at replica start
+    api_keys_required: bool = False     # no key found at the ingress's start: fail it, not auth off
     rate_limit: Optional[RateLimitConfig] = None
     request_timeout_s: float = Field(300.0, gt=0)       # aborts the request in the engine
     max_concurrent_requests: int = Field(256, ge=1)     # per ingress replica; beyond: 503
@@ -206,7 +207,4 @@ class AppArgs(ServerSettings):
         return self
 
     def server_settings(self) -> ServerSettings:
-        """The ingress's part; fields the config left out stay unset (`model_fields_set`): an
-        `api_keys_env` the config names must find keys, the default one may not."""
-        return ServerSettings(**{k: getattr(self, k) for k in ServerSettings.model_fields
-                                 if k in self.model_fields_set})
+        return ServerSettings(**{k: getattr(self, k) for k in ServerSettings.model_fields})

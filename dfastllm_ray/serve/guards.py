@@ -19,16 +19,18 @@ from .errors import APIError, rate_limited
 def load_api_keys(keys: list[str], env_var: Optional[str], required: bool = False) -> list[str]:
     """Keys from the config plus the comma-separated environment variable (read at replica start,
     so a Kubernetes secret mounted as env reaches the ingress without touching the YAML).
-    `required` (the config named `api_keys_env` itself): no key at all is an error, not a
-    server that is open to everyone because a secret was not mounted."""
+    `required` (`api_keys_required`): no key at all is an error, not a server that is open to
+    everyone because a secret was not mounted."""
     out = [k for k in keys if k]
     if env_var:
         out += [k.strip() for k in os.environ.get(env_var, "").split(",") if k.strip()]
-    if required and env_var and not out:
-        raise ValueError(f"api_keys_env={env_var!r}: the environment variable is unset or empty "
-                         "in the ingress replica and api_keys is empty, so auth would be off. "
-                         f"Set {env_var} (comma-separated keys; on Kubernetes from a secret), or "
-                         "remove api_keys_env from the config to serve without keys")
+    if required and not out:
+        where = f"the environment variable {env_var} is unset or empty in the ingress replica" \
+            if env_var else "api_keys_env is null"
+        raise ValueError(f"api_keys_required=true, but api_keys is empty and {where}. Set "
+                         f"{env_var or 'api_keys_env'} (comma-separated keys; on Kubernetes from "
+                         "a secret) or api_keys, or set api_keys_required: false to serve "
+                         "without keys")
     return out
 
 

@@ -34,7 +34,7 @@ class OpenAIIngress:
         metrics = IngressMetrics()
         self.server.on_first_block = metrics.first_block
         keys = ApiKeys(load_api_keys(settings.api_keys, settings.api_keys_env,
-                                     required="api_keys_env" in settings.model_fields_set))
+                                     settings.api_keys_required))
         log.info("auth: %s", f"on ({keys.count} API keys)" if keys.enabled else
                  f"off (no api_keys, and {settings.api_keys_env or 'no api_keys_env'} "
                  "is unset or empty)")

@@ -179,21 +179,21 @@ def test_engine_side_refusal_is_a_record_not_an_exception(caplog):
     assert r.status_code == 400 and r.json()["error"]["param"] == "cfg_scale"
 
 
-def test_an_api_keys_env_the_config_names_must_hold_keys(monkeypatch):
-    """Naming `api_keys_env` in the config and not mounting the secret must not serve openly;
-    the default variable being unset is auth off, as documented."""
+def test_required_api_keys_refuse_to_serve_openly(monkeypatch):
+    """`api_keys_required: true` and no key (a secret that was not mounted): the ingress's start
+    fails naming the variable; off (the default), no key is auth off, as documented."""
     from dfastllm_ray.serve.config import AppArgs
     from dfastllm_ray.serve.guards import load_api_keys
     monkeypatch.delenv("MY_KEYS", raising=False)
-    monkeypatch.delenv("DFASTLLM_API_KEYS", raising=False)
-    named = AppArgs.parse({"models": [{"model_id": "m"}], "api_keys_env": "MY_KEYS"})
-    settings = named.server_settings()
-    assert "api_keys_env" in settings.model_fields_set
-    with pytest.raises(ValueError, match=r"api_keys_env='MY_KEYS': the environment variable is "
-                                         r"unset or empty.*auth would be off"):
-        load_api_keys(settings.api_keys, settings.api_keys_env, required=True)
+    settings = AppArgs.parse({"models": [{"model_id": "m"}], "api_keys_env": "MY_KEYS",
+                              "api_keys_required": True}).server_settings()
+    with pytest.raises(ValueError, match=r"api_keys_required=true, but api_keys is empty and "
+                                         r"the environment variable MY_KEYS is unset or empty"):
+        load_api_keys(settings.api_keys, settings.api_keys_env, settings.api_keys_required)
+    with pytest.raises(ValueError, match="api_keys_env is null"):
+        load_api_keys([], None, required=True)
     monkeypatch.setenv("MY_KEYS", "k1, k2")
-    assert load_api_keys(settings.api_keys, settings.api_keys_env, required=True) == ["k1", "k2"]
-    default = AppArgs.parse({"models": [{"model_id": "m"}]}).server_settings()
-    assert "api_keys_env" not in default.model_fields_set
-    assert load_api_keys(default.api_keys, default.api_keys_env, required=False) == []
+    assert load_api_keys(settings.api_keys, settings.api_keys_env, True) == ["k1", "k2"]
+    assert load_api_keys(["k"], None, True) == ["k"]
+    monkeypatch.delenv("MY_KEYS")
+    assert load_api_keys([], "MY_KEYS", required=False) == []
