@@ -195,9 +195,7 @@ def _add_health_routes(app: FastAPI, server: OpenAIServer) -> None:
 def _add_model_routes(app: FastAPI, server: OpenAIServer, guard: Any) -> None:
     @app.get("/v1/models", dependencies=[Depends(guard)])
     async def models() -> dict[str, Any]:
-        for model in server.clients:   # each entry complete (created, max_model_len) or a 503
-            await server.card(model)
-        return server.model_list()
+        return await server.loaded_models()
 
     @app.get("/v1/models/{model}", dependencies=[Depends(guard)])
     async def model(model: str) -> dict[str, Any]:

@@ -280,13 +280,27 @@ class OpenAIServer:
                 out[model] = {"error": f"{type(cause).__name__}: {cause}"}
         return out
 
+    async def loaded_models(self) -> dict[str, Any]:
+        """`/v1/models`: every model whose card is known (complete entries: `created`,
+        `max_model_len`). While none is, wait for the first to load (each wait bounded by
+        `model_wait_s`), then 503. A model that never loads (a failed deploy) neither hides
+        nor delays the others."""
+        pending = {asyncio.ensure_future(self.card(m)) for m in self.clients if not self.cards}
+        try:
+            while pending and not self.cards:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.exception()      # retrieved: a model still loading is not an error
+        finally:
+            for task in pending:
+                task.cancel()
+        if not self.cards:
+            raise overloaded("No model is loaded yet; retry shortly.", retry_after_s=5)
+        return self.model_list()
+
     def model_list(self) -> dict[str, Any]:
-        data = []
-        for model in self.clients:
-            card = self.cards.get(model)
-            entry = {"id": model, "object": "model", "created": card.created if card else 0,
-                     "owned_by": "dfastllm-ray"}
-            if card:
-                entry["max_model_len"] = card.context_length
-            data.append(entry)
+        """The models whose card is known, in the config's order."""
+        data = [{"id": model, "object": "model", "created": card.created,
+                 "owned_by": "dfastllm-ray", "max_model_len": card.context_length}
+                for model, card in ((m, self.cards.get(m)) for m in self.clients) if card]
         return {"object": "list", "data": data}

@@ -317,6 +317,28 @@ def test_models_and_stats_routes():
     assert "num_running" in stats["engine"]
 
 
+class NeverLoads(LocalClient):
+    """A model whose replicas never start (a failed deploy): its card never comes."""
+    async def card(self):
+        await asyncio.sleep(3600)
+
+
+def test_models_list_does_not_wait_for_a_model_that_never_loads():
+    """One model's failed deploy must not make `/v1/models` a 503 (or a long wait) for the
+    others; with no model loaded at all it is a bounded wait, then 503 + Retry-After."""
+    core = ReplicaCore(ModelConfig(model_id="ok"), FakeEngine(), fake_card("ok"))
+    settings = ServerSettings(api_keys_env=None, model_wait_s=0.2)
+    server = OpenAIServer(settings, {"ok": LocalClient(core), "broken": NeverLoads(core)})
+    c = TestClient(build_api(server, ApiKeys([])))
+    data = c.get("/v1/models").json()["data"]
+    assert [m["id"] for m in data] == ["ok"] and data[0]["max_model_len"] == 256
+    assert c.get("/v1/models/broken").status_code == 503
+    none = OpenAIServer(settings, {"broken": NeverLoads(core)})
+    r = TestClient(build_api(none, ApiKeys([]))).get("/v1/models")
+    assert r.status_code == 503 and r.headers["Retry-After"] == "5"
+    assert r.json()["error"]["code"] == "overloaded"
+
+
 def test_model_field_picks_the_model_and_ready_needs_all():
     engines = {"a": FakeEngine(), "b": FakeEngine()}
     clients = {m: LocalClient(ReplicaCore(ModelConfig(model_id=m), e, fake_card(m)))
