@@ -87,7 +87,8 @@ class RequestContext:
     def _record(self, scope: dict, rid: str, status: int, seconds: float) -> None:
         path = scope.get("path", "")
         model = scope["state"].get("model", "")
-        log.info("%s %s %d", scope.get("method"), path, status,
+        log.info("%s %s %d %.1fms%s", scope.get("method"), path, status, seconds * 1000,
+                 f" model={model}" if model else "",
                  extra={"request_id": rid, "route": path, "status": status, "model": model,
                         "latency_ms": round(seconds * 1000, 2)})
         if self.admission is not None and status in (429, 503):

@@ -24,6 +24,7 @@ from ray import serve
 from ray.exceptions import RayActorError
 
 from .priority import restore_priority
+from .quiet_logs import quiet_health_calls
 from .records import BlockOutput, GenerateRequest
 from .streams import relay
 
@@ -35,6 +36,7 @@ DEFAULT_BATCH_WAIT_S = 0.005
 class Batcher:
     def __init__(self, replica: Any, limit: Optional[int] = None) -> None:
         restore_priority("batcher")
+        quiet_health_calls()
         self._replica = replica.options(stream=True)   # created once (RAY_SERVE.md pitfall 17)
         self._limit = limit                            # engine requests in flight, all ingresses
         self._inflight, self._shed = 0, 0

@@ -17,6 +17,7 @@ from .config import ServerSettings
 from .guards import ApiKeys, RateLimiter, load_api_keys
 from .metrics import IngressMetrics
 from .priority import restore_priority
+from .quiet_logs import own_access_log
 from .server import OpenAIServer
 
 log = logging.getLogger("ray.serve.dfastllm")
@@ -28,6 +29,7 @@ class OpenAIIngress:
     def __init__(self, settings: ServerSettings, models: dict[str, tuple[Any, Any, bool]],
                  limits: Optional[dict[str, int]] = None) -> None:
         restore_priority("ingress")
+        own_access_log()
         clients = {model: HandleClient(batcher, replica, bypass)
                    for model, (batcher, replica, bypass) in models.items()}
         self.server = OpenAIServer(settings, clients, limits)

@@ -30,6 +30,7 @@ from dfastllm_ray.sampling.params import SamplingParams, unused_knobs
 from .config import ModelConfig
 from .metrics import ReplicaMetrics
 from .priority import restore_priority
+from .quiet_logs import quiet_health_calls
 from .records import BlockOutput, GenerateRequest, ModelCard, ReplicaCounters
 
 log = logging.getLogger("ray.serve.dfastllm")
@@ -220,6 +221,7 @@ class ModelReplica:
 
     async def __init__(self, cfg: ModelConfig) -> None:
         restore_priority(f"model replica {cfg.model_id}")   # before the engine's threads start
+        quiet_health_calls()
         self.core = await ReplicaCore.create(cfg)
         self._poller = asyncio.create_task(self.core.poll_metrics())
         log.info("model %s ready", cfg.model_id)
