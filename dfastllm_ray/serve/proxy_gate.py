@@ -178,7 +178,10 @@ def max_inflight_from_env() -> Optional[int]:
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(f"{MAX_INFLIGHT_ENV}={raw!r} must be an integer") from None
+        value = -1
+    if value < 0:
+        raise ValueError(f"{MAX_INFLIGHT_ENV}={raw!r} must be an integer >= 0 (the most "
+                         "generation requests the proxy admits at once; 0: no gate)")
     return value or None
 
 

@@ -172,3 +172,17 @@ def test_serve_own_404_before_the_app_is_deployed_is_a_503_to_retry(content_type
             assert int(r.headers["retry-after"]) >= 1
         assert gate.inflight == 0 and gate.model_inflight == {"a": 0, "b": 0}
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("raw,value", [("", None), ("0", None), (" 12 ", 12)])
+def test_max_inflight_from_the_env(monkeypatch, raw, value):
+    monkeypatch.setenv(proxy_gate.MAX_INFLIGHT_ENV, raw)
+    assert proxy_gate.max_inflight_from_env() == value
+
+
+@pytest.mark.parametrize("raw", ["-1", "many", "1.5"])
+def test_a_bad_max_inflight_env_names_the_variable_and_the_rule(monkeypatch, raw):
+    monkeypatch.setenv(proxy_gate.MAX_INFLIGHT_ENV, raw)
+    with pytest.raises(ValueError, match=rf"{proxy_gate.MAX_INFLIGHT_ENV}='{raw}' must be an "
+                                         r"integer >= 0 .*0: no gate"):
+        proxy_gate.max_inflight_from_env()
