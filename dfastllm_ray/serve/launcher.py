@@ -122,7 +122,11 @@ def deploy(config: dict[str, Any], address: Optional[str]) -> None:
     from ray.serve.schema import ServeDeploySchema
     # before the schema: it may rewrite controller_options (a cluster whose Serve already runs
     # keeps its proxy; the env and the controller's options apply to a new one)
-    log.info("proxy gate: %s", install_proxy_gate(config) or "off")
+    from .proxy_gate import MODEL_CAPS_ENV
+    cap = install_proxy_gate(config)
+    log.info("proxy gate: %s", f"on, at most {cap} generation requests admitted at once "
+             f"({os.environ.get(MODEL_CAPS_ENV)} per model); beyond: 503 + Retry-After"
+             if cap else "off")
     schema = ServeDeploySchema.model_validate(config)
     ray.init(address=address, namespace="serve")
     client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
