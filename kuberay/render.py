@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:                       # run as a script from a source checkout
     sys.path.insert(0, str(ROOT))
 
-from dfastllm_ray.serve.launcher import proxy_gate_env  # noqa: E402
+from dfastllm_ray.serve.launcher import config_problem, proxy_gate_env  # noqa: E402
 
 CONFIGS = ROOT / "configs"
 OUT_DIR = ROOT / "kuberay"
@@ -204,6 +204,11 @@ def manifest(name: str, serve_config: str, image: str = IMAGE) -> dict:
 
 
 def render(name: str, image: str = IMAGE) -> str:
+    """The manifest text; a config with a problem (`launcher.config_problem`) is refused, so a
+    typo is caught here, not in a pod's controller log."""
+    problem = config_problem(str(CONFIGS / f"{name}.yaml"))
+    if problem:
+        raise ValueError(f"configs/{name}.yaml: {problem}")
     serve_config = (CONFIGS / f"{name}.yaml").read_text()
     body = yaml.dump(manifest(name, serve_config, image), Dumper=_Dumper, sort_keys=False,
                      width=100, default_flow_style=False)

@@ -221,3 +221,14 @@ def test_render_check_reports_stale(tmp_path, monkeypatch):
     assert render.main(["tiny", "--check"]) == 0
     (tmp_path / "tiny.yaml").write_text((tmp_path / "tiny.yaml").read_text() + "# edited\n")
     assert render.main(["tiny", "--check"]) == 1
+
+
+def test_a_config_with_a_typo_is_not_rendered(tmp_path, monkeypatch):
+    """The launcher's checks run before a manifest is written: a misspelt key fails here, not
+    in a pod's controller log."""
+    text = (ROOT / "configs" / "tiny.yaml").read_text().replace("model_id:", "modle_id:", 1)
+    (tmp_path / "tiny.yaml").write_text(text)
+    monkeypatch.setattr(render, "CONFIGS", tmp_path)
+    with pytest.raises(ValueError, match=r"(?s)configs/tiny\.yaml: .*modle_id: unknown field "
+                                         r"\(did you mean 'model_id'\?\)"):
+        render.render("tiny")
