@@ -43,6 +43,34 @@ def test_serve_run_answers_and_exits_on_sigterm(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.fresh_cluster
+def _wait_draining(url: str, proc, deadline: float) -> None:
+    """Until the launcher has seen the signal: readiness 503, or the listener closed."""
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"{url}/health/ready", timeout=2).status_code == 503:
+                return
+        except httpx.TransportError:
+            return
+        time.sleep(0.05)
+
+
+def _late_requests(url: str, body: dict, proc, deadline: float) -> tuple:
+    """Requests sent while draining, until one is refused with a 503: (the last reply or None
+    when the connection was refused, each try's status code or "refused")."""
+    late, codes = None, []
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            late = httpx.post(f"{url}/v1/completions", json=body, timeout=10)
+            codes.append(late.status_code)
+        except httpx.TransportError:
+            late = None
+            codes.append("refused")
+        if late is not None and late.status_code == 503:
+            break
+        time.sleep(0.05)
+    return late, codes
+
+
 def test_launcher_drains_on_sigterm(tmp_path):
     """`python -m dfastllm_ray.serve run configs/tiny.yaml`, SIGTERM under load: nothing new is
     admitted, the admitted stream and unary requests finish ([DONE] / 200), then it exits 0
@@ -77,25 +105,9 @@ def test_launcher_drains_on_sigterm(tmp_path):
             assert time.time() < deadline, "the requests were never admitted"
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
-        deadline = time.time() + 30                       # the launcher has seen the signal
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=2).status_code == 503:
-                    break
-            except httpx.TransportError:
-                break
-            time.sleep(0.05)
-        late, codes = None, []
-        while time.time() < deadline and proc.poll() is None:   # draining: nothing admitted
-            try:
-                late = httpx.post(f"{url}/v1/completions", json=body, timeout=10)
-                codes.append(late.status_code)
-            except httpx.TransportError:
-                late = None
-                codes.append("refused")
-            if late is not None and late.status_code == 503:
-                break
-            time.sleep(0.05)
+        deadline = time.time() + 30
+        _wait_draining(url, proc, deadline)
+        late, codes = _late_requests(url, body, proc, deadline)
         # a late request is refused: a 503 with Retry-After while the drain runs, or no
         # connection once the listener is closed; never served
         assert codes and 200 not in codes, codes
