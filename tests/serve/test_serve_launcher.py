@@ -2,6 +2,7 @@
 the draining `python -m dfastllm_ray.serve run`, each started, loaded and sent SIGTERM."""
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -41,8 +42,6 @@ def test_serve_run_answers_and_exits_on_sigterm(tmp_path):
         kill_group(proc)
 
 
-@pytest.mark.slow
-@pytest.mark.fresh_cluster
 def _wait_draining(url: str, proc, deadline: float) -> None:
     """Until the launcher has seen the signal: readiness 503, or the listener closed."""
     while time.time() < deadline and proc.poll() is None:
@@ -71,10 +70,21 @@ def _late_requests(url: str, body: dict, proc, deadline: float) -> tuple:
     return late, codes
 
 
-def test_launcher_drains_on_sigterm(tmp_path):
-    """`python -m dfastllm_ray.serve run configs/tiny.yaml`, SIGTERM under load: nothing new is
-    admitted, the admitted stream and unary requests finish ([DONE] / 200), then it exits 0
-    without a traceback."""
+def _stop(proc, how: str) -> None:
+    if how == "sigterm":                  # what Kubernetes and process managers send
+        proc.send_signal(signal.SIGTERM)
+    else:                                 # Ctrl-C in a terminal: SIGINT to the whole group
+        os.killpg(proc.pid, signal.SIGINT)
+
+
+@pytest.mark.slow
+@pytest.mark.fresh_cluster
+@pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
+def test_launcher_drains_on_sigterm(tmp_path, how):
+    """`python -m dfastllm_ray.serve run configs/tiny.yaml`, SIGTERM to the launcher (or
+    Ctrl-C's SIGINT to its whole process group, Ray's processes included) under load: nothing
+    new is admitted, the admitted stream and unary requests finish ([DONE] / 200), then it exits
+    0 without a traceback."""
     path, port, env = tiny_app(tmp_path)
     url = f"http://127.0.0.1:{port}"
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 128, "block_length": 8,
@@ -104,7 +114,7 @@ def test_launcher_drains_on_sigterm(tmp_path):
         while httpx.get(f"{url}/v1/engine/stats").json()["ingress"]["inflight"] < 5:
             assert time.time() < deadline, "the requests were never admitted"
             time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
+        _stop(proc, how)
         deadline = time.time() + 30
         _wait_draining(url, proc, deadline)
         late, codes = _late_requests(url, body, proc, deadline)
