@@ -80,7 +80,7 @@ def _stop(proc, how: str) -> None:
 @pytest.mark.slow
 @pytest.mark.fresh_cluster
 @pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
-def test_launcher_drains_on_sigterm(tmp_path, how):
+def test_launcher_drains_on_signal(tmp_path, how):
     """`python -m dfastllm_ray.serve run configs/tiny.yaml`, SIGTERM to the launcher (or
     Ctrl-C's SIGINT to its whole process group, Ray's processes included) under load: nothing
     new is admitted, the admitted stream and unary requests finish ([DONE] / 200), then it exits
