@@ -43,7 +43,7 @@ if str(ROOT) not in sys.path:                       # run as a script from a sou
 
 from benchmarks.reliability_load import (PROMPT, Tally, free_port, load,  # noqa: E402
                                          load_with_probe, one, p50, p99, session, start_server,
-                                         stats)
+                                         stats, stop_server)
 
 
 # ---- phases -----------------------------------------------------------------------------------
@@ -301,12 +301,7 @@ async def measure(args: argparse.Namespace) -> list[tuple[str, str]]:
                      ("SIGTERM: exit code / seconds to exit",
                       f"{r['exit_code']} / {r['exit_s']:.1f}")]
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop_server(proc)
     text = Path(log).read_text()
     rows.append(("server log: tracebacks", str(text.count("Traceback"))))
     return rows

@@ -244,5 +244,16 @@ def _wait_ready(proc: subprocess.Popen, url: str, log: str) -> None:
         time.sleep(0.5)
 
 
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (the launcher drains, then stops Ray); SIGKILL
+    after 60 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def stats(url: str, model: str) -> dict[str, Any]:
     return httpx.get(f"{url}/v1/engine/stats", timeout=10).json()["models"][model]
