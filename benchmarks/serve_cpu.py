@@ -8,8 +8,8 @@ for `--rounds` rounds in one sitting, so the two are compared side by side on a 
 
     python benchmarks/serve_cpu.py                       # 3 rounds x (graph, direct), 30 s each
 
-CPU per request is steadier than tokens/s on a shared box: on 2 cores every serving process
-competes with the engine, so what a hop costs shows first as CPU the engine did not get.
+CPU per request says where the time goes, which tokens/s alone cannot: on 2 cores every serving
+process competes with the engine, so what a hop costs shows as CPU the engine did not get.
 Roles: proxy (Serve's HTTP proxy, the gate inside it), ingress, batcher, replica (the engine),
 ray (controller, agents, idle workers), client (this process's load generator).
 """
