@@ -2,7 +2,8 @@
 `import_path: dfastllm_ray.serve.app:build_app`.
 
 The graph: one `OpenAIIngress` (FastAPI, OpenAI routes) -> per model a `Batcher`
-(`@serve.batch`) -> that model's `ModelReplica`s (one `AsyncEngine` each, autoscaled).
+(`@serve.batch`: admits and aligns the requests) and that model's `ModelReplica`s (one
+`AsyncEngine` each, autoscaled), which stream the admitted requests' blocks to the ingress.
 Deployment names carry the model id (`Batcher:<id>` style, see docs/serving.md) so a YAML
 `deployments:` override can target one model's replicas.
 """
@@ -66,7 +67,7 @@ def model_deployments(cfg: ModelConfig, limit: int) -> tuple[Application, Applic
     replica = ModelReplica.options(name=f"ModelReplica-{suffix}",
                                    **cfg.deployment.serve_options()).bind(cfg)
     batcher = Batcher.options(name=f"Batcher-{suffix}", user_config=cfg.batcher.user_config(),
-                              **cfg.batcher.deployment.serve_options()).bind(replica, limit)
+                              **cfg.batcher.deployment.serve_options()).bind(limit)
     return batcher, replica
 
 

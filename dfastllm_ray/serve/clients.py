@@ -1,6 +1,6 @@
 """How the ingress reaches a model: the `ModelClient` protocol and its two implementations.
 
-`HandleClient` goes through Ray Serve (ingress -> batcher -> replica deployment handles);
+`HandleClient` goes through Ray Serve (admission by the batcher, blocks from a replica);
 `LocalClient` calls a `ReplicaCore` in the same process, so the HTTP layer is tested in
 milliseconds without Ray (the same `OpenAIServer` and routes run in both cases).
 Closing a `generate` stream early (client gone, timeout) cancels the downstream call, and the
@@ -9,8 +9,9 @@ replica aborts the request in the engine.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, AsyncIterator, Optional, Protocol
 
+from .admitter import Admitter
 from .records import BlockOutput, GenerateRequest, ModelCard
 from .streams import relay
 
@@ -26,22 +27,31 @@ class ModelClient(Protocol):
 
 
 class HandleClient:
-    """Ray Serve handles: generation through the batcher, the rest straight to a replica."""
+    """Ray Serve handles: each generation is admitted by the batcher (one call per burst,
+    `admitter.py`), then streamed from a model replica directly."""
 
     def __init__(self, batcher: Any, replica: Any, bypass: bool = False) -> None:
         # Configured handles are created once: each .options() call makes a new handle with its
         # own long-poll and metrics pusher (RAY_SERVE.md, pitfall 17). `bypass` (measurement
-        # only) streams from the replicas directly.
-        self._batcher_stream = (replica if bypass else batcher).options(stream=True)
+        # only) sends requests without asking the batcher.
+        self._stream = replica.options(stream=True)
         self._batcher = batcher
         self._replica = replica
+        self.admitter = None if bypass else Admitter(batcher.admit.remote)
 
     async def card(self) -> ModelCard:
         return await self._replica.card.remote()
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[BlockOutput]:
-        async for out in relay(self._batcher_stream.generate.remote(req)):
-            yield out
+        if self.admitter is not None and not await self.admitter.acquire():
+            yield at_capacity_record(req.request_id, self.admitter.limit)
+            return
+        try:
+            async for out in relay(self._stream.generate.remote(req)):
+                yield out
+        finally:
+            if self.admitter is not None:
+                self.admitter.release()
 
     async def stats(self) -> dict[str, Any]:
         """One replica's engine stats (a call reaches one replica) and one batcher's counts."""
@@ -50,6 +60,14 @@ class HandleClient:
 
     async def ping(self) -> None:
         await asyncio.gather(self._batcher.ping.remote(), self._replica.ping.remote())
+
+
+def at_capacity_record(request_id: str, limit: Optional[int]) -> BlockOutput:
+    """The batcher refused the request: a refusal record (the server answers 503 + Retry-After,
+    as for the ingress's own refusals)."""
+    return BlockOutput(request_id, "", 0, 0, finished=True, finish_reason="error",
+                       error=f"The model is at capacity ({limit} requests); retry shortly.",
+                       error_status=503, error_code="overloaded")
 
 
 class LocalClient:

@@ -99,12 +99,13 @@ def _batcher_defaults() -> DeploymentOptions:
 
 class BatcherConfig(_Strict):
     """`@serve.batch` settings, applied live through `user_config` (no restart)."""
-    max_batch_size: int = Field(16, ge=1)            # arrivals handed to the engine together
+    max_batch_size: int = Field(16, ge=1)            # admission calls answered together
     batch_wait_timeout_s: float = Field(0.005, ge=0)  # every lone request pays this wait
     deployment: DeploymentOptions = Field(default_factory=_batcher_defaults)
     _merge_deployment = field_validator("deployment", mode="before")(_onto(_batcher_defaults))
-    # Measurement only (benchmarks/reliability.py --direct): the ingress calls the replicas
-    # directly, skipping the batcher's hop (the batcher stays deployed for stats and pings).
+    # Measurement only (benchmarks/reliability.py --direct): the ingress sends requests to the
+    # replicas without asking the batcher (no global cap, no alignment; it stays deployed for
+    # stats and pings).
     bypass: bool = False
 
     def user_config(self) -> dict[str, Any]:

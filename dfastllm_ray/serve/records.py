@@ -1,4 +1,4 @@
-"""Typed records that cross the ingress -> batcher -> replica hops (pickled by Ray).
+"""Typed records that cross the ingress -> batcher and ingress -> replica hops (pickled by Ray).
 
 Plain fields only: the ingress tokenizes and validates, the replica decodes; what travels is
 token ids, resolved `SamplingParams` and small per-block outputs, never tensors.
@@ -48,7 +48,7 @@ class BlockOutput:
     num_prompt_tokens: int = 0
     error: Optional[str] = None         # the request was refused: the reason, for the client
     error_status: int = 400             # 400: the engine refused it; 503: see error_code
-    error_code: Optional[str] = None    # with 503: "overloaded" | "model_unavailable"
+    error_code: Optional[str] = None    # with 503: "overloaded"
     verifier_forwards: int = 0          # hybrid decoding: verifier forwards so far
 
 
@@ -63,3 +63,18 @@ class ReplicaCounters:
     generated_tokens: int = 0
     nfe: int = 0
     verifier_forwards: int = 0
+
+
+@dataclass(frozen=True)
+class AdmitCall:
+    """One ingress replica's call to the batcher (`admitter.py`, `lease_book.py`): it holds `holding`
+    admitted engine requests of the model now, and asks to admit `asks` more."""
+    ingress_id: str
+    holding: int
+    asks: int
+
+
+@dataclass(frozen=True)
+class AdmitVerdict:
+    admitted: int                       # the first `admitted` of the call's asks may go
+    limit: Optional[int]                # the model's global cap (None: none), for the refusal text

@@ -187,9 +187,6 @@ class OpenAIServer:
             raise map_downstream_error(exc) from None
         if item is not None:
             out = item[1]
-            if out.error is not None and out.error_code == "model_unavailable":
-                self.health.suspect(fan.model, out.error)            # the batcher saw it die
-                raise self.health.lost(fan.model)
             if out.error is not None and out.error_status == 503:   # the batcher shed it
                 raise overloaded(out.error, retry_after_s=self.admission.retry_after())
             if out.error is not None:                               # the engine refused it

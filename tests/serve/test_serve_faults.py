@@ -183,15 +183,17 @@ def test_replica_killed_under_load(fault_url):
     assert new["actor_name"] != stats["actor_name"]                # a new replica, same app
 
 
-def test_batcher_replica_loss_record_marks_the_model_down():
+def test_replica_loss_error_marks_the_model_down():
+    """The stream from a replica fails with Ray's actor-death error: 503 model_unavailable,
+    and the model is suspected at once (no wait for the next ping)."""
+    from ray.exceptions import ActorDiedError
+
     from dfastllm_ray.serve.clients import LocalClient
-    from dfastllm_ray.serve.records import BlockOutput
 
     class LostClient(LocalClient):
         async def _lost(self, req):
-            yield BlockOutput(req.request_id, "", 0, 0, finished=True, finish_reason="error",
-                              error="replica lost: ActorDiedError", error_status=503,
-                              error_code="model_unavailable")
+            raise ActorDiedError()
+            yield   # an async generator
 
         def generate(self, req):
             return self._lost(req)

@@ -1,5 +1,5 @@
 """Load shedding: a model at capacity refuses at once with 503 + Retry-After, before the request
-is tokenized or reaches the engine; the batcher sheds globally with a refusal record; draining
+is tokenized or reaches the engine; the batcher's refusal (global cap) is a refusal record; draining
 admits nothing new. Counts only (no timing): the scripted engine holds requests on purpose.
 """
 from __future__ import annotations
@@ -11,10 +11,9 @@ from serve_fakes import FakeEngine, fake_card
 from test_serve_api import _concurrent
 
 from dfastllm_ray.serve.api import build_api
-from dfastllm_ray.serve.clients import LocalClient
+from dfastllm_ray.serve.clients import LocalClient, at_capacity_record
 from dfastllm_ray.serve.config import ModelConfig, ServerSettings
 from dfastllm_ray.serve.guards import ApiKeys
-from dfastllm_ray.serve.records import BlockOutput
 from dfastllm_ray.serve.replica import ReplicaCore
 from dfastllm_ray.serve.server import OpenAIServer
 
@@ -63,9 +62,7 @@ class SheddingClient(LocalClient):
     """A batcher at its global capacity: it answers with a refusal record."""
 
     async def _refuse(self, req):
-        yield BlockOutput(req.request_id, "", 0, 0, finished=True, finish_reason="error",
-                          error="The model is at capacity (4 requests); retry shortly.",
-                          error_status=503, error_code="overloaded")
+        yield at_capacity_record(req.request_id, 4)
 
     def generate(self, req):
         return self._refuse(req)
