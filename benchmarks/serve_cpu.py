@@ -3,8 +3,9 @@
 Starts `python -m dfastllm_ray.serve run CONFIG` (the launcher, as `benchmarks/reliability.py`
 does), warms it up, then runs `--clients` streaming clients for `--duration` s and reads every
 Ray process's CPU time (user + system, from /proc: Linux only) before and after. The full graph
-(ingress -> batcher -> replica) and `--direct` (`batcher.bypass`: ingress -> replica) alternate
-for `--rounds` rounds in one sitting, so the two are compared side by side on a noisy machine.
+(the batcher admitting, replica -> ingress streams) and `--direct` (`batcher.bypass`: no
+admission by the batcher) alternate for `--rounds` rounds in one sitting, so the two are
+compared side by side on a noisy machine.
 
     python benchmarks/serve_cpu.py                       # 3 rounds x (graph, direct), 30 s each
 

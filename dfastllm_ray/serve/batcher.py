@@ -1,19 +1,18 @@
-"""The batcher: `@serve.batch` admits each model's arrivals together, over every ingress replica.
+"""The batcher: the model's capacity over every ingress replica, leased out with `@serve.batch`.
 
-The engine batches at step level (requests join and leave between forwards), so the batcher's
-job is to align arrivals: admission calls that land within `batch_wait_timeout_s` of each other
-are answered in one batch, so their requests are let go together and reach the engine before
-its next step, instead of trickling in one per step. It is also where every ingress replica's
-traffic for the model meets, so it enforces the model's capacity globally
-(`ModelConfig.max_inflight`, counted in `lease_book.py`): past it the asks are refused, and the
-ingress answers 503 + Retry-After (each ingress replica sheds the same limit locally first).
+Every ingress replica's traffic for a model meets here, so this is where the model's cap
+(`ModelConfig.max_inflight`) holds globally: the batcher leases each ingress replica a grant of
+places (`lease_book.py`), the ingress admits requests locally within it and calls for more only
+when it is full (`admitter.py`); past the cap the asks are refused and the ingress answers 503 +
+Retry-After (each ingress replica sheds the same limit locally first). `@serve.batch` answers
+the calls that land within `batch_wait_timeout_s` of each other together, so the requests they
+carry are let go in one burst and reach the engine at the same step.
 
-The tokens do not pass through here. An ingress replica sends one small `AdmitCall` per burst
-of its requests (`admitter.py`); the admitted requests then stream from the model replicas
-directly, and the ingress reports what it still holds with its next call. Relaying every
-request's stream through this hop cost ~10 ms of CPU per request (docs/serving.md).
-`max_batch_size` (admission calls per batch) and `batch_wait_timeout_s` come from `user_config`
-and change live through `reconfigure` (no restart).
+The tokens do not pass through here: admitted requests stream from the model replicas to the
+ingress directly. Relaying every request's stream through this hop, and then a call per
+request, each cost ~10 % of the tokens/s on 2 cores (docs/serving.md). `max_batch_size`
+(calls per batch) and `batch_wait_timeout_s` come from `user_config` and change live through
+`reconfigure` (no restart).
 """
 from __future__ import annotations
 
@@ -36,8 +35,8 @@ class Batcher:
     def __init__(self, limit: Optional[int] = None) -> None:
         restore_priority("batcher")
         quiet_health_calls()
-        self._book = LeaseBook(limit)                  # engine requests in flight, all ingresses
-        self._sizes: Counter[int] = Counter()          # requests per batch -> count, for stats
+        self._book = LeaseBook(limit)                  # the model's places, leased to ingresses
+        self._sizes: Counter[int] = Counter()          # asks per batch -> count, for stats
         self._settings = {"max_batch_size": DEFAULT_MAX_BATCH_SIZE,
                           "batch_wait_timeout_s": DEFAULT_BATCH_WAIT_S}
 
@@ -55,12 +54,12 @@ class Batcher:
         asks = sum(c.asks for c in calls)
         if asks:
             self._sizes[asks] += 1
-        return [AdmitVerdict(self._book.admit(c), self._book.limit) for c in calls]
+        return [self._book.call(c) for c in calls]
 
     def ping(self) -> None:
         """Readiness: the batcher answers (the ingress pings it beside the replicas)."""
 
     def stats(self) -> dict[str, Any]:
-        return {"batch_sizes": dict(sorted(self._sizes.items())), "inflight": self._book.total(),
+        return {"batch_sizes": dict(sorted(self._sizes.items())), "granted": self._book.granted(),
                 "limit": self._book.limit, "shed": self._book.shed,
                 "ingresses": self._book.ingresses(), **self._settings}

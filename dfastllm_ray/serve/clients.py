@@ -54,9 +54,14 @@ class HandleClient:
                 self.admitter.release()
 
     async def stats(self) -> dict[str, Any]:
-        """One replica's engine stats (a call reaches one replica) and one batcher's counts."""
+        """One replica's engine stats (a call reaches one replica), one batcher's counts and
+        this ingress's lease (its grant, the requests it holds, its calls to the batcher)."""
         out = await self._replica.stats.remote()
-        return {**out, "batcher": await self._batcher.stats.remote()}
+        out = {**out, "batcher": await self._batcher.stats.remote()}
+        if self.admitter is not None:
+            adm = self.admitter
+            out["lease"] = {"grant": adm.grant, "held": adm.held, "calls": adm.calls}
+        return out
 
     async def ping(self) -> None:
         await asyncio.gather(self._batcher.ping.remote(), self._replica.ping.remote())

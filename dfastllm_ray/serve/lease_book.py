@@ -1,61 +1,72 @@
-"""The batcher's count of admitted engine requests, over every ingress replica of a model.
+"""The batcher's book of the model's capacity, leased out to the ingress replicas.
 
-An ingress replica does not tell the batcher about each request that ends: it reports how many
-it holds with its next call (`AdmitCall.holding`, see `admitter.py`), and at least every
-`HEARTBEAT_S` while it holds any. So the book keeps one number per ingress replica, replaced by
-each report and raised by what the batcher admits; an ingress that stops reporting (its process
-died) is forgotten after `TTL_S`, and its places come back. Between reports an ended request
-still counts, so the cap errs on the side of refusing a little early, never of admitting past it.
+Asking the batcher for every request cost as much CPU as relaying its stream had (a Serve call
+each; docs/serving.md), so places are leased in blocks: each ingress replica holds a grant (how
+many engine requests it may have admitted at once) and admits locally within it; it calls the
+batcher only when a request finds its grant full, and on a heartbeat every `HEARTBEAT_S`
+(`admitter.py`). Each call reports what the ingress holds; its grant becomes what it holds and
+asks for plus a spare share of the free places (`spare`), never more than the cap leaves after
+every other live ingress's grant, so the grants together never pass the cap. An ingress that
+stops calling (its process died) is forgotten after `TTL_S`, and its places come back.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from .records import AdmitCall
+from .records import AdmitCall, AdmitVerdict
 
-HEARTBEAT_S = 2.0     # an ingress holding requests reports at least this often
+HEARTBEAT_S = 2.0     # an ingress with a grant calls at least this often
 TTL_S = 10.0          # an ingress silent this long is forgotten (5 missed heartbeats)
+UNCAPPED = 1 << 30    # the grant of an ingress when the model has no cap
 
 
 @dataclass
-class _Holding:
-    count: int
-    seen: float       # monotonic time of the last report
+class _Lease:
+    grant: int
+    seen: float       # monotonic time of the last call
 
 
 class LeaseBook:
     def __init__(self, limit: Optional[int], clock: Callable[[], float] = time.monotonic) -> None:
         self.limit = limit                      # None: no global cap
         self._clock = clock
-        self._held: dict[str, _Holding] = {}
+        self._leases: dict[str, _Lease] = {}
         self.shed = 0                           # asks refused
 
-    def total(self) -> int:
-        """Admitted engine requests held now, over every live ingress replica."""
-        self._expire()
-        return sum(h.count for h in self._held.values())
+    def spare(self, live: int) -> int:
+        """Places an ingress may hold beyond what it holds and asks for: half of its even
+        share of the cap, so one busy ingress calls about once per that many admissions, and
+        an idle one keeps a few places ready without starving the others."""
+        return max(1, math.ceil(self.limit / (2 * max(1, live))))
 
-    def admit(self, call: AdmitCall) -> int:
-        """Take the call's report, then admit what fits under the cap: the number of its asks
-        that may go (the first ones, in the order the ingress queued them)."""
+    def call(self, call: AdmitCall) -> AdmitVerdict:
+        """Take the call's report, admit what fits (the first of its asks, in the order the
+        ingress queued them) and set its new grant."""
+        if self.limit is None:
+            return AdmitVerdict(call.asks, UNCAPPED, None)
         now = self._clock()
-        held = self._held.setdefault(call.ingress_id, _Holding(0, now))
-        held.count, held.seen = max(0, call.holding), now
-        free = call.asks if self.limit is None else max(0, self.limit - self.total())
-        admitted = min(call.asks, free)
-        held.count += admitted
+        self._expire(now)
+        lease = self._leases.pop(call.ingress_id, None) or _Lease(0, now)
+        room = self.limit - sum(other.grant for other in self._leases.values())
+        want = call.holding + call.asks + self.spare(len(self._leases) + 1)
+        lease.grant, lease.seen = max(0, min(room, want)), now
+        admitted = max(0, min(call.asks, lease.grant - call.holding))
         self.shed += call.asks - admitted
-        if held.count == 0:
-            del self._held[call.ingress_id]      # nothing held: nothing to expire later
-        return admitted
+        self._leases[call.ingress_id] = lease
+        return AdmitVerdict(admitted, lease.grant, self.limit)
+
+    def granted(self) -> int:
+        """Places leased out now, over every live ingress replica (at most the cap)."""
+        self._expire(self._clock())
+        return sum(lease.grant for lease in self._leases.values())
 
     def ingresses(self) -> int:
-        self._expire()
-        return len(self._held)
+        self._expire(self._clock())
+        return len(self._leases)
 
-    def _expire(self) -> None:
-        cutoff = self._clock() - TTL_S
-        for key in [k for k, h in self._held.items() if h.seen < cutoff]:
-            del self._held[key]
+    def _expire(self, now: float) -> None:
+        for key in [k for k, v in self._leases.items() if v.seen < now - TTL_S]:
+            del self._leases[key]

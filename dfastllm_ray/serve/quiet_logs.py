@@ -1,10 +1,12 @@
-"""Keep the ingress's health traffic out of the replicas' access logs.
+"""Keep the ingress's health and admission traffic out of the replicas' access logs.
 
 The ingress pings every model's batcher and replicas each `health_poll_s` (and reads a card or
 stats now and then): Serve writes an access-log line per call (`CALL ping OK 0.4ms`), about 4
 lines a second on the tiny config, streamed to the `serve run` console and written to every
-replica's log file, burying the lines that matter. Successful calls of these methods are
-dropped here; failed ones (`ERROR`), and every generation call, are still logged.
+replica's log file, burying the lines that matter. The batcher's `admit` calls (a heartbeat
+every 2 s per ingress replica, and a call when a grant runs out: `admitter.py`) serve many
+requests each and say nothing about one. Successful calls of these methods are dropped here;
+failed ones (`ERROR`), and every generation call, are still logged.
 
 In the ingress, Serve's access line for each HTTP request (`POST /v1/completions 200 100.5ms`)
 repeats the ingress's own (`api.py`), which says more: the model, and 499 for a client that
@@ -15,7 +17,7 @@ from __future__ import annotations
 import logging
 import re
 
-QUIET_CALLS = re.compile(r"(^|\s)CALL (ping|card|stats) OK \d")   # after a client address, if any
+QUIET_CALLS = re.compile(r"(^|\s)CALL (ping|card|stats|admit) OK \d")   # after a client address, if any
 SERVE_LOGGER = "ray.serve"
 
 

@@ -67,8 +67,8 @@ class ReplicaCounters:
 
 @dataclass(frozen=True)
 class AdmitCall:
-    """One ingress replica's call to the batcher (`admitter.py`, `lease_book.py`): it holds `holding`
-    admitted engine requests of the model now, and asks to admit `asks` more."""
+    """One ingress replica's call to the batcher (`admitter.py`, `lease_book.py`): it holds
+    `holding` admitted engine requests of the model now, and asks to admit `asks` more."""
     ingress_id: str
     holding: int
     asks: int
@@ -77,4 +77,5 @@ class AdmitCall:
 @dataclass(frozen=True)
 class AdmitVerdict:
     admitted: int                       # the first `admitted` of the call's asks may go
+    grant: int                          # places this ingress may hold at once from now on
     limit: Optional[int]                # the model's global cap (None: none), for the refusal text

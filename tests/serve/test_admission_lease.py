@@ -1,6 +1,7 @@
-"""The batcher's admission, both sides, without Ray: `LeaseBook` (the batcher's count over
-every ingress replica) and `Admitter` (one call per burst from an ingress, releases reported on
-later calls). Counts only: calls are gated by events, never by sleeps that a slow box stretches.
+"""The batcher's admission, both sides, without Ray: `LeaseBook` (the model's places leased to
+the ingress replicas, never more than the cap together) and `Admitter` (local admission within
+the grant, one call for every request that finds it full). Counts only: calls are gated by
+events, never by sleeps that a slow box stretches.
 """
 from __future__ import annotations
 
@@ -22,34 +23,38 @@ class Clock:
         return self.t
 
 
-def test_book_caps_every_ingress_together():
-    book = LeaseBook(5)
-    assert book.admit(AdmitCall("a", 0, 3)) == 3
-    assert book.admit(AdmitCall("b", 0, 4)) == 2          # 3 held by a: 2 places left
-    assert book.total() == 5 and book.shed == 2
-    assert book.admit(AdmitCall("a", 1, 2)) == 2          # a reports 2 of its 3 ended
-    assert book.total() == 5 and book.ingresses() == 2
+def test_grants_never_pass_the_cap_together():
+    book = LeaseBook(8)
+    a = book.call(AdmitCall("a", 0, 3))
+    assert a.admitted == 3 and a.grant == 3 + 4             # asks + a spare half-share
+    b = book.call(AdmitCall("b", 0, 4))
+    assert b.admitted == 1 and b.grant == 1                 # a's grant leaves one place
+    assert book.granted() == 8 and book.shed == 3
+    a = book.call(AdmitCall("a", 1, 0))                      # a's heartbeat: 2 of its 3 ended
+    assert a.grant == 1 + book.spare(2) and book.granted() <= 8
+    b = book.call(AdmitCall("b", 1, 3))
+    assert b.admitted == 3 and book.granted() <= 8
 
 
-def test_book_without_a_cap_admits_everything():
+def test_an_idle_ingress_keeps_only_a_spare_share():
+    book = LeaseBook(64)
+    assert book.call(AdmitCall("a", 0, 40)).grant == 64      # alone: up to the whole cap
+    assert book.call(AdmitCall("a", 0, 0)).grant == 32       # idle again: the spare half
+
+
+def test_without_a_cap_everything_is_admitted():
     book = LeaseBook(None)
-    assert book.admit(AdmitCall("a", 0, 1000)) == 1000 and book.shed == 0
+    v = book.call(AdmitCall("a", 0, 1000))
+    assert v.admitted == 1000 and v.grant >= 1000 and book.shed == 0
 
 
-def test_book_forgets_a_silent_ingress():
+def test_a_silent_ingress_is_forgotten_and_its_places_come_back():
     clock = Clock()
     book = LeaseBook(4, clock)
-    assert book.admit(AdmitCall("dead", 0, 4)) == 4
-    assert book.admit(AdmitCall("live", 0, 1)) == 0        # full: the dead one holds them all
+    assert book.call(AdmitCall("dead", 0, 4)).admitted == 4
+    assert book.call(AdmitCall("live", 0, 1)).admitted == 0  # full: the dead one holds them all
     clock.t += TTL_S + 1
-    assert book.total() == 0 and book.admit(AdmitCall("live", 0, 1)) == 1
-
-
-def test_book_drops_an_ingress_that_holds_nothing():
-    book = LeaseBook(4)
-    book.admit(AdmitCall("a", 0, 2))
-    book.admit(AdmitCall("a", 0, 0))                      # a report: nothing held any more
-    assert book.ingresses() == 0 and book.total() == 0
+    assert book.call(AdmitCall("live", 0, 1)).admitted == 1 and book.ingresses() == 1
 
 
 class GatedBatcher:
@@ -66,29 +71,38 @@ class GatedBatcher:
         await self.gate.wait()
         if self.fail is not None:
             raise self.fail
-        return AdmitVerdict(self.book.admit(call), self.book.limit)
+        return self.book.call(call)
 
 
-async def settle(adm: Admitter) -> None:
-    """Until the admitter has nothing left to send (its task ends)."""
-    if adm._task is not None:
-        await asyncio.wait_for(adm._task, 30)
+def test_within_the_grant_requests_are_admitted_without_a_call():
+    async def main():
+        b = GatedBatcher(limit=16)
+        b.gate.set()
+        adm = Admitter(b.send)
+        assert await adm.acquire()                          # the first call: grant 1 + 8
+        assert len(b.calls) == 1 and adm.grant == 9
+        assert all([await adm.acquire() for _ in range(8)])
+        assert len(b.calls) == 1 and adm.held == 9          # 8 more, no call
+        assert await adm.acquire()                          # the grant is full: a call
+        assert len(b.calls) == 2 and b.calls[1] == AdmitCall(adm.ingress_id, 9, 1)
+        for _ in range(10):
+            adm.release()
+        assert adm.held == 0 and len(b.calls) == 2          # releases make no call
+    asyncio.run(main())
 
 
 def test_arrivals_during_a_call_go_together_in_the_next():
     async def main():
-        b = GatedBatcher()
+        b = GatedBatcher(limit=64)
         adm = Admitter(b.send)
-        tasks = [asyncio.create_task(adm.acquire()) for _ in range(10)]
+        first = [asyncio.create_task(adm.acquire()) for _ in range(10)]
         await asyncio.sleep(0)                              # the first call is out: 10 asks
         more = [asyncio.create_task(adm.acquire()) for _ in range(6)]
+        await asyncio.sleep(0)                              # a call is out: they wait
+        assert adm.held == 0 and len(b.calls) == 1
         b.gate.set()
-        assert all(await asyncio.gather(*tasks, *more))
+        assert all(await asyncio.gather(*first, *more))
         assert [c.asks for c in b.calls] == [10, 6] and adm.held == 16
-        for _ in range(16):
-            adm.release()
-        await settle(adm)
-        assert b.book.total() == 0 and b.calls[-1] == AdmitCall(adm.ingress_id, 0, 0)
     asyncio.run(main())
 
 
@@ -101,8 +115,8 @@ def test_past_the_cap_the_later_asks_are_refused():
         assert got == [True, True, True, False, False] and adm.limit == 3
         assert adm.held == 3 and b.book.shed == 2
         adm.release()
-        assert await adm.acquire()                          # the freed place is reported, reused
-        assert b.book.total() == 3
+        assert await adm.acquire()                          # the freed place, within the grant
+        assert adm.held == 3 and b.book.granted() == 3
     asyncio.run(main())
 
 
@@ -119,9 +133,6 @@ def test_a_waiter_that_leaves_keeps_no_place():
         with pytest.raises(asyncio.CancelledError):
             await gone
         assert adm.held == 1
-        adm.release()
-        await settle(adm)
-        assert adm.held == 0 and b.book.total() == 0
     asyncio.run(main())
 
 
@@ -132,22 +143,20 @@ def test_an_unreachable_batcher_fails_the_waiters_not_hangs_them():
         adm = Admitter(b.send)
         results = await asyncio.gather(adm.acquire(), adm.acquire(), return_exceptions=True)
         assert all(isinstance(r, ConnectionError) for r in results) and adm.held == 0
-        await settle(adm)
+        await asyncio.wait_for(adm._task, 30)               # nothing held: the task ends
     asyncio.run(main())
 
 
-def test_a_holding_ingress_keeps_reporting(monkeypatch):
+def test_a_holding_ingress_keeps_its_lease_alive(monkeypatch):
     monkeypatch.setattr(admitter_mod, "HEARTBEAT_S", 0.01)
+
     async def main():
-        b = GatedBatcher()
+        b = GatedBatcher(limit=8)
         b.gate.set()
         adm = Admitter(b.send)
         assert await adm.acquire()
-        while len(b.calls) < 4:                             # heartbeats, with nothing asked
+        while len(b.calls) < 4:                             # heartbeats, nothing asked
             await asyncio.sleep(0.01)
-        assert [c.asks for c in b.calls[1:4]] == [0, 0, 0]
-        assert all(c.holding == 1 for c in b.calls[1:4])
-        adm.release()
-        await settle(adm)
-        assert b.book.total() == 0
+        assert [(c.holding, c.asks) for c in b.calls[1:4]] == [(1, 0)] * 3
+        adm._task.cancel()
     asyncio.run(main())

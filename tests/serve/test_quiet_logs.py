@@ -1,4 +1,5 @@
-"""Successful health calls (ping, card, stats) leave no access-log line; everything else does."""
+"""Successful health and admission calls (ping, card, stats, admit) leave no access-log line;
+everything else does."""
 from __future__ import annotations
 
 import logging
@@ -18,7 +19,8 @@ def record(msg: str, access: bool = True) -> logging.LogRecord:
 
 @pytest.mark.parametrize("msg,kept", [
     ("CALL ping OK 0.4ms", False), ("CALL card OK 1.0ms", False),
-    ("127.0.0.1 CALL stats OK 2.2ms", False),
+    ("127.0.0.1 CALL stats OK 2.2ms", False), ("CALL admit OK 5.3ms", False),
+    ("CALL admit ERROR 3.0ms", True),
     ("CALL ping ERROR 2001.0ms", True), ("CALL generate OK 812.5ms", True),
     ("GET /health/ready 200 1.1ms", True),
 ])
