@@ -328,7 +328,7 @@ def main() -> None:
                     help="seconds per bounds load (default: half of --duration)")
     ap.add_argument("--hang-s", type=float, default=120.0, help="a request slower is hung")
     ap.add_argument("--direct", action="store_true",
-                    help="ingress -> replicas directly (batcher.bypass), to measure its hop")
+                    help="no admission by the batcher (batcher.bypass), to measure what it costs")
     ap.add_argument("--skip-high", action="store_true")
     ap.add_argument("--skip-bounds", action="store_true")
     ap.add_argument("--kills", type=int, default=1, help="replica kills, one after another")
@@ -337,8 +337,8 @@ def main() -> None:
     args = ap.parse_args()
     t0 = time.time()
     rows = asyncio.run(measure(args))
-    print(f"reliability: {Path(args.config).name}, {args.duration:g} s per phase, "
-          f"{'direct (no batcher hop)' if args.direct else 'ingress -> batcher -> replica'}, "
+    graph = "direct (no batcher admission)" if args.direct else "admitted by the batcher"
+    print(f"reliability: {Path(args.config).name}, {args.duration:g} s per phase, {graph}, "
           f"{os.cpu_count()} CPUs, {time.time() - t0:.0f} s in all")
     print_table(rows)
 
