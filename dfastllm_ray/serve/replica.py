@@ -25,7 +25,7 @@ from dfastllm_ray.engine.engine import Engine
 from dfastllm_ray.models.loader import load_model
 from dfastllm_ray.output_limit import OutputCut
 from dfastllm_ray.sampling.defaults import generation_defaults
-from dfastllm_ray.sampling.params import SamplingParams, unused_knobs
+from dfastllm_ray.sampling.params import unused_knobs
 
 from .config import ModelConfig
 from .metrics import ReplicaMetrics

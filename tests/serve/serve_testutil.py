@@ -82,3 +82,22 @@ def in_process_http(entries: dict):
             for core in cores.values():
                 core.shutdown()
     return serving()
+
+
+def ready_app(serve_url: str, name: str, args: dict):
+    """A generator for a module fixture: `build_app(args)` run as app `name` under `/<name>` on
+    the session's proxy; yields its URL once `/health/ready` answers 200, deletes it after."""
+    import time
+
+    import httpx
+    from ray import serve
+
+    from dfastllm_ray.serve.app import build_app
+    serve.run(build_app(args), name=name, route_prefix=f"/{name}")
+    url = f"{serve_url}/{name}"
+    deadline = time.time() + 60
+    while httpx.get(f"{url}/health/ready").status_code != 200:
+        assert time.time() < deadline, f"the {name} app never became ready"
+        time.sleep(0.2)
+    yield url
+    serve.delete(name)

@@ -105,17 +105,8 @@ def fault_args() -> dict:
 
 @pytest.fixture(scope="module")
 def fault_url(serve_url):
-    from ray import serve
-
-    from dfastllm_ray.serve.app import build_app
-    serve.run(build_app(fault_args()), name="fault", route_prefix="/fault")
-    url = f"{serve_url}/fault"
-    deadline = time.time() + 60
-    while httpx.get(f"{url}/health/ready").status_code != 200:
-        assert time.time() < deadline, "the fault app never became ready"
-        time.sleep(0.2)
-    yield url
-    serve.delete("fault")
+    from serve_testutil import ready_app
+    yield from ready_app(serve_url, "fault", fault_args())
 
 
 async def _load(url: str, n: int, stop: asyncio.Event) -> list:

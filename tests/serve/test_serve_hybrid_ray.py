@@ -38,17 +38,8 @@ def verifier(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hybrid_url(serve_url, verifier):
-    from ray import serve
-
-    from dfastllm_ray.serve.app import build_app
-    serve.run(build_app(hybrid_args(verifier)), name="hybrid", route_prefix="/hybrid")
-    url = f"{serve_url}/hybrid"
-    deadline = time.time() + 60
-    while httpx.get(f"{url}/health/ready").status_code != 200:
-        assert time.time() < deadline, "the hybrid app never became ready"
-        time.sleep(0.2)
-    yield url
-    serve.delete("hybrid")
+    from serve_testutil import ready_app
+    yield from ready_app(serve_url, "hybrid", hybrid_args(verifier))
 
 
 @pytest.fixture(scope="module")

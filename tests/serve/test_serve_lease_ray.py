@@ -6,7 +6,6 @@ that many. Counts only: the scripted engine holds each request ~1 s on purpose.
 from __future__ import annotations
 
 import asyncio
-import time
 
 import httpx
 import pytest
@@ -28,17 +27,8 @@ def lease_args() -> dict:
 
 @pytest.fixture(scope="module")
 def lease_url(serve_url):
-    from ray import serve
-
-    from dfastllm_ray.serve.app import build_app
-    serve.run(build_app(lease_args()), name="lease", route_prefix="/lease")
-    url = f"{serve_url}/lease"
-    deadline = time.time() + 60
-    while httpx.get(f"{url}/health/ready").status_code != 200:
-        assert time.time() < deadline, "the lease app never became ready"
-        time.sleep(0.2)
-    yield url
-    serve.delete("lease")
+    from serve_testutil import ready_app
+    yield from ready_app(serve_url, "lease", lease_args())
 
 
 async def _burst(url: str, n: int) -> tuple[list, list]:
