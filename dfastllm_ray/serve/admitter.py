@@ -18,10 +18,12 @@ from contextlib import suppress
 from contextvars import Context
 from typing import Awaitable, Callable, Optional
 
+from .errors import unavailable
 from .lease_book import HEARTBEAT_S
 from .records import AdmitCall, AdmitVerdict
 
 log = logging.getLogger("ray.serve.dfastllm")
+ADMIT_TIMEOUT_S = 10.0   # past it, a call's waiters get 503 model_unavailable (the batcher is stuck)
 
 
 class Admitter:
@@ -82,7 +84,12 @@ class Admitter:
         self._waiting = []
         self._calling = True
         try:
-            verdict = await self._send(AdmitCall(self.ingress_id, self.held, len(batch)))
+            verdict = await asyncio.wait_for(
+                self._send(AdmitCall(self.ingress_id, self.held, len(batch))), ADMIT_TIMEOUT_S)
+        except asyncio.TimeoutError:  # a bounded wait: the waiters are refused, not held
+            self._fail_all(batch, unavailable(f"The model's batcher did not answer within "
+                                              f"{ADMIT_TIMEOUT_S:g} s; retry shortly."))
+            return
         except Exception as exc:      # the batcher is unreachable: each waiter gets the error
             self._fail_all(batch, exc)
             return                    # the grant stands; the next heartbeat reports again

@@ -74,6 +74,15 @@ class GatedBatcher:
         return self.book.call(call)
 
 
+async def until(cond) -> None:
+    """Let the loop run until `cond()` (a bounded number of iterations, no clock)."""
+    for _ in range(1000):
+        if cond():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the condition never held")
+
+
 def test_within_the_grant_requests_are_admitted_without_a_call():
     async def main():
         b = GatedBatcher(limit=16)
@@ -96,9 +105,9 @@ def test_arrivals_during_a_call_go_together_in_the_next():
         b = GatedBatcher(limit=64)
         adm = Admitter(b.send)
         first = [asyncio.create_task(adm.acquire()) for _ in range(10)]
-        await asyncio.sleep(0)                              # the first call is out: 10 asks
+        await until(lambda: len(b.calls) == 1)              # the first call is out: 10 asks
         more = [asyncio.create_task(adm.acquire()) for _ in range(6)]
-        await asyncio.sleep(0)                              # a call is out: they wait
+        await until(lambda: len(adm._waiting) == 6)         # a call is out: they wait
         assert adm.held == 0 and len(b.calls) == 1
         b.gate.set()
         assert all(await asyncio.gather(*first, *more))
@@ -158,5 +167,22 @@ def test_a_holding_ingress_keeps_its_lease_alive(monkeypatch):
         while len(b.calls) < 4:                             # heartbeats, nothing asked
             await asyncio.sleep(0.01)
         assert [(c.holding, c.asks) for c in b.calls[1:4]] == [(1, 0)] * 3
+        adm._task.cancel()
+    asyncio.run(main())
+
+
+def test_a_batcher_that_never_answers_refuses_the_waiters_in_bounded_time(monkeypatch):
+    from dfastllm_ray.serve.errors import APIError
+    monkeypatch.setattr(admitter_mod, "ADMIT_TIMEOUT_S", 0.01)
+
+    async def main():
+        b = GatedBatcher(limit=8)                           # the gate never opens
+        adm = Admitter(b.send)
+        with pytest.raises(APIError) as err:
+            await adm.acquire()
+        assert err.value.status == 503 and err.value.headers["Retry-After"]
+        assert adm.held == 0 and adm.grant == 0
+        b.gate.set()                                        # the batcher answers again
+        assert await adm.acquire() and adm.held == 1
         adm._task.cancel()
     asyncio.run(main())
