@@ -2,7 +2,7 @@
 `import_path: dfastllm_ray.serve.app:build_app`.
 
 The graph: one `OpenAIIngress` (FastAPI, OpenAI routes) -> per model a `Batcher`
-(`@serve.batch`: admits and aligns the requests) and that model's `ModelReplica`s (one
+(`@serve.batch`: leases the model's cap to the ingress replicas) and that model's `ModelReplica`s (one
 `AsyncEngine` each, autoscaled), which stream the admitted requests' blocks to the ingress.
 Deployment names carry the model id (`Batcher:<id>` style, see docs/serving.md) so a YAML
 `deployments:` override can target one model's replicas.

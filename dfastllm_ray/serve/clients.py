@@ -72,7 +72,7 @@ def at_capacity_record(request_id: str, limit: Optional[int]) -> BlockOutput:
     as for the ingress's own refusals)."""
     return BlockOutput(request_id, "", 0, 0, finished=True, finish_reason="error",
                        error=f"The model is at capacity ({limit} requests); retry shortly.",
-                       error_status=503, error_code="overloaded")
+                       error_status=503)
 
 
 class LocalClient:

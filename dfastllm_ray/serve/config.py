@@ -100,7 +100,7 @@ def _batcher_defaults() -> DeploymentOptions:
 class BatcherConfig(_Strict):
     """`@serve.batch` settings, applied live through `user_config` (no restart)."""
     max_batch_size: int = Field(16, ge=1)            # admission calls answered together
-    batch_wait_timeout_s: float = Field(0.005, ge=0)  # every lone request pays this wait
+    batch_wait_timeout_s: float = Field(0.005, ge=0)  # paid by a request whose grant is full
     deployment: DeploymentOptions = Field(default_factory=_batcher_defaults)
     _merge_deployment = field_validator("deployment", mode="before")(_onto(_batcher_defaults))
     # Measurement only (benchmarks/reliability.py --direct): the ingress sends requests to the

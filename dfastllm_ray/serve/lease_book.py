@@ -1,7 +1,7 @@
 """The batcher's book of the model's capacity, leased out to the ingress replicas.
 
-Asking the batcher for every request cost as much CPU as relaying its stream had (a Serve call
-each; docs/serving.md), so places are leased in blocks: each ingress replica holds a grant (how
+Asking the batcher for every request still cost it 4 ms of CPU per request (a Serve call each;
+docs/serving.md), so places are leased in blocks: each ingress replica holds a grant (how
 many engine requests it may have admitted at once) and admits locally within it; it calls the
 batcher only when a request finds its grant full, and on a heartbeat every `HEARTBEAT_S`
 (`admitter.py`). Each call reports what the ingress holds; its grant becomes what it holds and

@@ -47,8 +47,7 @@ class BlockOutput:
     text: Optional[str] = None          # the full text, on the final output only
     num_prompt_tokens: int = 0
     error: Optional[str] = None         # the request was refused: the reason, for the client
-    error_status: int = 400             # 400: the engine refused it; 503: see error_code
-    error_code: Optional[str] = None    # with 503: "overloaded"
+    error_status: int = 400             # 400: the engine refused it; 503: the batcher did (full)
     verifier_forwards: int = 0          # hybrid decoding: verifier forwards so far
 
 
